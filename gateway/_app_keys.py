@@ -1,0 +1,20 @@
+"""Typed application state (aiohttp `AppKey`), set at start-up, then frozen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from ._catalog import Catalog
+from ._dispatcher import Dispatcher
+from ._encoding import Codec
+from ._settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+CATALOG = web.AppKey("catalog", Catalog)
+CODEC = web.AppKey("codec", Codec)
+DSN = web.AppKey("dsn", str)
+POOL = web.AppKey("pool", AsyncConnectionPool[Any])
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)

@@ -1,0 +1,225 @@
+"""Values across the gateway without loss (DESIGN §4), both ways.
+
+Results are read in PostgreSQL's *text* format and turned into JSON-ready
+Python values by psycopg loaders registered once at start:
+
+* ``int2``/``int4`` become ``int`` and ``bool`` becomes ``bool`` (C loaders);
+* ``float4``/``float8`` and ``json``/``jsonb`` become `orjson.Fragment`, so the
+  digits PostgreSQL printed are the digits the client reads;
+* arrays become nested lists whose elements follow the same rules;
+* everything else (``int8``, ``numeric``, dates, ``bytea``, ranges, enums, ...)
+  stays PostgreSQL's own text output, as ``str``.
+
+Parameters go the other way as text with type ``unknown``, so PostgreSQL
+infers each one's type from the statement, exactly as it does for a literal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from psycopg import adapters as default_adapters
+from psycopg import postgres
+from psycopg.abc import Buffer
+from psycopg.adapt import AdaptersMap, Loader
+from psycopg.pq import Format
+from psycopg.types import TypeInfo
+from psycopg.types.array import register_array
+
+from ._errors import BadRequest
+
+_NON_FINITE = {b"NaN": "NaN", b"Infinity": "Infinity", b"-Infinity": "-Infinity"}
+
+# Loaders that produce JSON numbers or booleans straight from C.
+_NATIVE_LOADERS = {"int2": "int2", "int4": "int4", "bool": "bool"}
+
+
+class FloatLoader(Loader):
+    """float4/float8 text as a JSON number, digit for digit; NaN and infinities as strings."""
+
+    def load(self, data: Buffer) -> orjson.Fragment | str:
+        raw = bytes(data)
+        special = _NON_FINITE.get(raw)
+        return special if special is not None else orjson.Fragment(raw)
+
+
+class JsonLoader(Loader):
+    """json/jsonb text embedded unchanged: key order and number digits kept."""
+
+    def load(self, data: Buffer) -> orjson.Fragment:
+        return orjson.Fragment(bytes(data))
+
+
+@dataclass(frozen=True, slots=True)
+class TypeName:
+    """What a result column's type is called for clients."""
+
+    name: str
+    oid: int
+
+
+class Codec:
+    """The loaders and type names for results, shared by every connection.
+
+    Types unknown at start (enums, domains' arrays, composites created later)
+    are learnt with `learn` from ``pg_type`` rows the first time a result shows
+    them; until then `is_known` is false for their oid.
+    """
+
+    def __init__(self) -> None:
+        self.adapters = AdaptersMap(types=postgres.types)
+        self._names: dict[int, str] = {}
+        self._install_builtins()
+
+    def _install_builtins(self) -> None:
+        text = default_adapters.get_loader(0, Format.TEXT)
+        assert text is not None
+        self.adapters.register_loader(0, text)  # fallback for every other oid
+        for info in postgres.types:
+            self._names[info.oid] = info.name
+            if info.array_oid:
+                self._names[info.array_oid] = info.name + "[]"
+            self._register_scalar(info)
+        for info in postgres.types:
+            if info.array_oid:
+                register_array(info, self.adapters)
+
+    def _register_scalar(self, info: TypeInfo) -> None:
+        if info.name in _NATIVE_LOADERS:
+            native = default_adapters.get_loader(info.oid, Format.TEXT)
+            assert native is not None
+            self.adapters.register_loader(info.oid, native)
+        elif info.name in ("float4", "float8"):
+            self.adapters.register_loader(info.oid, FloatLoader)
+        elif info.name in ("json", "jsonb"):
+            self.adapters.register_loader(info.oid, JsonLoader)
+        else:
+            text = default_adapters.get_loader(0, Format.TEXT)
+            assert text is not None
+            self.adapters.register_loader(info.oid, text)
+
+    def is_known(self, oid: int) -> bool:
+        return oid in self._names
+
+    def type_name(self, oid: int) -> str:
+        """The type's name for column metadata; the oid as text when never learnt."""
+        return self._names.get(oid) or str(oid)
+
+    def learn(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Learn types from rows of `TYPE_QUERY`: (oid, name, elem oid, delimiter)."""
+        for oid, name, elem, delimiter in rows:
+            oid, elem = int(oid), int(elem)
+            if elem and self.is_known(elem):
+                self._names[oid] = self.type_name(elem) + "[]"
+                elem_info = TypeInfo(self.type_name(elem), elem, oid, delimiter=delimiter)
+                register_array(elem_info, self.adapters)
+            else:
+                self._names[oid] = name
+
+
+#: pg_type rows for `Codec.learn`; elements come first so arrays find them known.
+TYPE_QUERY = b"""\
+SELECT t.oid, t.typname, t.typelem, t.typdelim
+FROM pg_catalog.pg_type t
+WHERE t.oid = ANY($1::oid[]) OR t.oid IN (
+    SELECT typelem FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[]))
+ORDER BY t.typelem <> 0, t.oid"""
+
+
+# --- request JSON --------------------------------------------------------------
+
+
+class JSONNumber(str):
+    """A JSON number with a fraction or exponent, kept as the client wrote it."""
+
+    __slots__ = ()
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not valid JSON; send non-finite numbers as strings")
+
+
+def loads_exact(body: bytes | str) -> Any:
+    """Parse request JSON without losing digits.
+
+    Integers become `int` (exact at any size); other numbers stay text as
+    `JSONNumber`, so ``0.10000000000000000555`` reaches PostgreSQL unchanged.
+
+    Raises:
+        BadRequest: the body is not UTF-8 JSON, uses NaN/Infinity, or is nested
+            too deeply to parse.
+    """
+    try:
+        return json.loads(body, parse_float=JSONNumber, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+
+
+# --- parameters ----------------------------------------------------------------
+
+
+def param_to_text(value: Any) -> bytes | None:
+    """One JSON parameter as PostgreSQL text input; None is SQL NULL.
+
+    Objects become JSON text (for json/jsonb), lists become array literals.
+
+    Raises:
+        BadRequest: a string holds a NUL byte, which PostgreSQL text cannot hold.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise BadRequest("parameters cannot contain NUL (\\u0000) characters")
+        return value.encode()
+    if isinstance(value, int | float):
+        return repr(value).encode()
+    if isinstance(value, dict):
+        return orjson.dumps(_exact_json(value))
+    if isinstance(value, list):
+        return _array_literal(value).encode()
+    raise BadRequest(f"unsupported parameter type: {type(value).__name__}")
+
+
+def params_to_text(values: Sequence[Any]) -> list[bytes | None]:
+    """`param_to_text` over a parameter list."""
+    return [param_to_text(v) for v in values]
+
+
+def _exact_json(value: Any) -> Any:
+    if isinstance(value, JSONNumber):
+        return orjson.Fragment(value.encode())
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value).encode())  # orjson stops at 64 bits
+    if isinstance(value, dict):
+        return {k: _exact_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_exact_json(v) for v in value]
+    if isinstance(value, str) and "\x00" in value:
+        raise BadRequest("parameters cannot contain NUL (\\u0000) characters")
+    return value
+
+
+def _array_literal(items: list[Any]) -> str:
+    return "{" + ",".join(_array_element(item) for item in items) + "}"
+
+
+def _array_element(item: Any) -> str:
+    if item is None:
+        return "NULL"
+    if isinstance(item, list):
+        return _array_literal(item)
+    text = param_to_text(item)
+    assert text is not None
+    escaped = text.decode().replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

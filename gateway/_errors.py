@@ -1,0 +1,223 @@
+"""The gateway's one exception tree, and how PostgreSQL errors map onto it.
+
+Every error a client can see is a `GatewayError`: it carries the HTTP status, a
+stable machine-readable `code` and, for database errors, PostgreSQL's diagnostic
+fields. `gateway._middleware` is the only place that turns one into a response.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with.
+
+    Subclasses fix `status` and `code`; `retry_after` (seconds) adds a
+    ``Retry-After`` header to the response.
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    retry_after: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        detail: str | None = None,
+        hint: str | None = None,
+        position: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.detail = detail
+        self.hint = hint
+        self.position = position
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``{"error": {...}}`` body of DESIGN §3."""
+        return {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "sqlstate": self.sqlstate,
+                "detail": self.detail,
+                "hint": self.hint,
+                "position": self.position,
+            }
+        }
+
+
+class BadRequest(GatewayError):
+    """The request is malformed: bad JSON, wrong types, missing parameters."""
+
+    status = 400
+    code = "bad_request"
+
+
+class RawSqlDisabled(GatewayError):
+    """Raw SQL was sent while ``raw_sql`` is ``off``."""
+
+    status = 403
+    code = "raw_sql_disabled"
+
+
+class Forbidden(GatewayError):
+    """The request asks for something the configuration does not allow."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class UnknownQuery(GatewayError):
+    """No named query by that name is in the catalog."""
+
+    status = 404
+    code = "unknown_query"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class NotAcceptable(GatewayError):
+    """The ``Accept`` header or ``format`` asks for an output we do not produce."""
+
+    status = 406
+    code = "not_acceptable"
+
+
+class TooLarge(GatewayError):
+    """The request body exceeds ``max_body_bytes``."""
+
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Overloaded(GatewayError):
+    """The dispatcher queue is full, or a job waited in it too long."""
+
+    status = 503
+    code = "overloaded"
+    retry_after = 1
+
+
+class Unavailable(GatewayError):
+    """No working database connection: the database is down or restarting."""
+
+    status = 503
+    code = "unavailable"
+    retry_after = 2
+
+
+class Timeout(GatewayError):
+    """The request's deadline passed (queue wait plus execution)."""
+
+    status = 504
+    code = "timeout"
+
+
+class QueryError(GatewayError):
+    """PostgreSQL refused or failed the statement.
+
+    The status depends on the SQLSTATE; build it with `query_error`.
+    """
+
+    code = "query_error"
+
+    def __init__(self, message: str, *, status: int, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.status = status  # type: ignore[misc]  # per instance, from the SQLSTATE
+
+    @property
+    def retry_after(self) -> int | None:  # type: ignore[override]
+        return Unavailable.retry_after if self.status == 503 else None
+
+
+# Specific codes first, then classes: in the spirit of PostgREST's table.
+_STATUS_BY_SQLSTATE = {
+    "57014": 504,  # query_canceled: statement timeout or cancel
+    "23503": 409,  # foreign_key_violation
+    "23505": 409,  # unique_violation
+    "42501": 403,  # insufficient_privilege
+    "25006": 403,  # read_only_sql_transaction
+    "57P01": 503,  # admin_shutdown: the server is going down
+    "57P02": 503,  # crash_shutdown
+    "57P03": 503,  # cannot_connect_now
+}
+_STATUS_BY_CLASS = {
+    "08": 503,  # connection exception
+    "53": 503,  # insufficient resources
+    "22": 400,  # data exception
+    "23": 400,  # integrity constraint violation
+    "42": 400,  # syntax error or access rule violation
+    "0A": 400,  # feature not supported
+    "21": 400,  # cardinality violation
+    "24": 400,  # invalid cursor state
+    "25": 400,  # invalid transaction state
+    "26": 400,  # invalid SQL statement name
+    "27": 400,  # triggered data change violation
+    "28": 403,  # invalid authorization specification
+    "2D": 400,  # invalid transaction termination
+    "0B": 400,  # invalid transaction initiation
+    "0L": 403,  # invalid grantor
+    "0P": 403,  # invalid role specification
+    "2B": 400,  # dependent privilege descriptors still exist
+    "2F": 400,  # SQL routine exception
+    "34": 400,  # invalid cursor name
+    "38": 400,  # external routine exception
+    "39": 400,  # external routine invocation exception
+    "3B": 400,  # savepoint exception
+    "3D": 400,  # invalid catalog name
+    "3F": 400,  # invalid schema name
+    "40": 409,  # transaction rollback: serialization failure, deadlock
+    "44": 400,  # with check option violation
+    "P0": 400,  # PL/pgSQL raise_exception and friends
+    "54": 400,  # program limit exceeded (statement too complex)
+    "55": 409,  # object not in prerequisite state (lock not available)
+    "XX": 500,
+    "58": 500,
+}
+
+
+def status_for_sqlstate(sqlstate: str | None) -> int:
+    """The HTTP status for a PostgreSQL SQLSTATE (DESIGN §3); 500 when unknown."""
+    if not sqlstate:
+        return 500
+    status = _STATUS_BY_SQLSTATE.get(sqlstate)
+    if status is None:
+        status = _STATUS_BY_CLASS.get(sqlstate[:2], 500)
+    return status
+
+
+def query_error(
+    message: str,
+    *,
+    sqlstate: str | None,
+    detail: str | None = None,
+    hint: str | None = None,
+    position: int | None = None,
+) -> QueryError:
+    """Build the `QueryError` for a PostgreSQL error, its status from the SQLSTATE."""
+    return QueryError(
+        message,
+        status=status_for_sqlstate(sqlstate),
+        sqlstate=sqlstate,
+        detail=detail,
+        hint=hint,
+        position=position,
+    )

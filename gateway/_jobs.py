@@ -1,0 +1,153 @@
+"""What the front end hands the dispatcher: a `Job`, and what comes back.
+
+A job is one unit of isolation: one statement, or one all-or-nothing
+transaction. Its future is resolved exactly once (result, error, timeout or
+cancellation); whoever comes second is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import GatewayError
+
+Row = Any  # a list (shape "arrays") or a dict (shape "objects")
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One SQL statement with its parameters already in PostgreSQL text form."""
+
+    sql: bytes
+    params: list[bytes | None] = field(default_factory=list)
+    #: name of a prepared statement to use instead of `sql` (named queries)
+    prepared: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    type_oid: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "type_oid": self.type_oid}
+
+
+@dataclass(slots=True)
+class StatementResult:
+    """One statement's outcome: rows as the job's `shape` asked."""
+
+    columns: list[Column]
+    rows: list[Row]
+    command: str
+    row_count: int | None
+    truncated: bool = False
+
+
+class Job:
+    """A request for the dispatcher: statements, how to run them, and a future.
+
+    `read_only` runs the job in a READ ONLY transaction (PostgreSQL enforces it).
+    `transaction` runs several statements all or nothing; `isolation` names its
+    isolation level. `deadline` is on the event loop's clock.
+    """
+
+    __slots__ = (
+        "_on_abandon",
+        "deadline",
+        "enqueued_at",
+        "future",
+        "isolation",
+        "max_rows",
+        "read_only",
+        "shape",
+        "state",
+        "statements",
+        "transaction",
+    )
+
+    def __init__(
+        self,
+        statements: list[Statement],
+        *,
+        read_only: bool,
+        deadline: float,
+        max_rows: int,
+        shape: str = "objects",
+        transaction: bool = False,
+        isolation: str | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.statements = statements
+        self.read_only = read_only
+        self.deadline = deadline
+        self.max_rows = max_rows
+        self.shape = shape
+        self.transaction = transaction
+        self.isolation = isolation
+        self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
+        self.state = JobState.QUEUED
+        self.enqueued_at = loop.time()
+        self._on_abandon: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state is JobState.DONE
+
+    def start(self, on_abandon: Callable[[], None]) -> bool:
+        """Mark the job running; False when it was already resolved (skip it).
+
+        `on_abandon` is called if the job is failed or cancelled while running,
+        so its connection worker can cancel the query on the server.
+        """
+        if self.state is not JobState.QUEUED:
+            return False
+        self.state = JobState.RUNNING
+        self._on_abandon = on_abandon
+        return True
+
+    def resolve(self, results: list[StatementResult]) -> None:
+        """Deliver the results; ignored if the job is already resolved."""
+        self._on_abandon = None
+        if self._finish():
+            self.future.set_result(results)
+
+    def fail(self, error: GatewayError) -> None:
+        """Deliver an error; ignored if the job is already resolved."""
+        self._on_abandon = None
+        if self._finish():
+            self.future.set_exception(error)
+
+    def abandon(self, error: GatewayError | None = None) -> None:
+        """The client stops waiting: its deadline passed (`error`) or it went away.
+
+        A queued job is then skipped; a running one has its query cancelled on
+        the server by its connection worker.
+        """
+        was_running = self.state is JobState.RUNNING
+        if not self._finish():
+            return
+        if error is None:
+            self.future.cancel()
+        else:
+            self.future.set_exception(error)
+        callback, self._on_abandon = self._on_abandon, None
+        if was_running and callback is not None:
+            callback()
+
+    def _finish(self) -> bool:
+        if self.state is JobState.DONE:
+            return False
+        self.state = JobState.DONE
+        return not self.future.done()

@@ -1,0 +1,245 @@
+"""The OpenAPI 3 description of the v1 API, served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._catalog import Catalog
+from ._requests import ISOLATION_LEVELS, SHAPES
+
+_ERROR_STATUSES = ("400", "403", "404", "405", "406", "409", "413", "415", "500", "503", "504")
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors() -> dict[str, Any]:
+    return {status: {"$ref": "#/components/responses/Error"} for status in _ERROR_STATUSES}
+
+
+_OPTIONS: dict[str, Any] = {
+    "timeout_ms": {"type": "integer", "minimum": 1, "description": "capped by the gateway"},
+    "max_rows": {"type": "integer", "minimum": 0},
+    "shape": {"type": "string", "enum": list(SHAPES)},
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "sqlstate": {"type": ["string", "null"]},
+                    "detail": {"type": ["string", "null"]},
+                    "hint": {"type": ["string", "null"]},
+                    "position": {"type": ["integer", "null"]},
+                },
+            }
+        },
+    },
+    "Column": {
+        "type": "object",
+        "required": ["name", "type", "type_oid"],
+        "properties": {
+            "name": {"type": "string"},
+            "type": {"type": "string"},
+            "type_oid": {"type": "integer"},
+        },
+    },
+    "Result": {
+        "type": "object",
+        "required": ["columns", "rows", "row_count", "command", "truncated"],
+        "properties": {
+            "columns": {"type": "array", "items": _ref("Column")},
+            "rows": {"type": "array", "items": {"type": ["object", "array"]}},
+            "row_count": {"type": "integer"},
+            "command": {"type": "string"},
+            "truncated": {"type": "boolean"},
+            "elapsed_ms": {"type": "number"},
+        },
+    },
+    "Statement": {
+        "type": "object",
+        "required": ["sql"],
+        "additionalProperties": False,
+        "properties": {
+            "sql": {"type": "string", "minLength": 1},
+            "params": {"type": "array", "items": {}},
+        },
+    },
+    "QueryRequest": {
+        "type": "object",
+        "required": ["sql"],
+        "additionalProperties": False,
+        "properties": {
+            "sql": {"type": "string", "minLength": 1, "description": "one statement, $1… params"},
+            "params": {"type": "array", "items": {}},
+            **_OPTIONS,
+        },
+    },
+    "TransactionRequest": {
+        "type": "object",
+        "required": ["statements"],
+        "additionalProperties": False,
+        "properties": {
+            "statements": {"type": "array", "minItems": 1, "items": _ref("Statement")},
+            "isolation": {"type": "string", "enum": list(ISOLATION_LEVELS)},
+            "read_only": {"type": "boolean"},
+            **_OPTIONS,
+        },
+    },
+    "NamedQueryRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"params": {"type": "object"}, **_OPTIONS},
+    },
+    "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
+}
+
+
+def _named_query_params() -> list[dict[str, Any]]:
+    return [
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+        *(
+            {"name": key, "in": "query", "required": False, "schema": schema}
+            for key, schema in _OPTIONS.items()
+        ),
+        {
+            "name": "format",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["json"]},
+        },
+    ]
+
+
+def _paths() -> dict[str, Any]:
+    result = _json(_ref("Result"), "the statement's result")
+    return {
+        "/v1/query": {
+            "post": {
+                "summary": "Run one raw SQL statement",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("QueryRequest")}},
+                },
+                "responses": {"200": result, **_errors()},
+            }
+        },
+        "/v1/transaction": {
+            "post": {
+                "summary": "Run statements all or nothing on one connection",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("TransactionRequest")}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["results"],
+                            "properties": {
+                                "results": {"type": "array", "items": _ref("Result")},
+                                "elapsed_ms": {"type": "number"},
+                            },
+                        },
+                        "each statement's result",
+                    ),
+                    **_errors(),
+                },
+            }
+        },
+        "/v1/queries": {
+            "get": {
+                "summary": "The catalog of named queries",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["queries"],
+                            "properties": {
+                                "queries": {"type": "array", "items": {"type": "object"}}
+                            },
+                        },
+                        "the catalog",
+                    )
+                },
+            }
+        },
+        "/v1/queries/{name}": {
+            "get": {
+                "summary": "Run a read-only named query (parameters in the query string)",
+                "parameters": _named_query_params(),
+                "responses": {"200": result, **_errors()},
+            },
+            "post": {
+                "summary": "Run a named query (parameters in the body)",
+                "parameters": _named_query_params()[:1],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NamedQueryRequest")}},
+                },
+                "responses": {"200": result, **_errors()},
+            },
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "responses": {"200": _json(_ref("Status"), "the process answers")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness",
+                "responses": {
+                    "200": _json(_ref("Status"), "a pooled connection works"),
+                    "503": {"$ref": "#/components/responses/Error"},
+                },
+            }
+        },
+        "/v1/stats": {
+            "get": {
+                "summary": "Dispatcher and pool figures",
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["queue", "connections", "pool"]},
+                        "queue depth, per-connection load, pool stats",
+                    )
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+            }
+        },
+    }
+
+
+def openapi_document(catalog: Catalog) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; the named queries are listed in the description."""
+    names = ", ".join(q.name for q in catalog) or "none"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pgqg",
+            "version": "1",
+            "description": f"PostgreSQL query gateway. Named queries: {names}.",
+        },
+        "paths": _paths(),
+        "components": {
+            "schemas": _SCHEMAS,
+            "responses": {"Error": _json(_ref("Error"), "an error (DESIGN §3)")},
+        },
+    }

@@ -1,0 +1,482 @@
+"""Run a batch of jobs on one connection in one round trip (libpq pipeline mode).
+
+Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
+
+    read-only:  [Parse] BEGIN READ ONLY; SAVEPOINT; [set_config(timeout)]; stmt…; Sync
+                ROLLBACK; Sync
+    read-write: [Parse] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
+                ROLLBACK; RESET ALL; Sync
+
+An error inside the first segment makes PostgreSQL skip the rest of that
+segment only; the second segment's ROLLBACK then ends the failed transaction,
+so the next job starts clean. A read-only job never commits: its ROLLBACK also
+reverts any ``set_config``/``SET`` it ran, and its savepoint makes PostgreSQL
+refuse ``SET TRANSACTION READ WRITE``. A read-write job commits, and
+``RESET ALL`` afterwards reverts session settings it changed.
+
+This module drives `psycopg.pq` (libpq) directly because psycopg's public
+``Pipeline.sync()`` waits for results, which would cost a round trip per job.
+`psycopg.pq` is a documented psycopg interface; tests/test_pipeline.py pins
+the behaviour we rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.adapt import Transformer
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus
+from psycopg.pq.abc import PGresult
+
+from ._encoding import TYPE_QUERY, Codec
+from ._errors import BadRequest, GatewayError, Timeout, query_error
+from ._jobs import Column, Job, StatementResult
+
+_COMMIT = b"COMMIT"
+_ROLLBACK = b"ROLLBACK"
+_RESET = b"RESET ALL"
+_DISCARD = b"DISCARD ALL"
+_SAVEPOINT = b"SAVEPOINT pgqg"
+_SET_TIMEOUT = b"SELECT pg_catalog.set_config('statement_timeout', $1, true)"
+
+#: a per-job server-side timeout is sent only when it is this much shorter than
+#: the connection's own statement_timeout: otherwise the cap does the job.
+_TIMEOUT_SLACK_MS = 500
+
+#: command tags of statements that leave state in the session beyond their
+#: transaction; after one, the connection is cleaned with DISCARD ALL.
+_SESSION_TAGS = frozenset(
+    b"SET RESET PREPARE DEALLOCATE LISTEN UNLISTEN LOAD DISCARD DECLARE".split()
+)
+_TAG_COUNT = re.compile(rb"(?: \d+)+$")
+_USER_CANCEL = "canceling statement due to user request"
+
+
+class ConnectionLost(Exception):
+    """The connection broke; the caller fails the jobs not yet resolved."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What was sent for one job, so its results can be read back in order."""
+
+    job: Job
+    prepares: list[bytes] = field(default_factory=list)
+    setup: int = 0
+    commit: bool = False
+    cleanup: int = 0
+    wrapped: bool = True
+    retrying: bool = False
+    retry: bool = False
+
+
+def begin_command(job: Job) -> bytes:
+    """The BEGIN that opens `job`'s transaction."""
+    parts = ["BEGIN"]
+    if job.isolation:
+        parts.append(f"ISOLATION LEVEL {job.isolation.upper()}")
+    parts.append("READ ONLY" if job.read_only else "READ WRITE")
+    return " ".join(parts).encode()
+
+
+class Session:
+    """One pooled connection, held by one connection worker, driven in pipeline mode.
+
+    `run` sends a batch and resolves every job's future. It raises
+    `ConnectionLost` when the connection breaks; the jobs of that batch that
+    are not resolved are then the caller's to fail.
+    """
+
+    def __init__(
+        self,
+        conn: AsyncConnection[Any],
+        codec: Codec,
+        *,
+        statement_timeout_ms: int,
+    ) -> None:
+        self._conn = conn
+        self._pg = conn.pgconn
+        self._codec = codec
+        self._tx = Transformer(codec.adapters)
+        self._cap_ms = statement_timeout_ms
+        self._prepared: set[bytes] = set()
+        self._pending_prepares: set[bytes] = set()
+        self._dirty = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._head: Job | None = None
+        self._cancel_wanted = False
+        self._cancel_sent = False
+        self._loop = asyncio.get_running_loop()
+        self.backend_pid = self._pg.backend_pid
+        self._pg.nonblocking = 1
+        self._pg.enter_pipeline_mode()
+
+    # --- the batch -------------------------------------------------------------
+
+    async def run(self, jobs: list[Job]) -> None:
+        """Run `jobs` in one round trip and resolve each one's future.
+
+        A job hit by a cancel meant for another job of the batch, or refused
+        inside a transaction block (VACUUM and friends, read-write only), had no
+        effect: it runs once more on its own.
+
+        Raises:
+            ConnectionLost: the connection broke.
+        """
+        try:
+            return await self._run(jobs)
+        except psycopg.OperationalError as exc:
+            raise ConnectionLost(str(exc)) from exc
+
+    async def _run(self, jobs: list[Job]) -> None:
+        plans = await self._run_batch(jobs)
+        for plan in plans:
+            if plan.retry and not plan.job.done:
+                await self._run_batch([plan.job], wrapped=plan.wrapped, retrying=True)
+
+    async def _run_batch(
+        self, jobs: list[Job], *, wrapped: bool = True, retrying: bool = False
+    ) -> list[_Plan]:
+        now = self._loop.time()
+        plans = [self._send(job, now, wrapped=wrapped, retrying=retrying) for job in jobs]
+        self._cancel_sent = False
+        await self._flush()
+        deferred: list[tuple[_Plan, list[PGresult]]] = []
+        for plan in plans:
+            raw = await self._read(plan)
+            if raw is not None:
+                deferred.append((plan, raw))
+        if deferred:
+            await self._learn_types(deferred)
+            for plan, raw in deferred:
+                self._deliver(plan.job, raw)
+        if self._dirty:
+            await self._discard()
+        return plans
+
+    def close(self) -> None:
+        """Leave pipeline mode so the pool gets a plain idle connection back."""
+        if self._pg.status == ConnStatus.OK and self._pg.pipeline_status:
+            self._pg.exit_pipeline_mode()
+
+    # --- sending -------------------------------------------------------------------
+
+    def _send(self, job: Job, now: float, *, wrapped: bool, retrying: bool) -> _Plan:
+        pg = self._pg
+        plan = _Plan(job, wrapped=wrapped, retrying=retrying)
+        for st in job.statements:
+            name = st.prepared
+            if name and name not in self._prepared and name not in self._pending_prepares:
+                pg.send_prepare(name, st.sql)
+                self._pending_prepares.add(name)
+                plan.prepares.append(name)
+        if wrapped:
+            pg.send_query_params(begin_command(job), None)
+            plan.setup = 1
+            if job.read_only:
+                # Inside a subtransaction, SET TRANSACTION READ WRITE is refused
+                # (25006) even before the first query takes a snapshot.
+                pg.send_query_params(_SAVEPOINT, None)
+                plan.setup += 1
+            remaining_ms = int((job.deadline - now) * 1000)
+            if remaining_ms < self._cap_ms - _TIMEOUT_SLACK_MS:
+                pg.send_query_params(_SET_TIMEOUT, [str(max(remaining_ms, 1)).encode()])
+                plan.setup += 1
+        for st in job.statements:
+            if st.prepared:
+                pg.send_query_prepared(st.prepared, st.params)
+            else:
+                pg.send_query_params(st.sql, st.params)
+        if wrapped and not job.read_only:
+            pg.send_query_params(_COMMIT, None)
+            plan.commit = True
+        pg.pipeline_sync()
+        if wrapped:
+            pg.send_query_params(_ROLLBACK, None)
+            plan.cleanup += 1
+        if not job.read_only:
+            pg.send_query_params(_RESET, None)
+            plan.cleanup += 1
+        if plan.cleanup:
+            pg.pipeline_sync()
+        return plan
+
+    async def _flush(self) -> None:
+        while self._pg.flush():
+            await self._wait(writable=True)
+            self._pg.consume_input()
+
+    # --- reading -------------------------------------------------------------------
+
+    async def _read(self, plan: _Plan) -> list[PGresult] | None:
+        """Read one job's results; resolve it, or return its results if types are unknown."""
+        job = plan.job
+        self._head = job
+        if job.done:  # abandoned while waiting behind other jobs of the batch
+            await self._request_cancel()
+        errors: list[PGresult] = []
+        for name in plan.prepares:
+            res = await self._result()
+            self._prepared_result(name, res)
+            errors.append(res)
+        for _ in range(plan.setup):
+            errors.append(await self._result())
+        raw: list[PGresult] = []
+        for _ in job.statements:
+            res = await self._result()
+            raw.append(res)
+            self._note_session_state(res)
+        if plan.commit:
+            errors.append(await self._result())
+        await self._sync()
+        for _ in range(plan.cleanup):
+            await self._result()
+        if plan.cleanup:
+            await self._sync()
+        self._head = None
+        error = next((r for r in [*errors, *raw] if r.status == ExecStatus.FATAL_ERROR), None)
+        if error is not None:
+            self._fail(plan, error)
+            return None
+        if any(not self._codec.is_known(r.ftype(i)) for r in raw for i in range(r.nfields)):
+            return raw
+        self._deliver(job, raw)
+        return None
+
+    def _prepared_result(self, name: bytes, res: PGresult) -> None:
+        self._pending_prepares.discard(name)
+        if res.status == ExecStatus.COMMAND_OK:
+            self._prepared.add(name)
+
+    def _fail(self, plan: _Plan, res: PGresult) -> None:
+        error = _query_error(res)
+        job = plan.job
+        if not plan.retrying and not job.done and self._should_retry(plan, error):
+            plan.retry = True
+        elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
+            job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
+        else:
+            job.fail(error)
+
+    def _should_retry(self, plan: _Plan, error: GatewayError) -> bool:
+        """Whether the failed job had no effect and can simply run again."""
+        job = plan.job
+        if error.sqlstate == "57014" and self._cancel_sent and _USER_CANCEL in error.message:
+            return job is not self._cancelled_job  # hit by a cancel meant for another job
+        if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
+            # VACUUM and friends refuse a transaction block: run alone, unwrapped
+            plan.wrapped = False
+            return not job.transaction and len(job.statements) == 1
+        return False
+
+    def _deliver(self, job: Job, raw: list[PGresult]) -> None:
+        if job.done:
+            return
+        try:
+            results = [self._convert(res, job) for res in raw]
+        except GatewayError as exc:
+            job.fail(exc)
+        else:
+            job.resolve(results)
+
+    def _convert(self, res: PGresult, job: Job) -> StatementResult:
+        if res.status == ExecStatus.EMPTY_QUERY:
+            raise BadRequest("the statement is empty")
+        tag = res.command_status or b""
+        columns = [
+            Column(
+                (res.fname(i) or b"").decode(),
+                self._codec.type_name(res.ftype(i)),
+                res.ftype(i),
+            )
+            for i in range(res.nfields)
+        ]
+        rows: list[Any] = []
+        truncated = False
+        if res.status == ExecStatus.TUPLES_OK:
+            take = min(res.ntuples, job.max_rows)
+            truncated = res.ntuples > take
+            self._tx.set_pgresult(res)
+            rows = self._tx.load_rows(0, take, _row_maker(job.shape, columns))
+        return StatementResult(
+            columns=columns,
+            rows=rows,
+            command=_TAG_COUNT.sub(b"", tag).decode(),
+            row_count=res.command_tuples,
+            truncated=truncated,
+        )
+
+    def _note_session_state(self, res: PGresult) -> None:
+        tag = res.command_status or b""
+        if tag.split(b" ", 1)[0] in _SESSION_TAGS or tag == b"CREATE TABLE":
+            self._dirty = True
+
+    async def _result(self) -> PGresult:
+        """The one result of a query in the pipeline, consuming the NULL after it."""
+        res = await self._next()
+        if res is None:
+            raise ConnectionLost("protocol out of step: no result where one was due")
+        if res.status in (ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH):
+            raise ConnectionLost("COPY is not supported here; use format=csv instead")
+        if await self._next() is not None:
+            raise ConnectionLost("protocol out of step: more results than statements")
+        return res
+
+    async def _sync(self) -> None:
+        res = await self._next()
+        if res is None or res.status != ExecStatus.PIPELINE_SYNC:
+            raise ConnectionLost("protocol out of step: no Sync where one was due")
+
+    async def _next(self) -> PGresult | None:
+        pg = self._pg
+        while pg.is_busy():
+            await self._wait(writable=False)
+            pg.consume_input()
+        return pg.get_result()
+
+    async def _wait(self, *, writable: bool) -> None:
+        """Wait for the socket; also wakes when the head job is abandoned."""
+        fd = self._pg.socket
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiter = fut
+        add, remove = (
+            (self._loop.add_writer, self._loop.remove_writer)
+            if writable
+            else (self._loop.add_reader, self._loop.remove_reader)
+        )
+        add(fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            remove(fd)
+            self._waiter = None
+        if self._cancel_wanted:
+            await self._request_cancel()
+
+    # --- cancellation -----------------------------------------------------------------
+
+    def abandoned(self, job: Job) -> None:
+        """Called when a running job is abandoned: cancel it if it is executing."""
+        if job is self._head and not self._cancel_sent:
+            self._cancel_wanted = True
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    _cancelled_job: Job | None = None
+
+    async def _request_cancel(self) -> None:
+        self._cancel_wanted = False
+        if self._cancel_sent:
+            return
+        self._cancel_sent = True
+        self._cancelled_job = self._head
+        # best effort: the server-side statement_timeout still applies
+        with contextlib.suppress(psycopg.Error, OSError):
+            await self._conn.cancel_safe(timeout=5)
+
+    # --- housekeeping -----------------------------------------------------------------
+
+    async def _discard(self) -> None:
+        self._pg.send_query_params(_DISCARD, None)
+        self._pg.pipeline_sync()
+        await self._flush()
+        await self._result()
+        await self._sync()
+        self._prepared.clear()
+        self._dirty = False
+
+    async def _learn_types(self, deferred: list[tuple[_Plan, list[PGresult]]]) -> None:
+        oids = {
+            r.ftype(i)
+            for _, raw in deferred
+            for r in raw
+            for i in range(r.nfields)
+            if not self._codec.is_known(r.ftype(i))
+        }
+        array = "{" + ",".join(str(o) for o in sorted(oids)) + "}"
+        self._pg.send_query_params(TYPE_QUERY, [array.encode()])
+        self._pg.pipeline_sync()
+        await self._flush()
+        res = await self._result()
+        await self._sync()
+        if res.status == ExecStatus.TUPLES_OK:
+            rows = [
+                [(res.get_value(r, c) or b"").decode() for c in range(res.nfields)]
+                for r in range(res.ntuples)
+            ]
+            self._codec.learn(rows)
+        for oid in oids:
+            if not self._codec.is_known(oid):
+                self._codec.learn([(oid, str(oid), 0, ",")])
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _field(res: PGresult, code: DiagnosticField) -> str | None:
+    value = res.error_field(code)
+    return value.decode(errors="replace") if value is not None else None
+
+
+def _query_error(res: PGresult) -> GatewayError:
+    message = _field(res, DiagnosticField.MESSAGE_PRIMARY)
+    if message is None:
+        message = (res.error_message or b"query failed").decode(errors="replace").strip()
+    position = _field(res, DiagnosticField.STATEMENT_POSITION)
+    return query_error(
+        message,
+        sqlstate=_field(res, DiagnosticField.SQLSTATE),
+        detail=_field(res, DiagnosticField.MESSAGE_DETAIL),
+        hint=_field(res, DiagnosticField.MESSAGE_HINT),
+        position=int(position) if position else None,
+    )
+
+
+def _row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:
+    if shape == "arrays":
+        return list
+    names = [c.name for c in columns]
+
+    def make(values: Any) -> dict[str, Any]:
+        return dict(zip(names, values, strict=True))
+
+    return make
+
+
+class BrokenWatch:
+    """Watches an idle connection's socket: set when the server closed it.
+
+    An idle connection has nothing to read; when its socket becomes readable
+    the server either sent a notice (ignored) or went away.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._pg = session._pg
+        self._fd = self._pg.socket
+        self._loop = session._loop
+        self.broken: asyncio.Future[None] = self._loop.create_future()
+        self._loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            self._pg.consume_input()
+            while self._pg.notifies() is not None:
+                pass
+            ok = self._pg.status == ConnStatus.OK
+        except psycopg.Error:
+            ok = False
+        if not ok:
+            self.stop()
+            _wake(self.broken)
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self._fd)

@@ -1,0 +1,69 @@
+"""The connection pool: psycopg_pool owns every connection's lifecycle.
+
+Opening, health checks, reconnecting with backoff after the database
+restarts and `max_lifetime` recycling are psycopg_pool's; the gateway only
+says how a connection must look: autocommit, UTF-8, a fixed session time
+zone and date/interval styles, and a statement timeout as a backstop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from ._settings import Settings
+
+APPLICATION_NAME = "pgqg"
+
+
+def session_options(settings: Settings) -> str:
+    """The ``options`` startup parameter: settings fixed for the session's life.
+
+    Passed at connect time they cost no round trip, and ``RESET ALL`` (run
+    after every read-write job) returns to them rather than to the server's
+    defaults.
+    """
+    gucs = {
+        "TimeZone": settings.timezone,
+        "DateStyle": settings.datestyle,
+        "IntervalStyle": settings.intervalstyle,
+        "statement_timeout": str(settings.statement_timeout_ms),
+        "extra_float_digits": "1",
+    }
+    return " ".join(f"-c {k}={_escape_option(v)}" for k, v in gucs.items())
+
+
+def _escape_option(value: str) -> str:
+    # libpq splits `options` on spaces; a backslash keeps one in a value
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConnectionPool[Any]:
+    """A closed pool of `settings.pool_size` connections; the caller opens it.
+
+    `open(wait=False)` returns at once even when the database is down: the
+    pool keeps trying in the background and callers wait in `connection()`.
+    """
+    return AsyncConnectionPool(
+        dsn,
+        min_size=settings.pool_size,
+        max_size=settings.pool_size,
+        open=False,
+        name=name,
+        kwargs={
+            "autocommit": True,
+            "application_name": APPLICATION_NAME if name == "pgqg" else f"pgqg-{name}",
+            "options": session_options(settings),
+            "client_encoding": "UTF8",
+            "connect_timeout": 5,
+        },
+        check=AsyncConnectionPool.check_connection,
+        max_lifetime=settings.pool_max_lifetime_s,
+        max_idle=settings.pool_max_lifetime_s,
+        # Keep trying for as long as the gateway runs: an outage must end in
+        # recovery, not in a pool that gave up.
+        reconnect_timeout=365 * 24 * 3600.0,
+        connection_class=AsyncConnection,
+    )

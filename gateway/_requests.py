@@ -1,0 +1,157 @@
+"""Turning HTTP requests into jobs: body parsing, validation, options.
+
+The front end never touches a connection: it validates what the client sent,
+fixes the job's deadline and limits, and hands a `Job` to the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ._catalog import NamedQuery
+from ._encoding import loads_exact, params_to_text
+from ._errors import BadRequest, UnsupportedMediaType
+from ._jobs import Job, Statement
+from ._settings import Settings
+
+SHAPES = ("objects", "arrays")
+ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
+#: query-string keys of GET /v1/queries/{name} that are options, not parameters
+RESERVED_QUERY_KEYS = frozenset({"format", "shape", "timeout_ms", "max_rows"})
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Per-request options shared by every endpoint that runs SQL."""
+
+    timeout_ms: int
+    max_rows: int
+    shape: str
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    Raises:
+        UnsupportedMediaType: the Content-Type is not JSON.
+        BadRequest: the body is not a JSON object.
+        TooLarge: (from aiohttp, mapped by the middleware) the body is too big.
+    """
+    if request.content_type not in ("application/json",) and not (
+        request.content_type.startswith("application/") and request.content_type.endswith("+json")
+    ):
+        raise UnsupportedMediaType(
+            f"send the body as application/json, not {request.content_type or 'nothing'}"
+        )
+    body = await request.read()
+    value = loads_exact(body)
+    if not isinstance(value, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return value
+
+
+def check_keys(body: Mapping[str, Any], allowed: set[str], where: str = "body") -> None:
+    """Raises BadRequest naming the first key of `body` not in `allowed`."""
+    for key in body:
+        if key not in allowed:
+            raise BadRequest(f"unknown field {key!r} in the {where}")
+
+
+def _int_option(value: Any, name: str, *, minimum: int) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadRequest(f"{name} must be an integer >= {minimum}")
+    return value
+
+
+def parse_options(source: Mapping[str, Any], settings: Settings) -> Options:
+    """timeout_ms (capped by statement_timeout_ms), max_rows and shape.
+
+    Raises:
+        BadRequest: an option has the wrong type or value.
+    """
+    timeout_ms = settings.statement_timeout_ms
+    if source.get("timeout_ms") is not None:
+        timeout_ms = min(_int_option(source["timeout_ms"], "timeout_ms", minimum=1), timeout_ms)
+    max_rows = settings.max_rows
+    if source.get("max_rows") is not None:
+        max_rows = min(_int_option(source["max_rows"], "max_rows", minimum=0), max_rows)
+    shape = source.get("shape") or "objects"
+    if shape not in SHAPES:
+        raise BadRequest(f"shape must be one of {', '.join(SHAPES)}")
+    return Options(timeout_ms, max_rows, shape)
+
+
+def raw_statement(item: Any, where: str) -> Statement:
+    """One ``{"sql": ..., "params": [...]}`` as a `Statement`.
+
+    Raises:
+        BadRequest: sql is missing or empty, params is not a list, or a
+            parameter cannot be sent to PostgreSQL.
+    """
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where} must be an object with sql and params")
+    check_keys(item, {"sql", "params"}, where)
+    sql = item.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        raise BadRequest(f"{where}.sql must be a non-empty string")
+    if "\x00" in sql:
+        raise BadRequest(f"{where}.sql cannot contain NUL characters")
+    params = item.get("params", [])
+    if params is None:
+        params = []
+    if not isinstance(params, list):
+        raise BadRequest(f"{where}.params must be a list (PostgreSQL's $1, $2, …)")
+    return Statement(sql.encode(), params_to_text(params))
+
+
+def named_statement(
+    query: NamedQuery, values: Mapping[str, Any], *, from_query_string: bool
+) -> Statement:
+    """A named query bound to its parameters, run as a prepared statement."""
+    bound = query.bind(values, from_query_string=from_query_string)
+    return Statement(
+        query.sql.encode(), params_to_text(bound), prepared=b"pgqg_" + query.name.encode()
+    )
+
+
+def make_job(
+    statements: list[Statement],
+    options: Options,
+    *,
+    read_only: bool,
+    transaction: bool = False,
+    isolation: str | None = None,
+) -> Job:
+    """A job whose deadline is `options.timeout_ms` from now."""
+    loop = asyncio.get_running_loop()
+    return Job(
+        statements,
+        read_only=read_only,
+        deadline=loop.time() + options.timeout_ms / 1000,
+        max_rows=options.max_rows,
+        shape=options.shape,
+        transaction=transaction,
+        isolation=isolation,
+    )
+
+
+def parse_isolation(value: Any) -> str | None:
+    """The isolation level of a transaction request, normalised.
+
+    Raises:
+        BadRequest: not one of PostgreSQL's isolation levels.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        level = " ".join(value.lower().replace("_", " ").split())
+        if level in ISOLATION_LEVELS:
+            return level
+    raise BadRequest(f"isolation must be one of {', '.join(ISOLATION_LEVELS)}")

@@ -1,0 +1,198 @@
+"""The v1 HTTP API (DESIGN §3): each handler builds a job and encodes its result."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ._app_keys import CATALOG, DISPATCHER, POOL, SETTINGS
+from ._dispatcher import probe_job
+from ._errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotAcceptable,
+    RawSqlDisabled,
+    Unavailable,
+)
+from ._jobs import StatementResult
+from ._openapi import openapi_document
+from ._requests import (
+    RESERVED_QUERY_KEYS,
+    check_keys,
+    make_job,
+    named_statement,
+    parse_isolation,
+    parse_options,
+    raw_statement,
+    read_json_object,
+)
+
+routes = web.RouteTableDef()
+
+_OPTION_KEYS = {"timeout_ms", "max_rows", "shape"}
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _result_body(result: StatementResult) -> dict[str, Any]:
+    return {
+        "columns": [c.to_dict() for c in result.columns],
+        "rows": result.rows,
+        "row_count": result.row_count if result.row_count is not None else len(result.rows),
+        "command": result.command,
+        "truncated": result.truncated,
+    }
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _check_format(request: web.Request) -> None:
+    """Buffered JSON is what these endpoints answer; refuse what we cannot give.
+
+    Raises:
+        NotAcceptable: ``?format=`` or ``Accept`` asks for another format.
+    """
+    fmt = request.query.get("format")
+    if fmt not in (None, "json"):
+        raise NotAcceptable(f"format {fmt!r} is not available here; use json")
+
+
+async def _run_one(request: web.Request, job_args: dict[str, Any]) -> web.Response:
+    started = time.perf_counter()
+    results = await request.app[DISPATCHER].run(make_job(**job_args))
+    body = _result_body(results[0])
+    body["elapsed_ms"] = _elapsed_ms(started)
+    return json_response(body)
+
+
+@routes.post("/v1/query")
+async def post_query(request: web.Request) -> web.Response:
+    """Run one raw SQL statement (raw_sql mode permitting)."""
+    settings = request.app[SETTINGS]
+    if settings.raw_sql == "off":
+        raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
+    _check_format(request)
+    body = await read_json_object(request)
+    check_keys(body, {"sql", "params"} | _OPTION_KEYS)
+    statement = raw_statement({k: body[k] for k in ("sql", "params") if k in body}, "body")
+    options = parse_options(body, settings)
+    read_only = settings.raw_sql == "read-only"
+    return await _run_one(
+        request, {"statements": [statement], "options": options, "read_only": read_only}
+    )
+
+
+@routes.post("/v1/transaction")
+async def post_transaction(request: web.Request) -> web.Response:
+    """Run several raw statements all or nothing, on one connection."""
+    settings = request.app[SETTINGS]
+    if settings.raw_sql == "off":
+        raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
+    _check_format(request)
+    body = await read_json_object(request)
+    check_keys(body, {"statements", "isolation", "read_only"} | _OPTION_KEYS)
+    items = body.get("statements")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("statements must be a non-empty list")
+    statements = [raw_statement(item, f"statements[{i}]") for i, item in enumerate(items)]
+    read_only = body.get("read_only", False)
+    if not isinstance(read_only, bool):
+        raise BadRequest("read_only must be true or false")
+    if settings.raw_sql == "read-only" and not read_only:
+        raise Forbidden("raw SQL is read-only on this gateway; send read_only: true")
+    started = time.perf_counter()
+    job = make_job(
+        statements,
+        parse_options(body, settings),
+        read_only=read_only,
+        transaction=True,
+        isolation=parse_isolation(body.get("isolation")),
+    )
+    results = await request.app[DISPATCHER].run(job)
+    return json_response(
+        {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
+    )
+
+
+@routes.get("/v1/queries")
+async def list_queries(request: web.Request) -> web.Response:
+    """The catalog of named queries with their parameters."""
+    return json_response({"queries": [q.describe() for q in request.app[CATALOG]]})
+
+
+@routes.get("/v1/queries/{name}")
+async def get_named_query(request: web.Request) -> web.Response:
+    """Run a read-only named query, parameters from the query string."""
+    _check_format(request)
+    query = request.app[CATALOG].get(request.match_info["name"])
+    if not query.read_only:
+        raise MethodNotAllowed(f"{query.name} writes; call it with POST")
+    values = {k: v for k, v in request.query.items() if k not in RESERVED_QUERY_KEYS}
+    if len(values) != len({k for k in request.query if k not in RESERVED_QUERY_KEYS}):
+        raise BadRequest("a parameter is given more than once")
+    statement = named_statement(query, values, from_query_string=True)
+    options = parse_options(request.query, request.app[SETTINGS])
+    return await _run_one(
+        request, {"statements": [statement], "options": options, "read_only": True}
+    )
+
+
+@routes.post("/v1/queries/{name}")
+async def post_named_query(request: web.Request) -> web.Response:
+    """Run a named query, parameters from the JSON body."""
+    _check_format(request)
+    query = request.app[CATALOG].get(request.match_info["name"])
+    body = await read_json_object(request)
+    check_keys(body, {"params"} | _OPTION_KEYS)
+    values = body.get("params") or {}
+    if not isinstance(values, dict):
+        raise BadRequest("params must be an object of name: value")
+    statement = named_statement(query, values, from_query_string=False)
+    options = parse_options(body, request.app[SETTINGS])
+    return await _run_one(
+        request, {"statements": [statement], "options": options, "read_only": query.read_only}
+    )
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers, whatever the database does."""
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only when a pooled connection answers a query.
+
+    Raises:
+        Unavailable: no connection, or the probe did not answer within 2 s.
+    """
+    dispatcher = request.app[DISPATCHER]
+    if not dispatcher.ready:
+        raise Unavailable("no working database connection yet")
+    loop = asyncio.get_running_loop()
+    await dispatcher.run(probe_job(loop.time() + 2.0))
+    return json_response({"status": "ready"})
+
+
+@routes.get("/v1/stats")
+async def stats(request: web.Request) -> web.Response:
+    """Dispatcher and pool figures: queue depth, per-connection load."""
+    body = request.app[DISPATCHER].stats()
+    body["pool"] = request.app[POOL].get_stats()
+    return json_response(body)
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3 description of this API."""
+    return json_response(openapi_document(request.app[CATALOG]))

@@ -1,0 +1,51 @@
+"""Running the application: event loop, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from ._app import create_app
+from ._settings import Settings
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's faster event loop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
+
+    aiohttp stops accepting, waits for running handlers up to the grace period
+    (then cancels them, which cancels their queries on the server), and runs
+    the cleanup contexts: the dispatcher stops, the pool closes.
+    """
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    install_uvloop()
+    app = create_app(settings, dsn)
+
+    async def announce(_app: web.Application) -> None:
+        if on_ready is not None:
+            on_ready(f"http://{settings.host}:{settings.port}")
+
+    app.on_startup.append(announce)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_grace_s,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+    )

@@ -1,0 +1,79 @@
+"""The dispatcher: load spreads over every connection, futures resolve exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from support import assert_error, query
+
+
+async def test_500_concurrent_requests_on_4_connections(gateway_factory: Any) -> None:
+    client = await gateway_factory(pool_size=4, queue_size=1000)
+
+    async def one(i: int) -> tuple[int, Any]:
+        return await query(client, "select $1::int AS i, pg_backend_pid() AS pid", i)
+
+    answers = await asyncio.gather(*(one(i) for i in range(500)))
+    assert all(status == 200 for status, _ in answers)
+    assert [body["rows"][0]["i"] for _, body in answers] == list(range(500))
+    stats = await (await client.get("/v1/stats")).json()
+    per_connection = [c["jobs"] for c in stats["connections"]]
+    assert len(per_connection) == 4
+    assert all(jobs > 0 for jobs in per_connection), per_connection
+    assert sum(per_connection) >= 500
+    pids = {body["rows"][0]["pid"] for _, body in answers}
+    assert len(pids) == 4
+    assert stats["queue"]["depth"] == 0
+
+
+async def test_full_queue_is_refused_at_once(gateway_factory: Any) -> None:
+    client = await gateway_factory(pool_size=1, queue_size=2)
+    slow = [
+        asyncio.ensure_future(query(client, "select pg_sleep(0.5)", timeout_ms=5000))
+        for _ in range(6)
+    ]
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    resp = await client.post("/v1/query", json={"sql": "select 1"})
+    elapsed = loop.time() - started
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert_error(await resp.json(), "overloaded")
+    assert elapsed < 0.1
+    statuses = sorted(status for status, _ in await asyncio.gather(*slow))
+    assert 200 in statuses and 503 in statuses
+    status, _ = await query(client, "select 1")
+    assert status == 200
+
+
+async def test_queue_timeout_refuses_a_job_that_waited_too_long(gateway_factory: Any) -> None:
+    client = await gateway_factory(pool_size=1, queue_timeout_ms=200)
+    blocker = asyncio.ensure_future(query(client, "select pg_sleep(0.6)"))
+    await asyncio.sleep(0.05)
+    status, body = await query(client, "select 1")
+    assert status == 503
+    assert_error(body, "overloaded")
+    assert (await blocker)[0] == 200
+
+
+async def test_every_future_resolves_once_under_mixed_outcomes(gateway_factory: Any) -> None:
+    client = await gateway_factory(pool_size=2, queue_size=500)
+    sqls = ["select 1", "select 1/0", "select pg_sleep(0.3)", "selec", "select $1::int"]
+
+    async def one(i: int) -> int:
+        sql = sqls[i % len(sqls)]
+        params = [i] if "$1" in sql else []
+        status, _ = await query(client, sql, *params, timeout_ms=100)
+        return status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(100)))
+    assert set(statuses) <= {200, 400, 504}
+    assert 200 in statuses and 400 in statuses and 504 in statuses
+    assert (await query(client, "select 1"))[0] == 200
+    # abandoned jobs still in a batch finish within their (cancelled) timeouts
+    async with asyncio.timeout(5):
+        while (stats := await (await client.get("/v1/stats")).json())["running"]:
+            await asyncio.sleep(0.05)
+    assert stats["queue"]["depth"] == 0

@@ -1,0 +1,93 @@
+"""Values cross the gateway without loss (DESIGN §4): the common types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from support import GatewayClient, query
+
+from gateway import BadRequest, loads_exact, param_to_text
+from gateway._encoding import JSONNumber
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("1::int2", 1),
+        ("(-2147483648)::int4", -2147483648),
+        ("9223372036854775807::int8", "9223372036854775807"),
+        ("0.10::numeric", "0.10"),
+        (
+            "123456789012345678901234567890.000000001::numeric",
+            "123456789012345678901234567890.000000001",
+        ),
+        ("'NaN'::numeric", "NaN"),
+        ("1.5::float8", 1.5),
+        ("0.1::float4", 0.1),
+        ("'NaN'::float8", "NaN"),
+        ("'-Infinity'::float8", "-Infinity"),
+        ("'text'::text", "text"),
+        ("true", True),
+        ('\'{"b": 1, "a": [1, 2]}\'::json', {"b": 1, "a": [1, 2]}),
+        ("'\\x00ff'::bytea", "\\x00ff"),
+        ("'2024-02-29'::date", "2024-02-29"),
+        ("'2024-02-29 12:34:56.789+02'::timestamptz", "2024-02-29 10:34:56.789+00"),
+        ("'2024-02-29 12:34:56'::timestamp", "2024-02-29 12:34:56"),
+        ("'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+        ("array[1, null, 3]", [1, None, 3]),
+        ("array[array['a', null], array['NULL', 'b,c']]", [["a", None], ["NULL", "b,c"]]),
+        ("array[1.5, 'NaN']::float8[]", [1.5, "NaN"]),
+        ("array[10000000000]::int8[]", ["10000000000"]),
+        ("null::int", None),
+    ],
+)
+async def test_common_values(client: GatewayClient, expr: str, expected: Any) -> None:
+    status, body = await query(client, f"select {expr} AS v")
+    assert status == 200, body
+    assert body["rows"] == [{"v": expected}]
+
+
+async def test_json_keeps_digits_and_key_order(client: GatewayClient) -> None:
+    resp = await client.post(
+        "/v1/query",
+        json={
+            "sql": 'select \'{"b": 0.10000000000000000555, "a": 1}\'::json AS j, '
+            "'[0.10000000000000000555]'::jsonb AS jb"
+        },
+    )
+    text = await resp.text()
+    assert '"j":{"b": 0.10000000000000000555, "a": 1}' in text
+    assert '"jb":[0.10000000000000000555]' in text
+
+
+async def test_parameters_go_in_losslessly(client: GatewayClient) -> None:
+    resp = await client.post(
+        "/v1/query",
+        data=b'{"sql": "select $1::numeric AS n, $2::int8 AS i, $3::jsonb AS j",'
+        b' "params": [0.10000000000000000555, 9007199254740993, {"x": 1.10}]}',
+        headers={"Content-Type": "application/json"},
+    )
+    text = await resp.text()
+    assert '"n":"0.10000000000000000555"' in text
+    assert '"i":"9007199254740993"' in text
+    assert '"j":{"x": 1.10}' in text
+
+
+def test_loads_exact_keeps_number_text() -> None:
+    value = loads_exact(b'{"a": 0.10000000000000000555, "b": 12345678901234567890123}')
+    assert isinstance(value["a"], JSONNumber) and value["a"] == "0.10000000000000000555"
+    assert value["b"] == 12345678901234567890123
+    with pytest.raises(BadRequest):
+        loads_exact(b"[NaN]")
+    with pytest.raises(BadRequest):
+        loads_exact(b"[" * 100000 + b"]" * 100000)
+
+
+def test_param_to_text() -> None:
+    assert param_to_text(None) is None
+    assert param_to_text(True) == b"true"
+    assert param_to_text(10**30) == b"1" + b"0" * 30
+    assert param_to_text([1, None, "NULL", 'q"b\\', [2]]) == b'{"1",NULL,"NULL","q\\"b\\\\",{"2"}}'
+    with pytest.raises(BadRequest):
+        param_to_text("nul\x00")

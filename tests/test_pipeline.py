@@ -1,0 +1,141 @@
+"""Pipelined batches: one job's failure, rollback or timeout never touches another's.
+
+These drive `Session` directly, so each test knows exactly which jobs share
+one round trip. They also pin the psycopg/libpq behaviour the pipeline relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq
+
+from gateway import Codec, GatewayError, Job, Statement, param_to_text
+from gateway._pipeline import Session
+from gateway._pool import session_options
+from gateway._settings import load_settings
+
+
+@pytest.fixture
+async def session(database_dsn: str) -> AsyncIterator[Session]:
+    settings = load_settings(dsn=database_dsn)
+    conn = await psycopg.AsyncConnection.connect(
+        database_dsn, autocommit=True, options=session_options(settings)
+    )
+    sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
+    try:
+        yield sess
+    finally:
+        sess.close()
+        await conn.close()
+
+
+def job(sql: str, *params: Any, read_only: bool = True, timeout: float = 10.0) -> Job:
+    loop = asyncio.get_running_loop()
+    return Job(
+        [Statement(sql.encode(), [param_to_text(p) for p in params])],
+        read_only=read_only,
+        deadline=loop.time() + timeout,
+        max_rows=1000,
+    )
+
+
+async def run(session: Session, *jobs: Job) -> list[Any]:
+    for j in jobs:
+        assert j.start(lambda: None)
+    await session.run(list(jobs))
+    outcomes: list[Any] = []
+    for j in jobs:
+        exc = j.future.exception()
+        outcomes.append(exc if exc is not None else j.future.result()[0].rows)
+    return outcomes
+
+
+async def test_psycopg_versions_are_the_ones_pinned() -> None:
+    # The pipeline drives psycopg.pq directly; pyproject pins the minor versions
+    # this suite has proven. Upgrading psycopg means re-running it and moving the pin.
+    major, minor = (int(p) for p in psycopg.__version__.split(".")[:2])
+    assert (major, minor) in {(3, 2), (3, 3)}, psycopg.__version__
+    assert pq.version() >= 140000  # libpq pipeline mode
+
+
+async def test_failure_write_and_read_in_one_batch(
+    session: Session, admin: Any, table: str
+) -> None:
+    failing = job("select 1/0")
+    write = job(f"insert into {table} values (1, 'w') returning id", read_only=False)
+    read = job("select $1::int * 2 AS y", 21)
+    write_after = job(f"insert into {table} values (2, 'w2')", read_only=False)
+    outcomes = await run(session, failing, write, read, write_after)
+    assert isinstance(outcomes[0], GatewayError) and outcomes[0].sqlstate == "22012"
+    assert outcomes[1] == [{"id": 1}]
+    assert outcomes[2] == [{"y": 42}]
+    assert outcomes[3] == []
+    rows = await (await admin.execute(f"select id from {table} order by id")).fetchall()
+    assert rows == [(1,), (2,)]
+
+
+async def test_a_failed_write_does_not_undo_its_neighbours(
+    session: Session, admin: Any, table: str
+) -> None:
+    outcomes = await run(
+        session,
+        job(f"insert into {table} values (1, 'a')", read_only=False),
+        job(f"insert into {table} values (1, 'dup')", read_only=False),
+        job(f"insert into {table} values (2, 'b')", read_only=False),
+    )
+    assert outcomes[0] == [] and outcomes[2] == []
+    assert isinstance(outcomes[1], GatewayError) and outcomes[1].sqlstate == "23505"
+    rows = await (await admin.execute(f"select id, v from {table} order by id")).fetchall()
+    assert rows == [(1, "a"), (2, "b")]
+
+
+async def test_read_only_holds_inside_a_batch(session: Session, admin: Any, table: str) -> None:
+    outcomes = await run(
+        session,
+        job("select set_config('default_transaction_read_only', 'off', false)"),
+        job(f"insert into {table} values (1, 'x')"),
+        job("set transaction read write"),
+        job(f"insert into {table} values (2, 'y')"),
+    )
+    assert all(isinstance(o, GatewayError) for o in outcomes[1:]), outcomes
+    assert [o.sqlstate for o in outcomes[1:]] == ["25006", "25001", "25006"]
+    assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
+
+
+async def test_a_timeout_inside_a_batch_touches_only_its_job(session: Session) -> None:
+    slow = job("select pg_sleep(5)", timeout=0.3)
+    before = job("select 1 AS a")
+    after = job("select 2 AS b")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    outcomes = await run(session, before, slow, after)
+    assert loop.time() - started < 2
+    assert outcomes[0] == [{"a": 1}]
+    assert isinstance(outcomes[1], GatewayError) and outcomes[1].status == 504
+    assert outcomes[2] == [{"b": 2}]
+
+
+async def test_an_abandoned_running_job_is_cancelled_on_the_server(session: Session) -> None:
+    slow = job("select pg_sleep(5)")
+    after = job("select 2 AS b")
+    for j in (slow, after):
+        j.start(lambda j=j: session.abandoned(j))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    running = asyncio.ensure_future(session.run([slow, after]))
+    await asyncio.sleep(0.2)
+    slow.abandon()  # the client went away
+    await running
+    assert loop.time() - started < 2
+    assert slow.future.cancelled()
+    assert after.future.result()[0].rows == [{"b": 2}]
+
+
+async def test_the_connection_is_idle_after_every_batch(session: Session) -> None:
+    await run(session, job("select 1/0"), job("begin"), job("select 1"))
+    assert session._pg.transaction_status == pq.TransactionStatus.IDLE
