@@ -15,10 +15,20 @@ global state and atexit hooks. Here one object owns one cluster (one data direct
 * `kill` SIGKILLs the postmaster and its children (to simulate a crash); `start` after it
   recovers the cluster, `stop` always leaves no server process behind.
 
+`start` runs initdb when needed, launches the postmaster with ``pg_ctl start -W`` and
+waits for it here (polling ``postmaster.pid`` every 10 ms, failing fast on a FATAL in
+the log); `stop` signals the postmaster as ``pg_ctl stop -m <mode>`` would, and waits
+for the postmaster and all its children. A stale ``postmaster.pid`` (a killed server)
+is removed before starting once no process of the cluster is alive: in containers whose
+init reaps orphans late, PostgreSQL would read the dead postmaster's zombie as alive.
+
 PostgreSQL refuses to run as root. When we are root (containers, CI), initdb and pg_ctl
-run as the system user ``pgserver`` (created if missing, as `pgserver` itself does), the
-data directory is owned by that user, and every parent directory of it gets the
-``o+x`` (traverse) bit so that user can reach it.
+run as the system user ``pgserver`` (created if missing, as `pgserver` itself does; root's
+groups are dropped), the data directory is owned by that user, and every parent directory
+of it gets the ``o+x`` (search) bit so that user can reach it. Keep data directories out
+of places whose parents get reset to 0700 while a server starts (pytest resets
+``/tmp/pytest-of-root`` at each new session); one start is retried after a
+"Permission denied".
 
 This module does not import the `pgserver` package itself (its import creates a runtime
 directory and emits a `RuntimeDirWarning` when ``XDG_RUNTIME_DIR`` is unset); it only
@@ -222,20 +232,6 @@ def _read_postmaster_pid(data_dir: Path) -> int | None:
         return int(first)
     except (OSError, ValueError):
         return None
-
-
-def _live_postmaster(data_dir: Path) -> Any | None:
-    """The psutil process of a live postmaster named in ``postmaster.pid``, else None."""
-    pid = _read_postmaster_pid(data_dir)
-    if pid is None or pid <= 0:
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if not _alive(proc) or proc.name() != "postgres":
-            return None  # a stale pid file: pg_ctl and the postmaster deal with it
-    except psutil.Error:
-        return None
-    return proc
 
 
 def server_processes(data_dir: Path) -> list[int]:
@@ -684,8 +680,8 @@ class EmbeddedPostgres:
                 _ensure_traversable(pwfile)
             base = [
                 str(bin_dir / "initdb"),
-                # relative to the working directory (entered as root): the run does not
-                # depend on the parents' search bits, which pytest resets on new sessions
+                # relative to the working directory (entered before dropping root), so
+                # initdb's own file work does not depend on the parents' search bits
                 "-D", ".",
                 "-U", SUPERUSER,
                 f"--pwfile={pwfile}",
@@ -820,22 +816,23 @@ class EmbeddedPostgres:
                 lines = pid_file.read_text().splitlines()
             except OSError:
                 lines = []
-            if len(lines) >= 8:  # pid, data dir, start time, port, sockets, host, shm, status
+            # pid, data dir, start time, port, sockets, listen address, shm key, status
+            try:
+                pid, pm_started = int(lines[0]), int(lines[2])
+                status = lines[7].strip()
+            except (IndexError, ValueError):
+                pid, pm_started, status = 0, 0, ""
+            if pid > 0 and pm_started >= started - 2:  # this postmaster's file, complete
                 try:
-                    pid, pm_started = int(lines[0]), int(lines[2])
-                except ValueError:
-                    pid, pm_started = 0, 0
-                if pid > 0 and pm_started >= started - 2:  # not a stale file
-                    try:
-                        proc = psutil.Process(pid)
-                    except psutil.Error:
-                        proc = None
-                    if proc is None or not _alive(proc):
-                        return None, f"the postmaster (pid {pid}) exited"
-                    if lines[7].strip() in ("ready", "standby"):
-                        return proc, ""
+                    proc = psutil.Process(pid)
+                except psutil.Error:
+                    proc = None
+                if proc is None or not _alive(proc):
+                    return None, f"the postmaster (pid {pid}) exited"
+                if status in ("ready", "standby"):
+                    return proc, ""
             elif self._fatal_logged(log_offset):
-                # it failed before writing postmaster.pid, or removed it on its way out
+                # it failed before completing postmaster.pid, or removed it on its way out
                 return None, "the postmaster exited"
             if time.monotonic() >= deadline:
                 return None, "the server did not get ready in time"

@@ -74,14 +74,23 @@ async def _run_one(request: web.Request, job_args: dict[str, Any]) -> web.Respon
     return json_response(body)
 
 
+async def _raw_sql_body(request: web.Request) -> dict[str, Any]:
+    """The JSON body of a raw SQL request.
+
+    Raises:
+        RawSqlDisabled: raw SQL is off on this gateway.
+    """
+    if request.app[SETTINGS].raw_sql == "off":
+        raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
+    _check_format(request)
+    return await read_json_object(request)
+
+
 @routes.post("/v1/query")
 async def post_query(request: web.Request) -> web.Response:
     """Run one raw SQL statement (raw_sql mode permitting)."""
     settings = request.app[SETTINGS]
-    if settings.raw_sql == "off":
-        raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
-    _check_format(request)
-    body = await read_json_object(request)
+    body = await _raw_sql_body(request)
     check_keys(body, {"sql", "params"} | _OPTION_KEYS)
     statement = raw_statement({k: body[k] for k in ("sql", "params") if k in body}, "body")
     options = parse_options(body, settings)
@@ -95,10 +104,7 @@ async def post_query(request: web.Request) -> web.Response:
 async def post_transaction(request: web.Request) -> web.Response:
     """Run several raw statements all or nothing, on one connection."""
     settings = request.app[SETTINGS]
-    if settings.raw_sql == "off":
-        raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
-    _check_format(request)
-    body = await read_json_object(request)
+    body = await _raw_sql_body(request)
     check_keys(body, {"statements", "isolation", "read_only"} | _OPTION_KEYS)
     items = body.get("statements")
     if not isinstance(items, list) or not items:

@@ -56,3 +56,10 @@ def test_every_setting_has_a_help_line() -> None:
     rows = describe_settings()
     assert len(rows) >= 15
     assert all(name.startswith("PGQG_") and help_ for name, _, help_ in rows)
+
+
+def test_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("<!-- settings-table")[1].split("<!-- /settings-table -->")[0]
+    for name, default, help_ in describe_settings():
+        assert f"| `{name}` | {default} | {help_} |" in table, name
