@@ -2,10 +2,13 @@
 
 Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
 
-    read-only:  [Parse] BEGIN READ ONLY; SAVEPOINT; [set_config(timeout)]; stmt…; Sync
-                ROLLBACK; Sync
-    read-write: [Parse] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
+    read-only:  [ROLLBACK] [Parse] BEGIN READ ONLY; SAVEPOINT; [set_config(timeout)]; stmt…; Sync
+    read-write: [ROLLBACK] [Parse] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
                 ROLLBACK; RESET ALL; Sync
+
+A read-only job's transaction is ended by the ROLLBACK that opens the next
+segment (or a last ``ROLLBACK; Sync`` closing the batch): ROLLBACK cannot
+fail, so the next job still starts clean, and a read-only job costs one Sync.
 
 An error inside the first segment makes PostgreSQL skip the rest of that
 segment only; the second segment's ROLLBACK then ends the failed transaction,
@@ -38,6 +41,7 @@ from psycopg.pq.abc import PGresult
 from ._encoding import TYPE_QUERY, Codec
 from ._errors import BadRequest, GatewayError, Timeout, query_error
 from ._jobs import Column, Job, StatementResult
+from ._libpq import pipeline_sync
 
 _COMMIT = b"COMMIT"
 _ROLLBACK = b"ROLLBACK"
@@ -72,6 +76,7 @@ class _Plan:
     setup: int = 0
     commit: bool = False
     cleanup: int = 0
+    rollback_first: bool = False
     wrapped: bool = True
     retrying: bool = False
     retry: bool = False
@@ -109,6 +114,8 @@ class Session:
         self._prepared: set[bytes] = set()
         self._pending_prepares: set[bytes] = set()
         self._dirty = False
+        #: a read-only job's transaction is still open: the next segment ends it
+        self._txn_open = False
         self._waiter: asyncio.Future[None] | None = None
         self._head: Job | None = None
         self._cancel_wanted = False
@@ -146,6 +153,7 @@ class Session:
     ) -> list[_Plan]:
         now = self._loop.time()
         plans = [self._send(job, now, wrapped=wrapped, retrying=retrying) for job in jobs]
+        trailer = self._send_trailer()
         self._cancel_sent = False
         await self._flush()
         deferred: list[tuple[_Plan, list[PGresult]]] = []
@@ -153,6 +161,9 @@ class Session:
             raw = await self._read(plan)
             if raw is not None:
                 deferred.append((plan, raw))
+        if trailer:
+            await self._result()
+            await self._sync()
         if deferred:
             await self._learn_types(deferred)
             for plan, raw in deferred:
@@ -171,24 +182,14 @@ class Session:
     def _send(self, job: Job, now: float, *, wrapped: bool, retrying: bool) -> _Plan:
         pg = self._pg
         plan = _Plan(job, wrapped=wrapped, retrying=retrying)
-        for st in job.statements:
-            name = st.prepared
-            if name and name not in self._prepared and name not in self._pending_prepares:
-                pg.send_prepare(name, st.sql)
-                self._pending_prepares.add(name)
-                plan.prepares.append(name)
+        if self._txn_open:
+            # the previous read-only job's ROLLBACK opens this job's segment:
+            # it cannot fail, and it saves that job a Sync of its own
+            pg.send_query_params(_ROLLBACK, None)
+            plan.rollback_first = True
+        self._send_prepares(job, plan)
         if wrapped:
-            pg.send_query_params(begin_command(job), None)
-            plan.setup = 1
-            if job.read_only:
-                # Inside a subtransaction, SET TRANSACTION READ WRITE is refused
-                # (25006) even before the first query takes a snapshot.
-                pg.send_query_params(_SAVEPOINT, None)
-                plan.setup += 1
-            remaining_ms = int((job.deadline - now) * 1000)
-            if remaining_ms < self._cap_ms - _TIMEOUT_SLACK_MS:
-                pg.send_query_params(_SET_TIMEOUT, [str(max(remaining_ms, 1)).encode()])
-                plan.setup += 1
+            self._send_begin(job, plan, now)
         for st in job.statements:
             if st.prepared:
                 pg.send_query_prepared(st.prepared, st.params)
@@ -197,16 +198,52 @@ class Session:
         if wrapped and not job.read_only:
             pg.send_query_params(_COMMIT, None)
             plan.commit = True
-        pg.pipeline_sync()
-        if wrapped:
-            pg.send_query_params(_ROLLBACK, None)
-            plan.cleanup += 1
+        pipeline_sync(pg)
+        self._txn_open = wrapped
         if not job.read_only:
-            pg.send_query_params(_RESET, None)
-            plan.cleanup += 1
-        if plan.cleanup:
-            pg.pipeline_sync()
+            self._send_cleanup(plan)
         return plan
+
+    def _send_prepares(self, job: Job, plan: _Plan) -> None:
+        for st in job.statements:
+            name = st.prepared
+            if name and name not in self._prepared and name not in self._pending_prepares:
+                self._pg.send_prepare(name, st.sql)
+                self._pending_prepares.add(name)
+                plan.prepares.append(name)
+
+    def _send_begin(self, job: Job, plan: _Plan, now: float) -> None:
+        pg = self._pg
+        pg.send_query_params(begin_command(job), None)
+        plan.setup = 1
+        if job.read_only:
+            # Inside a subtransaction PostgreSQL refuses SET TRANSACTION READ
+            # WRITE, even before the first query takes a snapshot.
+            pg.send_query_params(_SAVEPOINT, None)
+            plan.setup += 1
+        remaining_ms = int((job.deadline - now) * 1000)
+        if remaining_ms < self._cap_ms - _TIMEOUT_SLACK_MS:
+            pg.send_query_params(_SET_TIMEOUT, [str(max(remaining_ms, 1)).encode()])
+            plan.setup += 1
+
+    def _send_cleanup(self, plan: _Plan) -> None:
+        """A read-write job's own segment: end the transaction, reset the session."""
+        if self._txn_open:
+            self._pg.send_query_params(_ROLLBACK, None)
+            plan.cleanup += 1
+        self._pg.send_query_params(_RESET, None)
+        plan.cleanup += 1
+        pipeline_sync(self._pg)
+        self._txn_open = False
+
+    def _send_trailer(self) -> bool:
+        """End the last read-only job's transaction; True if a ROLLBACK was sent."""
+        if not self._txn_open:
+            return False
+        self._pg.send_query_params(_ROLLBACK, None)
+        pipeline_sync(self._pg)
+        self._txn_open = False
+        return True
 
     async def _flush(self) -> None:
         while self._pg.flush():
@@ -222,6 +259,8 @@ class Session:
         if job.done:  # abandoned while waiting behind other jobs of the batch
             await self._request_cancel()
         errors: list[PGresult] = []
+        if plan.rollback_first:
+            errors.append(await self._result())
         for name in plan.prepares:
             res = await self._result()
             self._prepared_result(name, res)
@@ -385,7 +424,7 @@ class Session:
 
     async def _discard(self) -> None:
         self._pg.send_query_params(_DISCARD, None)
-        self._pg.pipeline_sync()
+        pipeline_sync(self._pg)
         await self._flush()
         await self._result()
         await self._sync()
@@ -402,7 +441,7 @@ class Session:
         }
         array = "{" + ",".join(str(o) for o in sorted(oids)) + "}"
         self._pg.send_query_params(TYPE_QUERY, [array.encode()])
-        self._pg.pipeline_sync()
+        pipeline_sync(self._pg)
         await self._flush()
         res = await self._result()
         await self._sync()

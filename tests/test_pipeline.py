@@ -63,6 +63,16 @@ async def test_psycopg_versions_are_the_ones_pinned() -> None:
     assert pq.version() >= 140000  # libpq pipeline mode
 
 
+def test_syncs_are_queued_without_a_flush_where_libpq_allows() -> None:
+    # libpq >= 17 has PQsendPipelineSync; psycopg does not wrap it, so we call
+    # it on psycopg's own libpq. If this fails after an upgrade, the gateway
+    # still works, one system call per Sync slower: find the library again.
+    from gateway import _libpq
+
+    if pq.version() >= 170000 and pq.__impl__ in ("binary", "c"):
+        assert _libpq.DEFERRED_SYNC
+
+
 async def test_failure_write_and_read_in_one_batch(
     session: Session, admin: Any, table: str
 ) -> None:
