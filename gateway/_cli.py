@@ -472,9 +472,10 @@ def _run_statements(
                     f"{name}:{line}: statement {statement.number} failed: {statement.summary}",
                     markup=False,
                     highlight=False,
+                    soft_wrap=True,  # a path and a message are not to be folded at 80
                 )
                 for text in _error_lines(exc):
-                    progress.console.print(text, markup=False, highlight=False)
+                    progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
                 if not keep_going:
                     break
             except TargetUnavailable as exc:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 import psycopg
 from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
@@ -280,10 +281,13 @@ class GatewayTarget:
             columns = [
                 Column(str(c["name"]), str(c["type"]), int(c["type_oid"])) for c in body["columns"]
             ]
-            rows = [list(row) for row in body["rows"]]
             texts = [
                 [value_text(v, col.type) for v, col in zip(row, columns, strict=True)]
-                for row in rows
+                for row in body["rows"]
+            ]
+            rows = [
+                [_as_sent(v, col.type) for v, col in zip(row, columns, strict=True)]
+                for row in body["rows"]
             ]
             row_count = body.get("row_count")
             elapsed = body.get("elapsed_ms")
@@ -309,7 +313,8 @@ class GatewayTarget:
 
 #: the one built-in type whose arrays are not delimited by commas
 _DELIMITERS = {"box": ";"}
-_ARRAY_SPECIAL = frozenset('{},"\\') | frozenset(" \t\n\r\v\f")
+#: what makes array_out quote an element, besides the delimiter
+_ARRAY_SPECIAL = frozenset('{}"\\') | frozenset(" \t\n\r\v\f")
 
 
 def value_text(value: Any, type_name: str) -> str | None:
@@ -332,6 +337,24 @@ def value_text(value: Any, type_name: str) -> str | None:
     if isinstance(value, bool):
         return "t" if value else "f"
     return str(value)
+
+
+def _as_sent(value: Any, type_name: str) -> Any:
+    """A json/jsonb value (or array of them) back as the text the gateway embedded.
+
+    The gateway embeds PostgreSQL's jsonb text unchanged (``{"a": 1}``, with its
+    spaces); re-encoding the parsed value would print ``{"a":1}``.
+    """
+    if value is None:
+        return None
+    if type_name in ("json", "jsonb"):
+        return orjson.Fragment(_json_text(value).encode())
+    if type_name in ("json[]", "jsonb[]") and isinstance(value, list):
+        return [
+            _as_sent(item, type_name if isinstance(item, list) else type_name[:-2])
+            for item in value
+        ]
+    return value
 
 
 def _array_text(items: list[Any], element: str, delimiter: str) -> str:
