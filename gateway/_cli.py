@@ -261,12 +261,12 @@ def _serve_embedded(settings: Settings) -> None:
     """Start the embedded server, load the demo once, serve, and always stop it."""
     from ._embedded import EmbeddedError, EmbeddedPostgres
 
+    signals = _StopSignals()
+    signals.install()
     data_dir = settings.data_dir.expanduser()
     click.echo("pgqg: no database configured (--dsn, PGQG_DSN, DATABASE_URL):")
     click.echo(f"  embedded PostgreSQL, data in {data_dir}  (move it with PGQG_DATA_DIR)")
     embedded = EmbeddedPostgres(data_dir)
-    signals = _StopSignals()
-    signals.install()
     try:
         started = time.monotonic()
         embedded.start()

@@ -29,7 +29,7 @@ CLEAN_ENV: dict[str, str | None] = {"PGQG_DSN": None, "DATABASE_URL": None}
 
 def pgqg(*args: str, env: dict[str, str | None] | None = None) -> Result:
     """Run ``pgqg ARGS`` in-process; stdout and stderr are kept apart."""
-    return CliRunner().invoke(main, list(args), env={**CLEAN_ENV, **(env or {})})
+    return CliRunner().invoke(main, list(args), env={**CLEAN_ENV, **(env or {})}, prog_name="pgqg")
 
 
 def raw(result: Result) -> str:
