@@ -368,7 +368,8 @@ def query_command(
         outcome,
         fmt,
         shape=shape,
-        binary_out=click.get_binary_stream("stdout"),
+        # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
+        binary_out=sys.stdout.buffer,
         console=Console(highlight=False),
     )
     if outcome.truncated and fmt != "table":

@@ -34,11 +34,13 @@ _BACKSLASH = "ASCII_92"
 _COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 _ROUTINES = frozenset({"FUNCTION", "PROCEDURE"})
 _BLOCK_OPENERS = frozenset({"BEGIN_P", "CASE"})
+_CLIENT_STREAMS = frozenset({"STDIN", "STDOUT"})
 
 
 class SqlFileError(ValueError):
-    """The file cannot be split: the scanner failed (an unterminated quote or
-    comment) or it holds a psql meta-command. `line` is 1-based."""
+    """The file cannot be run: the scanner failed (an unterminated quote or
+    comment), or it holds a psql meta-command or a COPY through the client.
+    `line` is 1-based."""
 
     def __init__(self, line: int, message: str) -> None:
         super().__init__(f"line {line}: {message}")
@@ -78,7 +80,7 @@ def split_statements(text: str) -> list[SqlStatement]:
         SqlFileError: the scanner stopped on an unterminated quoted string,
             dollar-quoted string, quoted identifier or comment; or a statement
             starts with a backslash (a psql meta-command such as ``\\connect``,
-            which only psql understands).
+            which only psql understands); or a COPY reads STDIN or writes STDOUT.
     """
     try:
         tokens = scan(text)
@@ -127,6 +129,14 @@ def _close(text: str, tokens: list[Token], into: list[SqlStatement]) -> None:
     if not end:
         return
     start = tokens[0].start
+    if tokens[0].name == "COPY" and any(t.name in _CLIENT_STREAMS for t in tokens[:end]):
+        # the data would travel through the client (psql's job), and psycopg's
+        # connection stays in COPY state after refusing it, failing what follows
+        raise SqlFileError(
+            _line_at(text, start),
+            "COPY ... FROM STDIN / TO STDOUT moves data through psql and is not "
+            "supported here; use COPY with a server-side file, or INSERT statements",
+        )
     body = text[start : tokens[end - 1].end + 1]
     into.append(SqlStatement(len(into) + 1, body, _line_at(text, start), start))
 

@@ -116,6 +116,8 @@ def test_non_ascii_text() -> None:
         ("select 1; /* never closed", 1, "unterminated /* comment"),
         ('select "x', 1, "unterminated quoted identifier"),
         ("select 1;\n\\connect other\nselect 2", 2, "\\connect is a psql meta-command"),
+        ("select 1;\nCOPY t (a) FROM stdin;\n1\n\\.\n", 2, "COPY ... FROM STDIN / TO STDOUT"),
+        ("copy (select 1) to stdout", 1, "not supported here"),
     ],
 )
 def test_what_cannot_be_split_names_the_line(sql: str, line: int, message: str) -> None:
