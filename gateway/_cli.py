@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -95,7 +96,11 @@ def _open_target(settings: Settings, url: str | None) -> Target:
             return GatewayTarget(url)
         if settings.dsn:
             return DirectTarget(settings.dsn, settings)
-        return GatewayTarget(_local_url(settings))
+        return GatewayTarget(
+            _local_url(settings),
+            hint=" (no --dsn or --url given, nor PGQG_DSN: start the gateway with "
+            "pgqg serve, or say where to go)",
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--url") from None
     except TargetUnavailable as exc:
@@ -152,7 +157,10 @@ class _StopSignals:
     before the embedded server is stopped.
     """
 
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # no SIGHUP on Windows
+    _SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -250,11 +258,37 @@ def serve_command(
         raw_sql=raw_sql,
         data_dir=data_dir,
     )
+    _check_listen_address(settings)
     if settings.dsn:
         click.echo(f"pgqg: serving {_describe_dsn(settings.dsn)}")
-        serve(settings, settings.dsn, on_ready=_announce(settings, demo=False))
+        _serve(settings, settings.dsn, _announce(settings, demo=False))
         return
     _serve_embedded(settings)
+
+
+def _check_listen_address(settings: Settings) -> None:
+    """Fail now, before an embedded server is started for nothing, when the listen
+    address cannot be bound (a port taken by another gateway, most often)."""
+    if settings.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            settings.host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+            sock.bind(address)
+    except OSError as exc:
+        _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
+
+
+def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> None:
+    """`serve`, with a taken port (or another socket error at start) as one line."""
+    try:
+        serve(settings, dsn, on_ready=on_ready)
+    except OSError as exc:
+        _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
 
 def _serve_embedded(settings: Settings) -> None:
@@ -279,7 +313,7 @@ def _serve_embedded(settings: Settings) -> None:
             click.echo("  the demo bookshop is already loaded (kept as it is)")
         click.echo(f"  psql '{embedded.dsn}'")
         signals.check()
-        serve(settings, embedded.dsn, on_ready=_announce(settings, demo=True, then=signals.serving))
+        _serve(settings, embedded.dsn, _announce(settings, demo=True, then=signals.serving))
     except _Stop as stop:
         click.echo(f"pgqg: {stop} before the gateway was ready", err=True)
     except EmbeddedError as exc:

@@ -250,15 +250,17 @@ def _failed(exc: psycopg.Error) -> StatementFailed:
 
 class GatewayTarget:
     """A running gateway at `url`: each statement is one ``POST /v1/query``, so each is
-    its own transaction and the gateway's ``raw_sql`` mode applies.
+    its own transaction and the gateway's ``raw_sql`` mode applies. `hint` is added
+    to the message when the gateway cannot be reached.
 
     Raises:
         ValueError: `url` is not an http(s) URL.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, hint: str = "") -> None:
         self._client = GatewayClient(url)
         self.url = self._client.url
+        self._hint = hint  # appended to "cannot reach" messages
 
     def run(self, sql: str, params: list[str] | None = None) -> Outcome:
         """See `Target.run` (the gateway always takes exactly one statement)."""
@@ -276,7 +278,7 @@ class GatewayTarget:
                 status=exc.status,
             ) from None
         except GatewayUnreachable as exc:
-            raise TargetUnavailable(str(exc)) from None
+            raise TargetUnavailable(f"{exc}{self._hint}") from None
         try:
             columns = [
                 Column(str(c["name"]), str(c["type"]), int(c["type_oid"])) for c in body["columns"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,3 +472,16 @@ def test_help_lists_every_command() -> None:
     for command in ("serve", "query", "run", "db"):
         assert f"  {command} " in result.stdout
     assert "init" in pgqg("db", "--help").stdout
+
+
+def test_serve_fails_at_once_on_a_taken_port(database_dsn: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        data_dir = tmp_path / "never-created"
+        for extra in (["--dsn", database_dsn], ["--data-dir", str(data_dir)]):
+            result = pgqg("serve", "--port", port, *extra)
+            assert result.exit_code == 1
+            assert f"pgqg: cannot serve on 127.0.0.1:{port}:" in result.stderr
+        assert not data_dir.exists()  # no embedded server was started for nothing
