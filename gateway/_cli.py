@@ -322,7 +322,8 @@ def _serve_embedded(settings: Settings) -> None:
         _fail(f"could not load the demo: {exc.message}")
     finally:
         _StopSignals.ignore()
-        click.echo("pgqg: stopping the embedded PostgreSQL", err=True)
+        if embedded.is_running():
+            click.echo("pgqg: stopping the embedded PostgreSQL", err=True)
         try:
             embedded.stop()
         except EmbeddedError as exc:
