@@ -1,0 +1,399 @@
+"""Where ``pgqg query`` and ``pgqg run`` send SQL: straight to PostgreSQL, or to a gateway.
+
+Both targets answer with the same `Outcome`: the gateway's JSON values for each cell
+(DESIGN §4) and PostgreSQL's own text output for each cell, so every output format
+looks the same whichever way the statement went.
+
+* `DirectTarget` holds one autocommit psycopg connection with the gateway's session
+  settings (time zone, date and interval styles), so values print as the gateway
+  prints them. JSON values come from the gateway's own loaders (`Codec`) through a
+  psycopg `Transformer`; text cells are the bytes PostgreSQL sent. Parameters go as
+  text of type ``unknown``, typed by PostgreSQL from the statement, as the gateway
+  sends them.
+* `GatewayTarget` posts to ``/v1/query``. The gateway answers JSON values only, so
+  text cells are rebuilt from them and the column types by `value_text`: exact for
+  every type, except that a ``json`` (not ``jsonb``) value comes back with jsonb's
+  spacing rather than the spacing it was stored with.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import psycopg
+from psycopg.adapt import Transformer
+from psycopg.pq import ExecStatus
+
+from ._client import GatewayClient, GatewayRefused, GatewayUnreachable, RawNumber
+from ._encoding import TYPE_QUERY, Codec
+from ._jobs import Column
+from ._pool import session_options
+from ._settings import Settings
+
+__all__ = [
+    "DirectTarget",
+    "GatewayTarget",
+    "Outcome",
+    "StatementFailed",
+    "Target",
+    "TargetUnavailable",
+    "value_text",
+]
+
+_APPLICATION_NAME = "pgqg-cli"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One statement's result, in both forms every output format needs.
+
+    `rows` hold JSON-ready values (DESIGN §4; `RawNumber`/`orjson.Fragment` for
+    numbers whose digits must not change), `texts` PostgreSQL's text output (None is
+    NULL); both in column order.
+    """
+
+    columns: list[Column]
+    rows: list[list[Any]]
+    texts: list[list[str | None]]
+    command: str
+    row_count: int | None
+    truncated: bool
+    elapsed_ms: float
+
+    @property
+    def has_rows(self) -> bool:
+        """True when the statement returns rows (a SELECT, ``… RETURNING``), even none."""
+        return bool(self.columns)
+
+
+class StatementFailed(Exception):
+    """PostgreSQL (or the gateway) refused or failed the statement.
+
+    `sqlstate`, `detail`, `hint` and `position` (1-based character in the
+    statement) are PostgreSQL's when it was PostgreSQL; `code` and `status` are
+    the gateway's error code and HTTP status when it went through a gateway.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        detail: str | None = None,
+        hint: str | None = None,
+        position: int | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.detail = detail
+        self.hint = hint
+        self.position = position
+        self.code = code
+        self.status = status
+
+
+class TargetUnavailable(Exception):
+    """The database or the gateway cannot be reached (or the connection broke)."""
+
+
+class Target(Protocol):
+    """Runs statements one at a time; `close` when done."""
+
+    def run(self, sql: str, params: list[str] | None = None) -> Outcome:
+        """Run one statement. With `params` (even empty) only one statement is allowed;
+        without, a script statement may also change the session (``SET``, ``BEGIN``).
+
+        Raises:
+            StatementFailed: the statement failed.
+            TargetUnavailable: the database or gateway cannot be reached.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+# --- directly ------------------------------------------------------------------------
+
+
+class DirectTarget:
+    """An autocommit connection to `dsn`, set up like the gateway's pooled ones.
+
+    Unlike the gateway's connections it has no statement timeout: a command line
+    running a migration must not be cut at 30 s. Each statement commits on its own
+    unless the statements themselves open a transaction (``BEGIN`` in a file), as in
+    psql.
+
+    Raises:
+        TargetUnavailable: the connection failed.
+    """
+
+    def __init__(self, dsn: str, settings: Settings) -> None:
+        # the gateway's session settings; the later -c statement_timeout=0 wins
+        options = session_options(settings) + " -c statement_timeout=0"
+        try:
+            self._conn: psycopg.Connection[Any] = psycopg.connect(
+                dsn,
+                autocommit=True,
+                application_name=_APPLICATION_NAME,
+                options=options,
+                client_encoding="UTF8",
+                connect_timeout=10,
+                cursor_factory=psycopg.RawCursor,  # PostgreSQL's own $1, $2 placeholders
+            )
+        except psycopg.Error as exc:
+            raise TargetUnavailable(f"cannot connect to the database: {_oneline(exc)}") from None
+        self._codec = Codec()
+
+    def run(self, sql: str, params: list[str] | None = None) -> Outcome:
+        """See `Target.run`. With `params` the statement goes over the extended
+        protocol (as the gateway sends it); without, over the simple protocol, whose
+        last result is the one kept."""
+        started = time.perf_counter()
+        try:
+            cursor = self._conn.cursor()
+            if params is None:
+                cursor.execute(sql.encode())
+            else:
+                cursor.execute(sql.encode(), params)
+            while cursor.nextset():  # a script statement gives one result; keep the last
+                pass
+            result = cursor.pgresult
+            if result is None:
+                raise StatementFailed("the statement gave no result")
+            if result.status == ExecStatus.EMPTY_QUERY:
+                raise StatementFailed("the statement is empty")
+            oids = [result.ftype(i) for i in range(result.nfields)]
+            unknown = sorted({oid for oid in oids if not self._codec.is_known(oid)})
+            if unknown:
+                self._learn(unknown)
+            rows: list[list[Any]] = []
+            texts: list[list[str | None]] = []
+            if result.status == ExecStatus.TUPLES_OK:
+                transformer = Transformer(self._codec.adapters)
+                transformer.set_pgresult(result)
+                rows = transformer.load_rows(0, result.ntuples, list)
+                texts = [
+                    [_text(result.get_value(r, c)) for c in range(result.nfields)]
+                    for r in range(result.ntuples)
+                ]
+        except psycopg.OperationalError as exc:
+            if self._conn.closed or self._conn.broken:
+                raise TargetUnavailable(f"the database connection broke: {_oneline(exc)}") from None
+            raise _failed(exc) from None
+        except psycopg.Error as exc:
+            raise _failed(exc) from None
+        columns = [
+            Column((result.fname(i) or b"").decode(), self._codec.type_name(oid), oid)
+            for i, oid in enumerate(oids)
+        ]
+        tag = (result.command_status or b"").decode()
+        return Outcome(
+            columns=columns,
+            rows=rows,
+            texts=texts,
+            command=_command(tag),
+            row_count=result.command_tuples,
+            truncated=False,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def _learn(self, oids: list[int]) -> None:
+        """Learn names (and array element types) of types the codec does not know."""
+        array = "{" + ",".join(str(oid) for oid in oids) + "}"
+        found = self._conn.execute(TYPE_QUERY, [array]).fetchall()
+        self._codec.learn(found)
+        for oid in oids:
+            if not self._codec.is_known(oid):
+                self._codec.learn([(oid, str(oid), 0, ",")])
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _command(tag: str) -> str:
+    """The command tag without its counts (``INSERT 0 3`` → ``INSERT``), as the gateway."""
+    words = tag.split()
+    while words and words[-1].isdigit():
+        words.pop()
+    return " ".join(words)
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _failed(exc: psycopg.Error) -> StatementFailed:
+    diag = exc.diag
+    position = diag.statement_position
+    return StatementFailed(
+        diag.message_primary or _oneline(exc),
+        sqlstate=diag.sqlstate,
+        detail=diag.message_detail,
+        hint=diag.message_hint,
+        position=int(position) if position and position.isdigit() else None,
+    )
+
+
+# --- through a gateway --------------------------------------------------------------
+
+
+class GatewayTarget:
+    """A running gateway at `url`: each statement is one ``POST /v1/query``, so each is
+    its own transaction and the gateway's ``raw_sql`` mode applies. `hint` is added
+    to the message when the gateway cannot be reached.
+
+    Raises:
+        ValueError: `url` is not an http(s) URL.
+    """
+
+    def __init__(self, url: str, *, hint: str = "") -> None:
+        self._client = GatewayClient(url)
+        self.url = self._client.url
+        self._hint = hint  # appended to "cannot reach" messages
+
+    def run(self, sql: str, params: list[str] | None = None) -> Outcome:
+        """See `Target.run` (the gateway always takes exactly one statement)."""
+        try:
+            body = self._client.query(sql, list(params or []))
+        except GatewayRefused as exc:
+            position = exc.field("position")
+            raise StatementFailed(
+                exc.message,
+                sqlstate=exc.field("sqlstate"),
+                detail=exc.field("detail"),
+                hint=exc.field("hint"),
+                position=int(position) if position and position.isdigit() else None,
+                code=exc.code,
+                status=exc.status,
+            ) from None
+        except GatewayUnreachable as exc:
+            raise TargetUnavailable(f"{exc}{self._hint}") from None
+        try:
+            columns = [
+                Column(str(c["name"]), str(c["type"]), int(c["type_oid"])) for c in body["columns"]
+            ]
+            texts = [
+                [value_text(v, col.type) for v, col in zip(row, columns, strict=True)]
+                for row in body["rows"]
+            ]
+            rows = [
+                [_as_sent(v, col.type) for v, col in zip(row, columns, strict=True)]
+                for row in body["rows"]
+            ]
+            row_count = body.get("row_count")
+            elapsed = body.get("elapsed_ms")
+            return Outcome(
+                columns=columns,
+                rows=rows,
+                texts=texts,
+                command=str(body.get("command") or ""),
+                row_count=None if row_count is None else int(row_count),
+                truncated=bool(body.get("truncated")),
+                elapsed_ms=float(elapsed) if elapsed is not None else 0.0,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TargetUnavailable(
+                f"{self.url} answered with a malformed result: {exc!r}"
+            ) from None
+
+    def close(self) -> None:
+        pass
+
+
+# --- JSON values back to PostgreSQL text ---------------------------------------------
+
+#: the one built-in type whose arrays are not delimited by commas
+_DELIMITERS = {"box": ";"}
+#: what makes array_out quote an element, besides the delimiter
+_ARRAY_SPECIAL = frozenset('{}"\\') | frozenset(" \t\n\r\v\f")
+
+
+def value_text(value: Any, type_name: str) -> str | None:
+    """PostgreSQL's text output for a gateway JSON `value` of type `type_name`.
+
+    The inverse of DESIGN §4: numbers keep the digits they were sent with
+    (`RawNumber`), booleans become ``t``/``f``, json/jsonb values are written as
+    jsonb writes them, arrays as array literals (quoted as ``array_out`` quotes),
+    and every other value already is PostgreSQL's text.
+    """
+    if value is None:
+        return None
+    if type_name.endswith("[]"):
+        element = type_name[:-2]
+        if isinstance(value, list):
+            return _array_text(value, element, _DELIMITERS.get(element, ","))
+        return str(value)
+    if type_name in ("json", "jsonb"):
+        return _json_text(value)
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    return str(value)
+
+
+def _as_sent(value: Any, type_name: str) -> Any:
+    """A json/jsonb value (or array of them) back as the text the gateway embedded.
+
+    The gateway embeds PostgreSQL's jsonb text unchanged (``{"a": 1}``, with its
+    spaces); re-encoding the parsed value would print ``{"a":1}``.
+    """
+    if value is None:
+        return None
+    if type_name in ("json", "jsonb"):
+        return orjson.Fragment(_json_text(value).encode())
+    if type_name in ("json[]", "jsonb[]") and isinstance(value, list):
+        return [
+            _as_sent(item, type_name if isinstance(item, list) else type_name[:-2])
+            for item in value
+        ]
+    return value
+
+
+def _array_text(items: list[Any], element: str, delimiter: str) -> str:
+    parts = []
+    for item in items:
+        if item is None:
+            parts.append("NULL")
+        elif isinstance(item, list):
+            parts.append(_array_text(item, element, delimiter))
+        else:
+            text = value_text(item, element) or ""
+            needs_quotes = (
+                not text
+                or text.upper() == "NULL"
+                or any(c in _ARRAY_SPECIAL or c == delimiter for c in text)
+            )
+            if needs_quotes:
+                text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            parts.append(text)
+    return "{" + delimiter.join(parts) + "}"
+
+
+def _json_text(value: Any) -> str:
+    """A JSON value as jsonb prints it: ``{"a": 1, "b": [1, 2]}``."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, RawNumber):
+        return str(value)
+    if isinstance(value, str):
+        # the escapes jsonb uses: \" \\ \b \f \n \r \t, other controls as \u00xx
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_json_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_json_text(k)}: {_json_text(v)}" for k, v in value.items()) + "}"
+    return str(value)

@@ -1,0 +1,487 @@
+"""The ``pgqg`` command line against a real PostgreSQL: query, run, db init.
+
+Commands run in-process through click's `CliRunner`. Where a command talks to a
+gateway (``--url``), the gateway is the aiohttp test server of `gateway_factory` on
+this test's event loop, and the command runs in a worker thread (it blocks on HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+import pytest
+from click.testing import CliRunner, Result
+from conftest import ClientFactory
+
+from gateway._cli import main
+from gateway._demo import demo_state
+
+#: settings the machine may have that would change where commands go
+CLEAN_ENV: dict[str, str | None] = {"PGQG_DSN": None, "DATABASE_URL": None}
+
+
+def pgqg(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """Run ``pgqg ARGS`` in-process; stdout and stderr are kept apart."""
+    return CliRunner().invoke(main, list(args), env={**CLEAN_ENV, **(env or {})}, prog_name="pgqg")
+
+
+def raw(result: Result) -> str:
+    """Standard output as written (`Result.stdout` turns CRLF into LF)."""
+    return result.stdout_bytes.decode()
+
+
+async def pgqg_async(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """`pgqg` in a worker thread, so a gateway on this event loop can answer it."""
+    return await asyncio.to_thread(pgqg, *args, env=env)
+
+
+@pytest.fixture
+def fresh_db(database_dsn: str) -> Iterator[str]:
+    """An empty database of the test's own, dropped after; yields its DSN."""
+    name = f"pgqg_cli_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield psycopg.conninfo.make_conninfo(database_dsn, dbname=name)
+    finally:
+        with psycopg.connect(database_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def scalar(dsn: str, sql: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(sql).fetchone()
+    assert row is not None
+    return row[0]
+
+
+# --- query, directly ---------------------------------------------------------------------
+
+
+def test_query_positional_parameters(database_dsn: str) -> None:
+    result = pgqg("query", "--dsn", database_dsn, "select $1::int + 1 AS answer", "41")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["answer"]
+    assert lines[2].strip() == "42"
+    assert lines[-1] == "(1 row)"
+    # a negative number is a parameter, not an unknown option; --format may come last
+    result = pgqg("query", "--dsn", database_dsn, "select $1::int AS x", "-5", "--format", "csv")
+    assert (result.exit_code, raw(result)) == (0, "x\r\n-5\r\n")
+
+
+def test_query_formats(database_dsn: str) -> None:
+    sql = "select $1::int AS n, $2 AS t, NULL::text AS z, 1.50::numeric AS d, true AS b"
+    args = ("query", "--dsn", database_dsn, sql, "7", "a,b")
+
+    body = json.loads(pgqg(*args, "--format", "json").stdout)
+    assert body["rows"] == [{"n": 7, "t": "a,b", "z": None, "d": "1.50", "b": True}]
+    assert [c["type"] for c in body["columns"]] == ["int4", "text", "text", "numeric", "bool"]
+    assert (body["row_count"], body["command"], body["truncated"]) == (1, "SELECT", False)
+
+    ndjson = pgqg(*args, "--format", "ndjson").stdout.splitlines()
+    assert [json.loads(line) for line in ndjson] == body["rows"]
+    arrays = pgqg(*args, "--format", "ndjson", "--shape", "arrays").stdout
+    assert json.loads(arrays) == [7, "a,b", None, "1.50", True]
+
+    csv = raw(pgqg(*args, "--format", "csv"))
+    assert csv == 'n,t,z,d,b\r\n7,"a,b",,1.50,t\r\n'
+
+    table = pgqg(*args).stdout.splitlines()
+    assert table[0].split() == ["n", "t", "z", "d", "b"]
+    assert table[2].split() == ["7", "a,b", "NULL", "1.50", "t"]
+
+
+def test_query_statement_without_rows(database_dsn: str, table: str) -> None:
+    result = pgqg("query", "--dsn", database_dsn, f"insert into {table} values (1, 'a'), (2, 'b')")
+    assert (result.exit_code, result.stdout) == (0, "INSERT 2\n")
+    body = json.loads(
+        pgqg("query", "--dsn", database_dsn, f"delete from {table}", "--format", "json").stdout
+    )
+    assert (body["columns"], body["rows"], body["row_count"], body["command"]) == (
+        [],
+        [],
+        2,
+        "DELETE",
+    )
+
+
+def test_query_error_prints_postgres_message_detail_and_hint(database_dsn: str) -> None:
+    result = pgqg("query", "--dsn", database_dsn, "select 1/0")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "ERROR:  division by zero (SQLSTATE 22012)" in result.stderr
+
+    raise_it = (
+        "DO $$ BEGIN RAISE EXCEPTION 'no such book' "
+        "USING DETAIL = 'id 99 is not in the shop', HINT = 'try id 7'; END $$"
+    )
+    result = pgqg("query", "--dsn", database_dsn, raise_it)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "ERROR:  no such book (SQLSTATE P0001)",
+        "DETAIL:  id 99 is not in the shop",
+        "HINT:  try id 7",
+    ]
+
+
+def test_query_takes_one_statement(database_dsn: str) -> None:
+    result = pgqg("query", "--dsn", database_dsn, "select 1; select 2")
+    assert result.exit_code == 2
+    assert "pgqg query runs one" in result.stderr
+
+
+def test_query_connection_failure(database_dsn: str) -> None:
+    bad = psycopg.conninfo.make_conninfo(database_dsn, password="wrong", connect_timeout=5)
+    result = pgqg("query", "--dsn", bad, "select 1")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("pgqg: cannot connect to the database:")
+    assert "wrong" not in result.stderr
+
+
+def test_query_reads_the_dsn_from_the_environment(database_dsn: str) -> None:
+    result = pgqg("query", "select 6 * 7 AS x", "--format", "csv", env={"PGQG_DSN": database_dsn})
+    assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
+    result = pgqg("query", "select 1", env={"DATABASE_URL": database_dsn})
+    assert result.exit_code == 0, result.output
+
+
+def test_query_dsn_and_url_exclude_each_other(database_dsn: str) -> None:
+    result = pgqg("query", "--dsn", database_dsn, "--url", "http://127.0.0.1:1", "select 1")
+    assert result.exit_code == 2
+    assert "not both" in result.stderr
+
+
+# --- query, through a gateway ------------------------------------------------------------
+
+#: one row of every kind of value, to compare direct and gateway output cell by cell
+VALUES_SQL = """
+select 1::int2 AS i2, 2147483647 AS i4, 9007199254740993::int8 AS i8,
+       12345678901234567890.000001::numeric AS num, 0.1::float8 AS f8, 1e20::float8 AS big,
+       100000::float4 AS f4, 'NaN'::float8 AS nan, '-Infinity'::float8 AS ninf,
+       true AS t, false AS f, NULL::int AS null_int, '' AS empty, 'NULL' AS null_word,
+       E'two\\nlines, "quoted"' AS text_special, 'é€😀' AS unicode,
+       '{"b": 1, "a": [1.50, "x", null, true], "big": 123456789012345678901234567890,
+         "s": "q\\"\\\\\\u0001"}'::jsonb AS jb,
+       '"just a string"'::jsonb AS jb_string,
+       ARRAY[1, NULL, 3] AS ints, ARRAY[['a b', ''], [NULL, 'NULL']] AS texts2d,
+       ARRAY['q"', 'back\\slash', '{}', ','] AS texts_special,
+       ARRAY[true, false] AS bools, ARRAY['NaN'::float8, 1.5] AS floats,
+       ARRAY['{"k": 1}'::jsonb] AS jsonbs, '\\x00ff'::bytea AS bytes,
+       ARRAY['\\x01'::bytea] AS byteses, '2024-02-29 12:34:56.789+00'::timestamptz AS ts,
+       '1 year 2 mons 3 days 04:05:06'::interval AS iv,
+       'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS u,
+       '10.1.2.3/32'::inet AS ip, '[1,5)'::int4range AS r, '(1,2)'::point AS pt,
+       ARRAY['(1,1),(0,0)'::box, '(3,3),(2,2)'::box] AS boxes, 12.5::money AS m,
+       ARRAY[1.10, NULL]::numeric[] AS nums
+"""
+
+
+@pytest.fixture
+async def rw_gateway(gateway_factory: ClientFactory, database_dsn: str) -> str:
+    """The URL of a read-write gateway on the test database."""
+    client = await gateway_factory(raw_sql="read-write")
+    return str(client.make_url("")).rstrip("/")
+
+
+async def test_query_through_the_gateway_prints_what_the_direct_query_prints(
+    database_dsn: str, rw_gateway: str
+) -> None:
+    for fmt in ("table", "csv", "ndjson", "json"):
+        direct = await pgqg_async("query", "--dsn", database_dsn, VALUES_SQL, "--format", fmt)
+        gateway = await pgqg_async("query", "--url", rw_gateway, VALUES_SQL, "--format", fmt)
+        assert direct.exit_code == gateway.exit_code == 0, (direct.output, gateway.output)
+        if fmt == "json":
+            direct_body, gateway_body = json.loads(direct.stdout), json.loads(gateway.stdout)
+            del direct_body["elapsed_ms"], gateway_body["elapsed_ms"]
+            assert direct_body == gateway_body
+        else:
+            assert raw(direct) == raw(gateway), fmt
+
+
+async def test_types_learnt_on_the_way_print_the_same(
+    database_dsn: str, rw_gateway: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    mood = f"mood_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE TYPE {mood} AS ENUM ('sad', 'ok, fine', 'happy')")
+    try:
+        sql = f"select 'ok, fine'::{mood} AS m, ARRAY['sad', 'ok, fine', NULL]::{mood}[] AS ms"
+        for fmt in ("csv", "json"):
+            direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", fmt)
+            gateway = await pgqg_async("query", "--url", rw_gateway, sql, "--format", fmt)
+            assert direct.exit_code == gateway.exit_code == 0, (direct.output, gateway.output)
+            if fmt == "csv":
+                assert (
+                    raw(direct)
+                    == raw(gateway)
+                    == ('m,ms\r\n"ok, fine","{sad,""ok, fine"",NULL}"\r\n')
+                )
+            else:
+                body = json.loads(direct.stdout)
+                assert body["rows"] == [{"m": "ok, fine", "ms": ["sad", "ok, fine", None]}]
+                assert [c["type"] for c in body["columns"]] == [mood, f"{mood}[]"]
+                assert body["columns"] == json.loads(gateway.stdout)["columns"]
+    finally:
+        await admin.execute(f"DROP TYPE {mood}")
+
+
+async def test_query_through_the_gateway_keeps_every_digit(rw_gateway: str) -> None:
+    result = await pgqg_async("query", "--url", rw_gateway, VALUES_SQL, "--format", "json")
+    body = result.stdout
+    assert '"f8":0.1,' in body and '"big":1e+20,' in body and '"f4":100000,' in body
+    # a jsonb value is embedded as PostgreSQL printed it: digits and spaces
+    assert '"big": 123456789012345678901234567890}' in body
+    assert '{"a": [1.50, "x", null, true], "b": 1,' in body
+    csv = raw(await pgqg_async("query", "--url", rw_gateway, VALUES_SQL, "--format", "csv"))
+    header, row = csv.split("\r\n")[:2]
+    cells = dict(zip(header.split(","), row.split(","), strict=False))
+    assert (cells["i8"], cells["f8"], cells["big"], cells["t"]) == (
+        "9007199254740993",
+        "0.1",
+        "1e+20",
+        "t",
+    )
+
+
+async def test_query_through_the_gateway_with_parameters(rw_gateway: str) -> None:
+    result = await pgqg_async(
+        "query", "--url", rw_gateway, "select $1::int + 1 AS x", "41", "--format", "csv"
+    )
+    assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
+
+
+async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: str) -> None:
+    result = await pgqg_async("query", "--url", rw_gateway, "select 1/0")
+    assert result.exit_code == 1
+    assert result.stderr == "ERROR:  division by zero (SQLSTATE 22012)\n"
+
+    off = await gateway_factory(raw_sql="off")
+    result = await pgqg_async("query", "--url", str(off.make_url("")), "select 1")
+    assert result.exit_code == 1
+    assert "(raw_sql_disabled, HTTP 403)" in result.stderr
+
+    read_only = await gateway_factory()
+    result = await pgqg_async(
+        "query", "--url", str(read_only.make_url("")), "create table nope (x int)"
+    )
+    assert result.exit_code == 1
+    assert "SQLSTATE 25006" in result.stderr  # read-only, enforced by PostgreSQL
+
+
+def test_query_unreachable_gateway() -> None:
+    result = pgqg("query", "--url", "http://127.0.0.1:9", "select 1")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("pgqg: cannot reach the gateway at http://127.0.0.1:9")
+
+
+async def test_query_defaults_to_the_local_gateway(gateway_factory: ClientFactory) -> None:
+    client = await gateway_factory()
+    env = {"PGQG_HOST": "127.0.0.1", "PGQG_PORT": str(client.port)}
+    result = await pgqg_async("query", "select 42 AS x", "--format", "csv", env=env)
+    assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
+
+
+# --- run -----------------------------------------------------------------------------------
+
+SCRIPT = """\
+-- a real file: functions, quotes and comments holding semicolons
+CREATE TABLE shelf (id int PRIMARY KEY, label text NOT NULL);
+
+CREATE FUNCTION shelf_label(n int) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    result text;  -- a comment; inside the body
+BEGIN
+    IF n < 0 THEN
+        RAISE EXCEPTION 'negative; %', n;
+    END IF;
+    result := 'shelf ' || n || ';';  /* a block comment; too */
+    RETURN result;
+END
+$$;
+
+CREATE FUNCTION twice(n int) RETURNS int LANGUAGE sql
+BEGIN ATOMIC
+    SELECT n * 2;
+END;
+
+INSERT INTO shelf VALUES (1, shelf_label(1)), (2, E'tab\\there; it''s');
+INSERT INTO shelf VALUES (3, $tag$ $$;$$ $tag$);  -- a trailing comment;
+INSERT INTO shelf SELECT twice(2), 'four';
+"""
+
+
+def test_run_a_file_with_functions_strings_and_comments(fresh_db: str, tmp_path: Path) -> None:
+    path = tmp_path / "script.sql"
+    path.write_text(SCRIPT)
+    result = pgqg("run", str(path), "--dsn", fresh_db)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ran 6 statements from {path} in ")
+    assert result.stderr == ""  # no progress bar when not on a terminal
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute("SELECT id, label FROM shelf ORDER BY id").fetchall()
+        assert rows == [(1, "shelf 1;"), (2, "tab\there; it's"), (3, " $$;$$ "), (4, "four")]
+        assert conn.execute("SELECT shelf_label(7)").fetchone() == ("shelf 7;",)
+
+
+FAILING = """\
+CREATE TABLE steps (n int);
+INSERT INTO steps VALUES (1);
+INSERT INTO steps
+VALUES (1 / 0);
+INSERT INTO steps VALUES (3);
+SELECT nope FROM steps;
+INSERT INTO steps VALUES (5);
+"""
+
+
+def test_run_stops_at_the_first_error(fresh_db: str, tmp_path: Path) -> None:
+    path = tmp_path / "failing.sql"
+    path.write_text(FAILING)
+    result = pgqg("run", str(path), "--dsn", fresh_db)
+    assert result.exit_code == 1
+    assert f"{path}:3: statement 3 failed: INSERT INTO steps" in result.stderr
+    assert "ERROR:  division by zero (SQLSTATE 22012)" in result.stderr
+    assert result.stdout == (
+        f"ran 2 of 6 statements from {path}: statement 3 (line 3) failed, 3 not run\n"
+    )
+    assert scalar(fresh_db, "SELECT array_agg(n ORDER BY n) FROM steps") == [1]
+
+
+def test_run_continue_goes_on_and_says_which_failed(fresh_db: str, tmp_path: Path) -> None:
+    path = tmp_path / "failing.sql"
+    path.write_text(FAILING)
+    result = pgqg("run", str(path), "--dsn", fresh_db, "--continue")
+    assert result.exit_code == 1
+    assert result.stdout == (
+        f"ran 6 statements from {path}: 4 succeeded, 2 failed: 3 (line 3), 5 (line 6)\n"
+    )
+    # the error position points at the line of the file
+    assert f"{path}:6: statement 5 failed: SELECT nope FROM steps" in result.stderr
+    assert scalar(fresh_db, "SELECT array_agg(n ORDER BY n) FROM steps") == [1, 3, 5]
+
+
+def test_run_directly_is_one_session(fresh_db: str, tmp_path: Path) -> None:
+    path = tmp_path / "session.sql"
+    path.write_text(
+        "CREATE SCHEMA app;\nSET search_path = app;\nBEGIN;\n"
+        "CREATE TABLE t (x int);\nINSERT INTO t VALUES (1);\nROLLBACK;\n"
+        "CREATE TABLE kept (x int);\n"
+    )
+    result = pgqg("run", str(path), "--dsn", fresh_db)
+    assert result.exit_code == 0, result.output
+    assert scalar(fresh_db, "SELECT to_regclass('app.kept') IS NOT NULL")
+    assert scalar(fresh_db, "SELECT to_regclass('app.t') IS NULL")  # rolled back
+
+
+def test_run_refuses_a_file_it_cannot_split(fresh_db: str, tmp_path: Path) -> None:
+    path = tmp_path / "broken.sql"
+    path.write_text("CREATE TABLE first (x int);\nSELECT 'never closed;\n")
+    result = pgqg("run", str(path), "--dsn", fresh_db)
+    assert result.exit_code == 1
+    assert f"{path}:2: unterminated quoted string" in result.stderr
+    assert "nothing was run" in result.stderr
+    assert scalar(fresh_db, "SELECT to_regclass('first') IS NULL")
+
+
+def test_run_reads_standard_input(fresh_db: str) -> None:
+    result = CliRunner().invoke(
+        main, ["run", "-", "--dsn", fresh_db], input="CREATE TABLE x (a int); SELECT 1;"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ran 2 statements from <stdin>")
+
+
+def test_run_an_empty_file(tmp_path: Path, database_dsn: str) -> None:
+    path = tmp_path / "empty.sql"
+    path.write_text("-- nothing but a comment;\n")
+    result = pgqg("run", str(path), "--dsn", database_dsn)
+    assert (result.exit_code, result.stdout) == (0, f"no statements in {path}\n")
+
+
+async def test_run_through_the_gateway(
+    gateway_factory: ClientFactory, fresh_db: str, tmp_path: Path
+) -> None:
+    client = await gateway_factory(raw_sql="read-write", dsn=fresh_db)
+    url = str(client.make_url(""))
+    path = tmp_path / "script.sql"
+    path.write_text(SCRIPT)
+    result = await pgqg_async("run", str(path), "--url", url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ran 6 statements from {path}")
+    assert scalar(fresh_db, "SELECT count(*) FROM shelf") == 4
+
+    path.write_text(FAILING)
+    result = await pgqg_async("run", str(path), "--url", url)
+    assert result.exit_code == 1
+    assert "ERROR:  division by zero (SQLSTATE 22012)" in result.stderr
+    assert "statement 3 (line 3) failed, 3 not run" in result.stdout
+
+
+# --- db init --------------------------------------------------------------------------------
+
+
+async def test_db_init_loads_the_demo_once(fresh_db: str, gateway_factory: ClientFactory) -> None:
+    result = await pgqg_async("db", "init", "--dsn", fresh_db)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("loaded the demo bookshop into database pgqg_cli_")
+    counts = "SELECT array[(SELECT count(*) FROM author), (SELECT count(*) FROM book), " \
+             "(SELECT count(*) FROM review)]"  # fmt: skip
+    assert scalar(fresh_db, counts) == [120, 1200, 3600]
+
+    again = await pgqg_async("db", "init", "--dsn", fresh_db)
+    assert again.exit_code == 0, again.output
+    assert "already in" in again.stdout
+    assert scalar(fresh_db, counts) == [120, 1200, 3600]
+
+    # the named queries work on it
+    client = await gateway_factory(dsn=fresh_db)
+    resp = await client.get("/v1/queries/book_by_id", params={"id": "7"})
+    assert resp.status == 200
+    assert (await resp.json())["rows"][0]["id"] == 7
+
+
+def test_db_init_changes_nothing_when_it_fails(fresh_db: str) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE review (id int)")  # in the way of schema.sql
+    result = pgqg("db", "init", "--dsn", fresh_db)
+    assert result.exit_code == 1
+    assert "nothing was changed" in result.stderr
+    assert 'ERROR:  relation "review" already exists (SQLSTATE 42P07)' in result.stderr
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('author')").fetchone() == (None,)
+        assert not demo_state(conn).loaded
+
+
+def test_db_init_needs_a_database() -> None:
+    result = pgqg("db", "init")
+    assert result.exit_code == 2
+    assert "no database" in result.stderr
+
+
+def test_help_lists_every_command() -> None:
+    result = pgqg("--help")
+    assert result.exit_code == 0
+    for command in ("serve", "query", "run", "db"):
+        assert f"  {command} " in result.stdout
+    assert "init" in pgqg("db", "--help").stdout
+
+
+def test_serve_fails_at_once_on_a_taken_port(database_dsn: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        data_dir = tmp_path / "never-created"
+        for extra in (["--dsn", database_dsn], ["--data-dir", str(data_dir)]):
+            result = pgqg("serve", "--port", port, *extra)
+            assert result.exit_code == 1
+            assert f"pgqg: cannot serve on 127.0.0.1:{port}:" in result.stderr
+        assert not data_dir.exists()  # no embedded server was started for nothing

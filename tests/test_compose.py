@@ -1,0 +1,142 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: every
+``PGQG_*`` variable they set is a real setting with a valid value, every command they
+run is a ``pgqg`` command that parses, and the services start in the right order."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import psycopg.conninfo
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gateway._cli import main
+from gateway._settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+BUILT = {name: svc for name, svc in SERVICES.items() if svc.get("build")}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines, current = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            lines.append(current.strip())
+            current = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for instruction, args in dockerfile_instructions():
+        if instruction == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the "- KEY=value" form
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def check_settings(env: dict[str, str], where: str) -> None:
+    """Every PGQG_* name is a setting, and the values load together."""
+    overrides = {}
+    for name, value in env.items():
+        if not name.startswith("PGQG_"):
+            continue
+        field = name.removeprefix("PGQG_").lower()
+        assert field in Settings.model_fields, f"{where}: {name} is not a pgqg setting"
+        overrides[field] = value
+    load_settings(**overrides)  # raises ConfigError naming a bad value
+
+
+def check_command(argv: list[str], where: str) -> None:
+    """A pgqg command whose subcommand exists and whose options parse."""
+    assert argv and argv[0] == "pgqg", f"{where}: {argv} is not a pgqg command"
+    result = CliRunner().invoke(main, [*argv[1:], "--help"], prog_name="pgqg")
+    assert result.exit_code == 0, f"{where}: {shlex.join(argv)}: {result.output}"
+    assert result.stdout.startswith(f"Usage: pgqg {' '.join(argv[1:3])}".rstrip()), result.stdout
+
+
+def test_compose_has_postgres_and_the_gateway() -> None:
+    postgres = SERVICES["postgres"]
+    assert str(postgres["image"]).startswith("postgres:")
+    assert postgres["healthcheck"]["test"]
+    gateway = SERVICES["gateway"]
+    assert gateway["build"] in (".", {"context": "."})
+    assert gateway["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert gateway["ports"], "the gateway's port is published"
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_compose_variables_are_settings(name: str) -> None:
+    env = dockerfile_env() | environment(BUILT[name])
+    assert any(k.startswith("PGQG_") for k in environment(BUILT[name]))
+    check_settings(env, f"docker-compose.yml service {name}")
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_compose_commands_exist(name: str) -> None:
+    command = BUILT[name].get("command")
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    check_command(argv, f"docker-compose.yml service {name}")
+
+
+def test_compose_dsn_matches_the_postgres_service() -> None:
+    pg_env = environment(SERVICES["postgres"])
+    for name, service in BUILT.items():
+        dsn = environment(service)["PGQG_DSN"]
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        assert info["host"] == "postgres", name
+        assert (info["user"], info["password"], info["dbname"]) == (
+            pg_env["POSTGRES_USER"],
+            pg_env["POSTGRES_PASSWORD"],
+            pg_env["POSTGRES_DB"],
+        ), name
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy", name
+
+
+def test_compose_port_is_the_gateways() -> None:
+    gateway = SERVICES["gateway"]
+    port = (dockerfile_env() | environment(gateway))["PGQG_PORT"]
+    published = [str(p).rsplit(":", 1)[-1] for p in gateway["ports"]]
+    assert port in published
+    host = (dockerfile_env() | environment(gateway))["PGQG_HOST"]
+    assert host == "0.0.0.0", "inside a container the gateway must listen on every interface"
+
+
+def test_the_demo_is_loaded_before_the_gateway_starts() -> None:
+    demo = [n for n, s in BUILT.items() if (s.get("command") or [])[:3] == ["pgqg", "db", "init"]]
+    assert demo, "a service runs pgqg db init"
+    assert SERVICES["gateway"]["depends_on"][demo[0]] == {
+        "condition": "service_completed_successfully"
+    }
+
+
+def test_dockerfile() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    runs = [args for instruction, args in instructions if instruction == "RUN"]
+    assert any("pip install ." in args for args in runs)
+    check_settings(dockerfile_env(), "Dockerfile")
+    cmd = [args for instruction, args in instructions if instruction == "CMD"][-1]
+    check_command(json.loads(cmd), "Dockerfile CMD")
+    # a non-editable install has no sql/ next to the package: the image must say where
+    assert dockerfile_env()["PGQG_SQL_DIR"] == "/app/sql"
+    copied = [args.split()[0] for instruction, args in instructions if instruction == "COPY"]
+    assert "sql" in copied and "gateway" in copied
