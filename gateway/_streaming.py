@@ -18,14 +18,23 @@ clients see an incomplete response rather than a short, valid-looking one.
 
 from __future__ import annotations
 
+import csv
 import enum
 import functools
+import itertools
+import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+from psycopg import adapters as default_adapters
+from psycopg import postgres
 from psycopg.abc import Transformer
+from psycopg.adapt import AdaptersMap
+from psycopg.adapt import Transformer as PgTransformer
+from psycopg.pq import Format
 from psycopg.pq.abc import PGresult
 
 from ._errors import GatewayError, NotAcceptable
@@ -137,17 +146,19 @@ class NdjsonEncoder:
 
     def __init__(self, shape: str) -> None:
         self._shape = shape
-        self._make_row: Callable[[Any], Any] = list
+        self._names: list[str] = []
 
     def head(self, columns: list[Column]) -> bytes:
-        if self._shape != "arrays":
-            names = [c.name for c in columns]
-            self._make_row = lambda values: dict(zip(names, values, strict=True))
+        self._names = [c.name for c in columns]
         return b""
 
     def rows(self, res: PGresult, tx: Transformer, stop: int) -> bytes:
         tx.set_pgresult(res)
-        return b"".join(map(_dumps_line, tx.load_rows(0, stop, self._make_row)))
+        rows: Iterable[Any] = tx.load_rows(0, stop, tuple)
+        if self._shape != "arrays":
+            # map/zip/dict keep the per-row work in C: no Python frame per row
+            rows = map(dict, map(zip, itertools.repeat(self._names), rows))
+        return b"".join(map(_dumps_line, rows))
 
     def error(self, error: GatewayError) -> bytes:
         return _dumps_line(error.to_dict())
@@ -169,10 +180,32 @@ def csv_cell(value: bytes | None, *, alone: bool = False) -> bytes:
     return value
 
 
+def _text_adapters() -> AdaptersMap:
+    """Loaders that leave every value as PostgreSQL's text (str), NULL as None."""
+    adapters = AdaptersMap(types=postgres.types)
+    text = default_adapters.get_loader(0, Format.TEXT)
+    assert text is not None
+    adapters.register_loader(0, text)  # the fallback of every oid
+    return adapters
+
+
+_TEXT_ADAPTERS = _text_adapters()
+
+
 class CsvEncoder:
-    """A header line of column names, then each row's cells as PostgreSQL text."""
+    """A header line of column names, then each row's cells as PostgreSQL text.
+
+    Rows go through Python's C `csv` writer, which quotes as ``COPY`` does
+    (delimiter, quote, CR, LF) except in two cases it cannot tell: an empty
+    string, which ``COPY`` quotes and ``csv`` does not (NULL is empty for both),
+    and one-column rows (``csv`` quotes a lone empty cell, ``COPY`` a lone
+    ``\\.``). Chunks with either are written cell by cell with `csv_cell`.
+    """
 
     format = OutputFormat.CSV
+
+    def __init__(self) -> None:
+        self._tx = PgTransformer(_TEXT_ADAPTERS)
 
     def head(self, columns: list[Column]) -> bytes:
         if not columns:
@@ -181,6 +214,20 @@ class CsvEncoder:
         return b",".join(csv_cell(c.name.encode(), alone=alone) for c in columns) + b"\n"
 
     def rows(self, res: PGresult, tx: Transformer, stop: int) -> bytes:
+        if not stop:
+            return b""
+        self._tx.set_pgresult(res)
+        rows = self._tx.load_rows(0, stop, tuple)
+        if res.nfields == 1 or any(map(operator.contains, rows, itertools.repeat(""))):
+            return self._cell_by_cell(res, stop)
+        lines: list[str] = []
+        # "\r\n" makes csv quote CR as well as LF; each line's ending becomes "\n" below
+        csv.writer(_Appender(lines.append), lineterminator="\r\n").writerows(rows)
+        lines.append("")
+        return "\n".join(map(str.removesuffix, lines, itertools.repeat("\r\n"))).encode()
+
+    @staticmethod
+    def _cell_by_cell(res: PGresult, stop: int) -> bytes:
         nfields = res.nfields
         alone = nfields == 1
         value = res.get_value
@@ -193,6 +240,13 @@ class CsvEncoder:
 
     def error(self, error: GatewayError) -> bytes:
         return b""
+
+
+@dataclass(frozen=True, slots=True)
+class _Appender:
+    """A file for `csv.writer` whose every write (one per row) is appended to a list."""
+
+    write: Callable[[str], Any]
 
 
 def stream_encoder(fmt: OutputFormat, shape: str) -> StreamEncoder:

@@ -183,13 +183,24 @@ async def test_ndjson_values_are_the_json_answers(client: GatewayClient, shape: 
     assert line.rstrip(b"\n").decode() in buffered
 
 
+CSV_SQL = ROW_SQL.replace(", '' AS e", "") + (
+    ", E'line\\nbreak' AS nl, E'cr\\rhere' AS cr, E'crlf\\r\\n' AS crlf,"
+    " 'say \"hi\", twice' AS q, '\\.' AS dot, ' spaced ' AS sp, 'x' AS \"odd, \"\"name\"\"\""
+)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        CSV_SQL,  # no empty string: Python's csv writer
+        CSV_SQL + ", '' AS empty",  # an empty string: cell by cell
+        "select generate_series(1, 2500) AS g, null AS n, 'a,b' AS t",  # several chunks
+        "select v from (values ('\\.'), (''), (null), ('a\"b')) AS t(v)",  # one column
+    ],
+)
 async def test_csv_is_what_copy_writes(
-    client: GatewayClient, admin: psycopg.AsyncConnection[Any]
+    client: GatewayClient, admin: psycopg.AsyncConnection[Any], sql: str
 ) -> None:
-    sql = ROW_SQL + (
-        ", E'line\\nbreak' AS nl, E'cr\\rhere' AS cr, 'say \"hi\", twice' AS q,"
-        " '\\.' AS dot, ' spaced ' AS sp, 'x' AS \"odd, \"\"name\"\"\""
-    )
     resp = await stream(client, sql, fmt="csv")
     got = await read_all(resp)
     copied = bytearray()
