@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,11 +26,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from oracle import Num, Obj, Oracle, exact_json, plain
 from support import GatewayClient, wait_until_ready
 
 from gateway import Settings, create_app, load_settings
 from gateway._pool import session_options
+
+# hypothesis keeps caches even without an example database: not in the repository
+set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "pgqg-hypothesis"))
 
 # --- the value table -------------------------------------------------------------------
 # One expression per row; ``{s}`` is a schema of user-defined types made after the
