@@ -85,11 +85,12 @@ class _StreamRun:
         self._sent = 0
         self._cut = False  # the row limit was reached: rows left are discarded
         self._stopping = False  # nobody reads any more: drain without watching the client
+        self._cancelled = False
         self._error: GatewayError | None = None
 
     async def run(self) -> None:
         statement = self._job.statements[0]
-        if not await self._describe(statement):
+        if not await self._describe(statement) or self._job.stopped.done():
             return
         self._send(statement)
         await self._session._flush()
@@ -102,9 +103,26 @@ class _StreamRun:
         for _ in range(1 if self._job.read_only else 2):
             await self._session._result()
         await self._session._sync()
+        if self._cancelled:
+            await self._after_cancel()
         if self._session._dirty:
             await self._session._discard()
         await self._end()
+
+    async def _after_cancel(self) -> None:
+        """Make sure the cancel did not break the clean-up it may have landed on.
+
+        By now the backend has taken the cancel (it was signalled before the
+        rest was drained): a ROLLBACK it interrupted is run again, and a read-write
+        job's RESET ALL is redone by DISCARD ALL.
+        """
+        self._pg.send_query_params(_ROLLBACK, None)
+        self._pg.pipeline_sync()
+        await self._session._flush()
+        await self._session._result()
+        await self._session._sync()
+        if not self._job.read_only:
+            self._session._dirty = True
 
     # --- round trip 1: what the columns are ------------------------------------------------
 
@@ -297,6 +315,7 @@ class _StreamRun:
             return
         self._stopping = True
         if cancel:
+            self._cancelled = True
             # best effort: if the cancel is lost, the rest is read and dropped
             with contextlib.suppress(psycopg.Error, OSError):
                 await self._session._conn.cancel_safe(timeout=5)

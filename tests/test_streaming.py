@@ -359,6 +359,20 @@ async def test_a_client_that_goes_away_frees_the_connection(
             await asyncio.sleep(0.05)
 
 
+async def test_a_cancelled_read_write_stream_leaves_nothing_behind(
+    gateway_factory: Any,
+) -> None:
+    client = await gateway_factory(pool_size=1, raw_sql="read-write")
+    _, before = await query(client, "show work_mem")
+    sql = "select generate_series(1, 1000000000) AS g, set_config('work_mem', '77MB', false)"
+    resp = await stream(client, sql, fmt="ndjson")
+    assert resp.status == 200
+    assert b"77MB" in await resp.content.read(1000)
+    resp.close()
+    status, after = await query(client, "show work_mem", timeout_ms=2000)
+    assert status == 200 and after["rows"] == before["rows"]
+
+
 async def test_a_client_that_stops_reading_is_cut_after_the_timeout(
     gateway_factory: Any, admin: psycopg.AsyncConnection[Any]
 ) -> None:
