@@ -21,6 +21,10 @@ its socket: memory stays flat whatever the result's size. When the client goes
 away, or the row limit is reached in a read-only stream, the query is cancelled
 on the server and the rest of its output discarded, so the connection is free
 again at once.
+
+`_StreamRun` is a friend of `Session`: it uses the session's protocol helpers and
+bookkeeping (prepared statements, session-state clean-up) rather than copies of
+them; mypy --strict checks that they still match.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH
 async def run_stream(session: Session, job: StreamJob) -> None:
     """Run `job` alone on `session`: its rows go to the job chunk by chunk.
 
-    The job is always finished or failed on return.
+    On return the job is finished or failed; on `ConnectionLost` the
+    dispatcher fails it.
 
     Raises:
         ConnectionLost: the connection broke or the protocol went out of step.
