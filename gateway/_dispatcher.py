@@ -24,6 +24,8 @@ from ._errors import Overloaded, Timeout, Unavailable
 from ._jobs import Job, JobState, Statement, StatementResult
 from ._pipeline import BrokenWatch, ConnectionLost, Session
 from ._settings import Settings
+from ._stream_exec import run_stream
+from ._stream_job import StreamJob
 
 log = logging.getLogger("gateway.dispatcher")
 
@@ -211,7 +213,8 @@ class Dispatcher:
         """Jobs to run next: the first waited for, then all queued up to max_batch.
 
         None when the lease ran out while idle. Jobs already resolved (their
-        client gave up) are dropped here, never started.
+        client gave up) are dropped here, never started. A `StreamJob` is
+        always a batch of its own.
 
         Raises:
             ConnectionLost: the idle connection was closed by the server.
@@ -222,8 +225,16 @@ class Dispatcher:
             if first is None:
                 return None
         batch = [first]
-        while len(batch) < self._settings.max_batch and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        while (
+            not isinstance(first, StreamJob)
+            and len(batch) < self._settings.max_batch
+            and not self._queue.empty()
+        ):
+            job = self._queue.get_nowait()
+            if isinstance(job, StreamJob):
+                self._queue.put_nowait(job)  # a stream runs alone: it heads a later batch
+                break
+            batch.append(job)
         return [job for job in batch if job.start(functools.partial(session.abandoned, job))]
 
     def _take(self) -> Job | None:
@@ -258,7 +269,7 @@ class Dispatcher:
         self._running += len(batch)
         started = time.perf_counter()
         try:
-            await session.run(batch)
+            await self._execute(session, batch)
         except ConnectionLost:
             for job in batch:
                 job.fail(Unavailable("the database connection was lost during the query"))
@@ -275,6 +286,14 @@ class Dispatcher:
             worker.jobs += len(batch)
             worker.batches += 1
             worker.errors += sum(1 for job in batch if _failed(job))
+
+    @staticmethod
+    async def _execute(session: Session, batch: list[Job]) -> None:
+        """A stream holds the connection alone; other jobs share one pipelined batch."""
+        if len(batch) == 1 and isinstance(batch[0], StreamJob):
+            await run_stream(session, batch[0])
+        else:
+            await session.run(batch)
 
     def _requeue_or_fail(self, job: Job) -> None:
         try:

@@ -110,24 +110,78 @@ class Codec:
         return self._names.get(oid) or str(oid)
 
     def learn(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Learn types from rows of `TYPE_QUERY`: (oid, name, elem oid, delimiter)."""
-        for oid, name, elem, delimiter in rows:
-            oid, elem = int(oid), int(elem)
-            if elem and self.is_known(elem):
-                self._names[oid] = self.type_name(elem) + "[]"
-                elem_info = TypeInfo(self.type_name(elem), elem, oid, delimiter=delimiter)
-                register_array(elem_info, self.adapters)
-            else:
-                self._names[oid] = name
+        """Learn types from rows of `TYPE_QUERY`: (oid, name, element oid, delimiter, base oid).
+
+        An array (element oid set) gets an array loader whose elements follow
+        their own type's rules, split on the element type's delimiter (``;``
+        for box); a domain (base oid set) loads as its base type; anything else
+        (enum, composite, range, a base type from an extension) stays text.
+        Rows may come in any order: each waits until what it depends on is known.
+        """
+        pending = [row for row in map(_TypeRow.parse, rows) if not self.is_known(row.oid)]
+        while pending:
+            waiting = [row for row in pending if not self._learn_one(row)]
+            if len(waiting) == len(pending):  # a dependency never came: keep them as text
+                for row in waiting:
+                    self._names[row.oid] = row.name
+                return
+            pending = waiting
+
+    def _learn_one(self, row: _TypeRow) -> bool:
+        """Register `row`'s loader; False while the type it depends on is unknown."""
+        depends = row.element or row.base
+        if depends and not self.is_known(depends):
+            return False
+        if row.element:
+            self._names[row.oid] = self.type_name(row.element) + "[]"
+            name = self.type_name(row.element)
+            element = TypeInfo(name, row.element, row.oid, delimiter=row.delimiter)
+            register_array(element, self.adapters)
+            return True
+        self._names[row.oid] = row.name
+        base_loader = self.adapters.get_loader(row.base, Format.TEXT) if row.base else None
+        if base_loader is not None:
+            self.adapters.register_loader(row.oid, base_loader)
+        return True
 
 
-#: pg_type rows for `Codec.learn`; elements come first so arrays find them known.
+@dataclass(frozen=True, slots=True)
+class _TypeRow:
+    """One row of `TYPE_QUERY`, typed."""
+
+    oid: int
+    name: str
+    element: int
+    delimiter: str
+    base: int
+
+    @classmethod
+    def parse(cls, row: Sequence[Any]) -> _TypeRow:
+        oid, name, element, delimiter, base = row
+        return cls(int(oid), str(name), int(element), str(delimiter), int(base))
+
+
+#: pg_type rows for `Codec.learn`: the types asked for and, recursively, the
+#: element types of arrays and the base types of domains. A type is an array
+#: when another type names it as its ``typarray`` (``typelem`` alone would also
+#: match ``point`` and ``name``); an array's delimiter is its element's.
 TYPE_QUERY = b"""\
-SELECT t.oid, t.typname, t.typelem, t.typdelim
-FROM pg_catalog.pg_type t
-WHERE t.oid = ANY($1::oid[]) OR t.oid IN (
-    SELECT typelem FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[]))
-ORDER BY t.typelem <> 0, t.oid"""
+WITH RECURSIVE wanted(oid) AS (
+    SELECT pg_catalog.unnest($1::pg_catalog.oid[])
+  UNION
+    SELECT dep.oid
+    FROM wanted w
+    JOIN pg_catalog.pg_type t ON t.oid = w.oid
+    CROSS JOIN LATERAL (
+        SELECT e.oid FROM pg_catalog.pg_type e WHERE e.typarray = t.oid
+        UNION ALL
+        SELECT t.typbasetype WHERE t.typbasetype <> 0
+    ) AS dep
+)
+SELECT t.oid, t.typname, coalesce(e.oid, 0), coalesce(e.typdelim, ','), t.typbasetype
+FROM wanted w
+JOIN pg_catalog.pg_type t ON t.oid = w.oid
+LEFT JOIN pg_catalog.pg_type e ON e.typarray = t.oid"""
 
 
 # --- request JSON --------------------------------------------------------------

@@ -18,13 +18,52 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _rows(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """A 200 answer: the JSON result, or the rows streamed as NDJSON or CSV."""
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"schema": schema},
+            "application/x-ndjson": {
+                "schema": {
+                    "type": "string",
+                    "description": "one JSON row per line (object, or array with"
+                    ' shape=arrays); a failure midway ends with a line {"error": …}'
+                    " and a cut response",
+                }
+            },
+            "text/csv": {
+                "schema": {
+                    "type": "string",
+                    "description": "a header line, then PostgreSQL's text output of every"
+                    " cell, RFC 4180 quoting; a failure midway cuts the response",
+                }
+            },
+        },
+    }
+
+
+_FORMAT = {
+    "name": "format",
+    "in": "query",
+    "required": False,
+    "description": "output format; overrides the Accept header",
+    "schema": {"type": "string", "enum": ["json", "ndjson", "csv"]},
+}
+
+
 def _errors() -> dict[str, Any]:
     return {status: {"$ref": "#/components/responses/Error"} for status in _ERROR_STATUSES}
 
 
 _OPTIONS: dict[str, Any] = {
     "timeout_ms": {"type": "integer", "minimum": 1, "description": "capped by the gateway"},
-    "max_rows": {"type": "integer", "minimum": 0},
+    "max_rows": {
+        "type": "integer",
+        "minimum": 0,
+        "description": "JSON: at most PGQG_MAX_ROWS, more sets truncated;"
+        " NDJSON/CSV: no limit unless given or set by PGQG_STREAM_MAX_ROWS",
+    },
     "shape": {"type": "string", "enum": list(SHAPES)},
 }
 
@@ -114,21 +153,17 @@ def _named_query_params() -> list[dict[str, Any]]:
             {"name": key, "in": "query", "required": False, "schema": schema}
             for key, schema in _OPTIONS.items()
         ),
-        {
-            "name": "format",
-            "in": "query",
-            "required": False,
-            "schema": {"type": "string", "enum": ["json"]},
-        },
+        _FORMAT,
     ]
 
 
 def _paths() -> dict[str, Any]:
-    result = _json(_ref("Result"), "the statement's result")
+    result = _rows(_ref("Result"), "the statement's result")
     return {
         "/v1/query": {
             "post": {
                 "summary": "Run one raw SQL statement",
+                "parameters": [_FORMAT],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("QueryRequest")}},
@@ -184,7 +219,7 @@ def _paths() -> dict[str, Any]:
             },
             "post": {
                 "summary": "Run a named query (parameters in the body)",
-                "parameters": _named_query_params()[:1],
+                "parameters": [_named_query_params()[0], _FORMAT],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("NamedQueryRequest")}},

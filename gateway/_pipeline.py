@@ -439,6 +439,18 @@ class Session:
             for i in range(r.nfields)
             if not self._codec.is_known(r.ftype(i))
         }
+        await self.learn_types(oids)
+
+    async def learn_types(self, oids: set[int]) -> None:
+        """Teach the codec `oids` (and what they are made of) in one round trip.
+
+        Must be called between jobs, with nothing of this session in flight.
+        A type not found (dropped meanwhile) is learnt as plain text.
+
+        Raises:
+            ConnectionLost: the protocol went out of step.
+            psycopg.OperationalError: the connection broke.
+        """
         array = "{" + ",".join(str(o) for o in sorted(oids)) + "}"
         self._pg.send_query_params(TYPE_QUERY, [array.encode()])
         pipeline_sync(self._pg)
@@ -453,7 +465,7 @@ class Session:
             self._codec.learn(rows)
         for oid in oids:
             if not self._codec.is_known(oid):
-                self._codec.learn([(oid, str(oid), 0, ",")])
+                self._codec.learn([(oid, str(oid), 0, ",", 0)])
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -23,7 +23,12 @@ def session_options(settings: Settings) -> str:
 
     Passed at connect time they cost no round trip, and ``RESET ALL`` (run
     after every read-write job) returns to them rather than to the server's
-    defaults.
+    defaults. Every setting that changes a value's text output is fixed here,
+    so the same value always reads the same whatever the server's defaults:
+    time zone, date and interval styles from the settings, and the rest
+    pinned (``money`` is printed by ``lc_monetary``, ``bytea`` by
+    ``bytea_output``, floats by ``extra_float_digits``: 1 gives the shortest
+    exact digits).
     """
     gucs = {
         "TimeZone": settings.timezone,
@@ -31,6 +36,8 @@ def session_options(settings: Settings) -> str:
         "IntervalStyle": settings.intervalstyle,
         "statement_timeout": str(settings.statement_timeout_ms),
         "extra_float_digits": "1",
+        "lc_monetary": "C",
+        "bytea_output": "hex",
     }
     return " ".join(f"-c {k}={_escape_option(v)}" for k, v in gucs.items())
 

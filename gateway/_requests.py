@@ -18,6 +18,8 @@ from ._encoding import loads_exact, params_to_text
 from ._errors import BadRequest, UnsupportedMediaType
 from ._jobs import Job, Statement
 from ._settings import Settings
+from ._stream_job import StreamJob
+from ._streaming import OutputFormat, stream_encoder
 
 SHAPES = ("objects", "arrays")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
@@ -27,11 +29,15 @@ RESERVED_QUERY_KEYS = frozenset({"format", "shape", "timeout_ms", "max_rows"})
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """Per-request options shared by every endpoint that runs SQL."""
+    """Per-request options shared by every endpoint that runs SQL.
+
+    `max_rows` cuts a buffered answer; `row_limit` a streamed one (None: no limit).
+    """
 
     timeout_ms: int
     max_rows: int
     shape: str
+    row_limit: int | None = None
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -70,8 +76,14 @@ def _int_option(value: Any, name: str, *, minimum: int) -> int:
     return value
 
 
-def parse_options(source: Mapping[str, Any], settings: Settings) -> Options:
+def parse_options(
+    source: Mapping[str, Any], settings: Settings, *, streamed: bool = False
+) -> Options:
     """timeout_ms (capped by statement_timeout_ms), max_rows and shape.
+
+    ``max_rows`` is capped by ``max_rows`` for a buffered answer and by
+    ``stream_max_rows`` (when not 0) for a `streamed` one, which otherwise has
+    no row limit.
 
     Raises:
         BadRequest: an option has the wrong type or value.
@@ -79,13 +91,18 @@ def parse_options(source: Mapping[str, Any], settings: Settings) -> Options:
     timeout_ms = settings.statement_timeout_ms
     if source.get("timeout_ms") is not None:
         timeout_ms = min(_int_option(source["timeout_ms"], "timeout_ms", minimum=1), timeout_ms)
-    max_rows = settings.max_rows
+    asked = None
     if source.get("max_rows") is not None:
-        max_rows = min(_int_option(source["max_rows"], "max_rows", minimum=0), max_rows)
+        asked = _int_option(source["max_rows"], "max_rows", minimum=0)
+    max_rows = settings.max_rows if asked is None else min(asked, settings.max_rows)
     shape = source.get("shape") or "objects"
     if shape not in SHAPES:
         raise BadRequest(f"shape must be one of {', '.join(SHAPES)}")
-    return Options(timeout_ms, max_rows, shape)
+    row_limit = None
+    if streamed:
+        limits = [n for n in (asked, settings.stream_max_rows or None) if n is not None]
+        row_limit = min(limits, default=None)
+    return Options(timeout_ms, max_rows, shape, row_limit)
 
 
 def raw_statement(item: Any, where: str) -> Statement:
@@ -139,6 +156,22 @@ def make_job(
         shape=options.shape,
         transaction=transaction,
         isolation=isolation,
+    )
+
+
+def make_stream_job(
+    statement: Statement, options: Options, fmt: OutputFormat, *, read_only: bool
+) -> StreamJob:
+    """A streamed job: `options.timeout_ms` to its first rows, and its longest stall after."""
+    loop = asyncio.get_running_loop()
+    timeout_s = options.timeout_ms / 1000
+    return StreamJob(
+        statement,
+        encoder=stream_encoder(fmt, options.shape),
+        read_only=read_only,
+        deadline=loop.time() + timeout_s,
+        row_limit=options.row_limit,
+        stall_s=timeout_s,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ from ._dispatcher import probe_job
 from ._errors import (
     BadRequest,
     Forbidden,
+    GatewayError,
     MethodNotAllowed,
     NotAcceptable,
     RawSqlDisabled,
@@ -25,12 +28,14 @@ from ._requests import (
     RESERVED_QUERY_KEYS,
     check_keys,
     make_job,
+    make_stream_job,
     named_statement,
     parse_isolation,
     parse_options,
     raw_statement,
     read_json_object,
 )
+from ._streaming import OutputFormat, negotiate
 
 routes = web.RouteTableDef()
 
@@ -55,23 +60,84 @@ def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def _check_format(request: web.Request) -> None:
-    """Buffered JSON is what these endpoints answer; refuse what we cannot give.
+def _output_format(request: web.Request) -> OutputFormat:
+    """The format the request asks for (``?format=`` or ``Accept``); JSON by default.
+
+    Raises:
+        NotAcceptable: it asks for a format we do not produce.
+    """
+    return negotiate(request.query.get("format"), request.headers.get("Accept"))
+
+
+def _json_only(request: web.Request) -> None:
+    """Refuse a streamed format where only a buffered JSON answer exists.
 
     Raises:
         NotAcceptable: ``?format=`` or ``Accept`` asks for another format.
     """
-    fmt = request.query.get("format")
-    if fmt not in (None, "json"):
-        raise NotAcceptable(f"format {fmt!r} is not available here; use json")
+    fmt = _output_format(request)
+    if fmt is not OutputFormat.JSON:
+        raise NotAcceptable(f"{fmt.media_type} is not available here; use application/json")
 
 
-async def _run_one(request: web.Request, job_args: dict[str, Any]) -> web.Response:
+async def _run_one(
+    request: web.Request, fmt: OutputFormat, job_args: dict[str, Any]
+) -> web.StreamResponse:
+    if fmt.streamed:
+        return await _stream_one(request, fmt, job_args)
     started = time.perf_counter()
     results = await request.app[DISPATCHER].run(make_job(**job_args))
     body = _result_body(results[0])
     body["elapsed_ms"] = _elapsed_ms(started)
     return json_response(body)
+
+
+async def _stream_one(
+    request: web.Request, fmt: OutputFormat, job_args: dict[str, Any]
+) -> web.StreamResponse:
+    """Stream one statement's rows as NDJSON or CSV (see `gateway._streaming`).
+
+    Raises:
+        GatewayError: the statement failed before its first row (an ordinary
+            error response); a failure after it ends the stream instead.
+    """
+    (statement,) = job_args["statements"]
+    job = make_stream_job(statement, job_args["options"], fmt, read_only=job_args["read_only"])
+    await request.app[DISPATCHER].run(job)  # returns once the first rows are ready
+    content_type = fmt.media_type + ("; charset=utf-8" if fmt is OutputFormat.CSV else "")
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    # the worker gave up on a client that stopped reading: drop it, unsent bytes too
+    cut = functools.partial(_end_incomplete, request, abort=True)
+    job.stopped.add_done_callback(cut)
+    try:
+        await response.prepare(request)
+        while (chunk := await job.next_chunk()) is not None:
+            await response.write(chunk)
+    except GatewayError as exc:
+        with contextlib.suppress(ConnectionError):
+            await response.write(job.encoder.error(exc))
+        _end_incomplete(request)
+    except ConnectionError:
+        pass  # the client went away before its cancellation reached this handler
+    finally:
+        job.stopped.remove_done_callback(cut)
+        job.abandon()  # no-op when the stream ended; otherwise its query is cancelled
+    return response
+
+
+def _end_incomplete(request: web.Request, *_: object, abort: bool = False) -> None:
+    """Close the connection without HTTP's last chunk: the client sees a cut response.
+
+    `abort` drops what is still buffered for a client that stopped reading;
+    otherwise it is sent first (NDJSON's error line).
+    """
+    transport = request.transport
+    if transport is None:
+        return
+    if abort:
+        transport.abort()
+    else:
+        transport.close()
 
 
 async def _raw_sql_body(request: web.Request) -> dict[str, Any]:
@@ -82,21 +148,21 @@ async def _raw_sql_body(request: web.Request) -> dict[str, Any]:
     """
     if request.app[SETTINGS].raw_sql == "off":
         raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
-    _check_format(request)
     return await read_json_object(request)
 
 
 @routes.post("/v1/query")
-async def post_query(request: web.Request) -> web.Response:
+async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
     settings = request.app[SETTINGS]
+    fmt = _output_format(request)
     body = await _raw_sql_body(request)
     check_keys(body, {"sql", "params"} | _OPTION_KEYS)
     statement = raw_statement({k: body[k] for k in ("sql", "params") if k in body}, "body")
-    options = parse_options(body, settings)
+    options = parse_options(body, settings, streamed=fmt.streamed)
     read_only = settings.raw_sql == "read-only"
     return await _run_one(
-        request, {"statements": [statement], "options": options, "read_only": read_only}
+        request, fmt, {"statements": [statement], "options": options, "read_only": read_only}
     )
 
 
@@ -104,6 +170,7 @@ async def post_query(request: web.Request) -> web.Response:
 async def post_transaction(request: web.Request) -> web.Response:
     """Run several raw statements all or nothing, on one connection."""
     settings = request.app[SETTINGS]
+    _json_only(request)
     body = await _raw_sql_body(request)
     check_keys(body, {"statements", "isolation", "read_only"} | _OPTION_KEYS)
     items = body.get("statements")
@@ -136,9 +203,9 @@ async def list_queries(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/queries/{name}")
-async def get_named_query(request: web.Request) -> web.Response:
+async def get_named_query(request: web.Request) -> web.StreamResponse:
     """Run a read-only named query, parameters from the query string."""
-    _check_format(request)
+    fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
     if not query.read_only:
         raise MethodNotAllowed(f"{query.name} writes; call it with POST")
@@ -146,16 +213,16 @@ async def get_named_query(request: web.Request) -> web.Response:
     if len(values) != len({k for k in request.query if k not in RESERVED_QUERY_KEYS}):
         raise BadRequest("a parameter is given more than once")
     statement = named_statement(query, values, from_query_string=True)
-    options = parse_options(request.query, request.app[SETTINGS])
+    options = parse_options(request.query, request.app[SETTINGS], streamed=fmt.streamed)
     return await _run_one(
-        request, {"statements": [statement], "options": options, "read_only": True}
+        request, fmt, {"statements": [statement], "options": options, "read_only": True}
     )
 
 
 @routes.post("/v1/queries/{name}")
-async def post_named_query(request: web.Request) -> web.Response:
+async def post_named_query(request: web.Request) -> web.StreamResponse:
     """Run a named query, parameters from the JSON body."""
-    _check_format(request)
+    fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
     body = await read_json_object(request)
     check_keys(body, {"params"} | _OPTION_KEYS)
@@ -163,9 +230,11 @@ async def post_named_query(request: web.Request) -> web.Response:
     if not isinstance(values, dict):
         raise BadRequest("params must be an object of name: value")
     statement = named_statement(query, values, from_query_string=False)
-    options = parse_options(body, request.app[SETTINGS])
+    options = parse_options(body, request.app[SETTINGS], streamed=fmt.streamed)
     return await _run_one(
-        request, {"statements": [statement], "options": options, "read_only": query.read_only}
+        request,
+        fmt,
+        {"statements": [statement], "options": options, "read_only": query.read_only},
     )
 
 

@@ -1,0 +1,326 @@
+"""Running a `StreamJob` on a pipelined connection, reading its rows chunk by chunk.
+
+A stream holds its connection alone for its whole life (the dispatcher never
+batches it with other jobs) and stays in pipeline mode, in two round trips:
+
+    describe:  [Parse] Describe; Sync          column types, taught to the codec if new
+    execute:   BEGIN …; [SAVEPOINT]; set_config(statement_timeout, 0, local); Flush;
+               statement (libpq chunked-rows mode); [COMMIT]; Sync
+               ROLLBACK; [RESET ALL]; Sync
+
+The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
+by PostgreSQL, nothing left behind). Instead of ``statement_timeout``, which
+would cut a long export however fast it flows, the stream is bounded by the
+request's timeout three ways: the first chunk must come within it (the
+dispatcher's deadline), and afterwards neither the database (no bytes) nor the
+client (no reading) may stall for longer.
+
+libpq (17+) hands over ``CHUNK_ROWS`` rows at a time; the job's bounded buffer
+makes the worker stop reading when the client is slow, and the server waits on
+its socket: memory stays flat whatever the result's size. When the client goes
+away, or the row limit is reached in a read-only stream, the query is cancelled
+on the server and the rest of its output discarded, so the connection is free
+again at once.
+
+`_StreamRun` is a friend of `Session`: it uses the session's protocol helpers and
+bookkeeping (prepared statements, session-state clean-up) rather than copies of
+them; mypy --strict checks that they still match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import psycopg
+from psycopg.adapt import Transformer
+from psycopg.pq import ExecStatus
+from psycopg.pq.abc import PGresult
+
+from ._errors import BadRequest, GatewayError, Timeout
+from ._jobs import Column, Statement
+from ._pipeline import (
+    _COMMIT,
+    _RESET,
+    _ROLLBACK,
+    _SAVEPOINT,
+    ConnectionLost,
+    Session,
+    _query_error,
+    _wake,
+    begin_command,
+)
+from ._stream_job import StreamJob
+
+#: rows per libpq result; with the job's buffer this bounds a stream's memory
+CHUNK_ROWS = 1000
+
+_NO_TIMEOUT = b"SELECT pg_catalog.set_config('statement_timeout', '0', true)"
+_ROWS = frozenset({ExecStatus.TUPLES_CHUNK, ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_OK})
+_COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH})
+
+
+async def run_stream(session: Session, job: StreamJob) -> None:
+    """Run `job` alone on `session`: its rows go to the job chunk by chunk.
+
+    On return the job is finished or failed; on `ConnectionLost` the
+    dispatcher fails it.
+
+    Raises:
+        ConnectionLost: the connection broke or the protocol went out of step.
+    """
+    try:
+        await _StreamRun(session, job).run()
+    except psycopg.OperationalError as exc:
+        raise ConnectionLost(str(exc)) from exc
+
+
+class _StreamRun:
+    """One stream's pass over the connection; see the module docstring."""
+
+    def __init__(self, session: Session, job: StreamJob) -> None:
+        self._session = session
+        self._pg = session._pg
+        self._codec = session._codec
+        self._job = job
+        self._tx = Transformer(session._codec.adapters)
+        self._loop = asyncio.get_running_loop()
+        self._columns: list[Column] | None = None
+        self._begun = False
+        self._sent = 0
+        self._cut = False  # the row limit was reached: rows left are discarded
+        self._stopping = False  # nobody reads any more: drain without watching the client
+        self._cancelled = False
+        self._error: GatewayError | None = None
+
+    async def run(self) -> None:
+        statement = self._job.statements[0]
+        if not await self._describe(statement) or self._job.stopped.done():
+            return
+        self._send(statement)
+        await self._session._flush()
+        if await self._read_setup():
+            self._chunked_rows_mode()
+        await self._read_statement()
+        if not self._job.read_only:
+            self._note_error(await self._one_result())
+        await self._session._sync()
+        for _ in range(1 if self._job.read_only else 2):
+            await self._session._result()
+        await self._session._sync()
+        if self._cancelled:
+            await self._after_cancel()
+        if self._session._dirty:
+            await self._session._discard()
+        await self._end()
+
+    async def _after_cancel(self) -> None:
+        """Make sure the cancel did not break the clean-up it may have landed on.
+
+        By now the backend has taken the cancel (it was signalled before the
+        rest was drained): a ROLLBACK it interrupted is run again, and a read-write
+        job's RESET ALL is redone by DISCARD ALL.
+        """
+        self._pg.send_query_params(_ROLLBACK, None)
+        self._pg.pipeline_sync()
+        await self._session._flush()
+        await self._session._result()
+        await self._session._sync()
+        if not self._job.read_only:
+            self._session._dirty = True
+
+    # --- round trip 1: what the columns are ------------------------------------------------
+
+    async def _describe(self, statement: Statement) -> bool:
+        """Parse and describe the statement; learn new column types. False if it failed."""
+        session = self._session
+        name = statement.prepared or b""
+        prepare = not statement.prepared or name not in session._prepared
+        if prepare:
+            self._pg.send_prepare(name, statement.sql)
+        self._pg.send_describe_prepared(name)
+        self._pg.pipeline_sync()
+        await session._flush()
+        results = [await session._result() for _ in range(2 if prepare else 1)]
+        await session._sync()
+        failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
+        if failed is not None:
+            self._job.fail(_query_error(failed))
+            return False
+        if statement.prepared:
+            session._prepared.add(name)
+        described = results[-1]
+        unknown = {
+            described.ftype(i)
+            for i in range(described.nfields)
+            if not self._codec.is_known(described.ftype(i))
+        }
+        if unknown:
+            await session.learn_types(unknown)
+        return True
+
+    # --- round trip 2: the rows ------------------------------------------------------------
+
+    def _send(self, statement: Statement) -> None:
+        pg, job = self._pg, self._job
+        pg.send_query_params(begin_command(job), None)
+        if job.read_only:
+            pg.send_query_params(_SAVEPOINT, None)
+        pg.send_query_params(_NO_TIMEOUT, None)
+        # without this the server would hold BEGIN's answer until the statement ends
+        pg.send_flush_request()
+        if statement.prepared:
+            pg.send_query_prepared(statement.prepared, statement.params)
+        else:
+            pg.send_query_params(statement.sql, statement.params)
+        if not job.read_only:
+            pg.send_query_params(_COMMIT, None)
+        pg.pipeline_sync()
+        pg.send_query_params(_ROLLBACK, None)
+        if not job.read_only:
+            pg.send_query_params(_RESET, None)
+        pg.pipeline_sync()
+
+    async def _read_setup(self) -> bool:
+        """Read BEGIN and what follows it up to the statement; False if one failed."""
+        setup = 3 if self._job.read_only else 2
+        results = [await self._one_result() for _ in range(setup)]
+        for res in results:
+            self._note_error(res)
+        return self._error is None
+
+    def _chunked_rows_mode(self) -> None:
+        try:
+            self._pg.set_chunked_rows_mode(CHUNK_ROWS)
+        except psycopg.NotSupportedError:  # libpq before 17: one row per result
+            self._pg.set_single_row_mode()
+
+    async def _read_statement(self) -> None:
+        """Every result of the statement, up to the NULL that ends them."""
+        while (res := await self._next()) is not None:
+            if res.status in _COPY:
+                raise ConnectionLost("COPY is not supported here; use format=csv instead")
+            if res.status in _ROWS:
+                await self._rows(res)
+            elif res.status == ExecStatus.COMMAND_OK:
+                self._columns = self._columns or []
+                self._session._note_session_state(res)
+            elif res.status == ExecStatus.EMPTY_QUERY:
+                self._note(BadRequest("the statement is empty"))
+            else:
+                self._note_error(res)
+
+    async def _rows(self, res: PGresult) -> None:
+        if self._stopping:
+            return
+        if self._cut:
+            if res.ntuples:  # there is more than the limit: stop the server producing it
+                await self._stop(cancel=self._job.read_only)
+            return
+        head = b""
+        if not self._begun:
+            head = self._begin(self._columns_of(res))
+            if not self._begun:
+                await self._stop()
+                return
+        take = res.ntuples
+        if self._job.row_limit is not None:
+            take = min(take, self._job.row_limit - self._sent)
+        body = self._job.encoder.rows(res, self._tx, take) if take else b""
+        self._sent += take
+        if (head or body) and not await self._job.put(head + body):
+            await self._stop()
+        elif self._job.row_limit is not None and self._sent >= self._job.row_limit:
+            self._cut = True
+            self._job.finish()
+
+    def _begin(self, columns: list[Column]) -> bytes:
+        """Let the response start; the bytes before the first row (empty if it could not)."""
+        self._columns = columns
+        self._begun = self._job.begin(columns)
+        return self._job.encoder.head(columns) if self._begun else b""
+
+    def _columns_of(self, res: PGresult) -> list[Column]:
+        return [
+            Column(
+                (res.fname(i) or b"").decode(),
+                self._codec.type_name(res.ftype(i)),
+                res.ftype(i),
+            )
+            for i in range(res.nfields)
+        ]
+
+    async def _end(self) -> None:
+        """Close the stream: its error, or (a result with no rows yet) its head and end."""
+        job = self._job
+        if self._error is not None:
+            job.fail(self._error)
+            return
+        if not self._begun and not self._stopping:
+            head = self._begin(self._columns or [])
+            if head and not await job.put(head):
+                return
+        job.finish()
+
+    # --- errors -------------------------------------------------------------------------
+
+    def _note_error(self, res: PGresult) -> None:
+        if res.status == ExecStatus.FATAL_ERROR:
+            self._note(_query_error(res))
+
+    def _note(self, error: GatewayError) -> None:
+        """Keep the first error; after a stop, errors are the cancel's echo."""
+        if self._error is None and not self._stopping:
+            self._error = error
+
+    # --- waiting ------------------------------------------------------------------------
+
+    async def _next(self) -> PGresult | None:
+        while self._pg.is_busy():
+            await self._wait()
+            self._pg.consume_input()
+        return self._pg.get_result()
+
+    async def _one_result(self) -> PGresult:
+        """The one result of a plain query (BEGIN, COMMIT), consuming the NULL after it."""
+        res = await self._next()
+        if res is None or await self._next() is not None:
+            raise ConnectionLost("protocol out of step: one result was due")
+        return res
+
+    async def _wait(self) -> None:
+        """Wait for the socket; watch the client and the stall limit unless stopping."""
+        ready: asyncio.Future[None] = self._loop.create_future()
+        fd = self._pg.socket
+        self._loop.add_reader(fd, _wake, ready)
+        watched: set[asyncio.Future[None]] = {ready}
+        if not self._stopping:
+            watched.add(self._job.stopped)
+        try:
+            done, _ = await asyncio.wait(
+                watched,
+                timeout=None if self._stopping else self._job.stall_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            self._loop.remove_reader(fd)
+            ready.cancel()
+        if self._stopping:
+            return
+        if self._job.stopped.done():
+            await self._stop()
+        elif not done:
+            ms = round(self._job.stall_s * 1000)
+            self._note(Timeout(f"the database sent nothing for {ms} ms; the stream was cut"))
+            await self._stop()
+
+    async def _stop(self, *, cancel: bool = True) -> None:
+        """Read the rest without passing it on; cancel the query on the server first."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if cancel:
+            self._cancelled = True
+            # best effort: if the cancel is lost, the rest is read and dropped
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._session._conn.cancel_safe(timeout=5)
