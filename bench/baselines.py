@@ -17,6 +17,9 @@ orjson for JSON both ways, no access log, one process, the same pool size.
 * ``asyncpg``: an ``asyncpg`` pool of ``--pool-size`` connections, ``pool.fetch``:
   what people pick for speed. Defaults kept, so asyncpg prepares and caches the
   statement, and resets the connection when it goes back to the pool.
+* ``asyncpg_noreset``: the same with ``create_pool(reset=...)`` a no-op, so releasing
+  a connection costs no round trip; not the obvious version (a session setting, a
+  LISTEN or an advisory lock then outlives its request), measured for information.
 * ``static``: a fixed row, no database; the request body is still read and parsed,
   so this is the ceiling of one Python process serving this contract.
 
@@ -35,7 +38,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-KINDS = ("connect", "psycopg_pool", "asyncpg", "static")
+KINDS = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 Query = Callable[[str, list[Any]], Awaitable[list[dict[str, Any]]]]
@@ -108,10 +111,10 @@ def psycopg_pool_app(dsn: str, pool_size: int) -> web.Application:
     from psycopg.rows import dict_row
     from psycopg_pool import AsyncConnectionPool
 
-    holder: dict[str, AsyncConnectionPool[Any]] = {}
+    holder: dict[str, AsyncConnectionPool[AsyncConnection[dict[str, Any]]]] = {}
 
     async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             dsn,
             min_size=pool_size,
             max_size=pool_size,
@@ -138,14 +141,24 @@ def psycopg_pool_app(dsn: str, pool_size: int) -> web.Application:
     return app
 
 
-def asyncpg_app(dsn: str, pool_size: int) -> web.Application:
-    """What people pick for speed: an asyncpg pool, ``pool.fetch``."""
-    import asyncpg
+def asyncpg_app(dsn: str, pool_size: int, *, reset: bool = True) -> web.Application:
+    """What people pick for speed: an asyncpg pool, ``pool.fetch``.
+
+    With `reset` false, a connection goes back to the pool without asyncpg's reset
+    query (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``, one
+    more round trip per request): faster, but session state may leak between requests.
+    """
+    import asyncpg  # type: ignore[import-untyped]
 
     holder: dict[str, Any] = {}
 
+    async def no_reset(conn: Any) -> None:
+        return None
+
     async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=pool_size, max_size=pool_size, reset=None if reset else no_reset
+        )
         holder["pool"] = pool
         try:
             yield
@@ -160,6 +173,11 @@ def asyncpg_app(dsn: str, pool_size: int) -> web.Application:
     app.cleanup_ctx.append(pool_ctx)
     app.router.add_post("/v1/query", _query_handler(run))
     return app
+
+
+def asyncpg_noreset_app(dsn: str, pool_size: int) -> web.Application:
+    """The asyncpg baseline without the reset query on release (not the default)."""
+    return asyncpg_app(dsn, pool_size, reset=False)
 
 
 def static_app(dsn: str, pool_size: int) -> web.Application:
@@ -177,6 +195,7 @@ FACTORIES: dict[str, Callable[[str, int], web.Application]] = {
     "connect": connect_app,
     "psycopg_pool": psycopg_pool_app,
     "asyncpg": asyncpg_app,
+    "asyncpg_noreset": asyncpg_noreset_app,
     "static": static_app,
 }
 
@@ -191,7 +210,7 @@ def install_uvloop() -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=KINDS, required=True)
     parser.add_argument("--dsn", default="", help="PostgreSQL DSN (not needed for static)")
@@ -209,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app.on_startup.append(announce)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    return 0
 
 
 if __name__ == "__main__":

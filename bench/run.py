@@ -61,12 +61,13 @@ POINT_SELECT = "SELECT aid, abalance FROM pgbench_accounts WHERE aid = $1"
 PGQG = "pgqg"
 PGBENCH = "pgbench -S"
 #: the HTTP targets, in the order of the first round; bench/baselines.py's kinds
-BASELINES = ("connect", "psycopg_pool", "asyncpg", "static")
+BASELINES = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 LABELS = {
     PGQG: "pgqg",
     "connect": "connect per request (psycopg)",
     "psycopg_pool": "aiohttp + psycopg_pool",
     "asyncpg": "aiohttp + asyncpg pool",
+    "asyncpg_noreset": "aiohttp + asyncpg pool, no reset on release",
     "static": "aiohttp, static JSON (no database)",
     PGBENCH: "pgbench -S (no HTTP, C client)",
 }
@@ -495,7 +496,7 @@ class Bench:
                 this_round[name] = res
                 flag = "" if res["valid"] else "  INVALID (errors)"
                 self.log(
-                    f"round {r + 1}/{a.rounds} {name:<13} {res['rps']:>9.0f} req/s  "
+                    f"round {r + 1}/{a.rounds} {name:<15} {res['rps']:>9.0f} req/s  "
                     f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms  "
                     f"(others used {res['other_cpu_pct']:.0f} % CPU){flag}"
                 )
