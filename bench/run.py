@@ -16,7 +16,10 @@
 4. Sweeps, pgqg only: client concurrency 1, 8, 32, 128, 512 at the same pool size, and
    pool size 1, 2, 4, 8, 16 at 32 clients (pgqg restarted each time); jobs per round
    trip from ``/v1/stats``, before and after each run.
-5. Prints Markdown tables and writes everything to ``bench/results/latest.json``.
+5. Prints Markdown tables and writes everything to ``bench/results/latest.json``:
+   per run also the CPU time per request of the server and of PostgreSQL, and the share
+   of the machine's CPUs that other processes took meanwhile (a noise figure).
+   ``--profile`` adds a py-spy profile of pgqg under the same load, in a separate run.
 
 A run with a non-2xx answer or a socket error is flagged invalid, never averaged in.
 Every process started here is stopped on exit, Ctrl-C or SIGTERM.
@@ -696,8 +699,8 @@ def report(results: dict[str, Any]) -> str:
         f"({results['machine']['cpu_model']}), PostgreSQL {results['database']['server_version']}.",
         "",
         "| target | req/s (median) | min-max | p50 ms | p99 ms | CPU µs/req: server, postgres "
-        "| pgqg ÷ target |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| others' CPU % (max) | pgqg ÷ target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in summary.items():
         cpu = s.get("cpu_us_per_request") or {}
@@ -707,15 +710,16 @@ def report(results: dict[str, Any]) -> str:
         spread = f"{s['rps_min']:.0f}-{s['rps_max']:.0f}" if "rps_min" in s else "-"
         lines.append(
             f"| {LABELS[name]}{invalid} | {s['rps']:.0f} | {spread} | {_ms(s['p50_ms'])} "
-            f"| {_ms(s['p99_ms'])} | {cpu_text} | {ratio} |"
+            f"| {_ms(s['p99_ms'])} | {cpu_text} | {s.get('other_cpu_pct_max', 0):.0f} | {ratio} |"
         )
     jpr = summary[PGQG].get("jobs_per_round_trip")
     noise = max(s.get("other_cpu_pct_max", 0.0) for s in summary.values())
     lines += [
         "",
         f"pgqg: {jpr} jobs per round trip at {cfg['connections']} clients. CPU µs/req counts "
-        "the server process and all PostgreSQL processes (wrk's own is in the JSON); "
-        f"other processes used at most {noise:.1f} % of the machine's CPUs during a run.",
+        "the server process and all PostgreSQL processes (wrk's own is in the JSON). "
+        "Others' CPU: the share of the machine's CPUs used by processes outside the "
+        f"measurement (idle targets, other users, steal); at most {noise:.0f} % in this run.",
         "",
     ]
     lines += ["| pgqg ÷ | target | measured | met |", "|---|---:|---:|---|"]
