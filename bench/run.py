@@ -474,11 +474,18 @@ class Bench:
     def _server_version(self) -> str:
         import psycopg
 
+        want = self.args.scale * 100_000
         with psycopg.connect(self.dsn) as conn:
             row = conn.execute("SHOW server_version").fetchone()
-            count = conn.execute("SELECT count(*) FROM pgbench_branches").fetchone()
-        if count is None or count[0] != self.args.scale:
-            raise BenchError(f"pgbench tables hold scale {count}, not {self.args.scale}")
+            # every aid the wrk script draws must exist: a missing row still answers 200
+            got = conn.execute(
+                "SELECT count(*), min(aid), max(aid) FROM pgbench_accounts"
+            ).fetchone()
+        if got is None or tuple(got) != (want, 1, want):
+            raise BenchError(
+                f"pgbench_accounts holds (count, min, max) {got}, not scale "
+                f"{self.args.scale}; load it with pgbench -i -s {self.args.scale}"
+            )
         return str(row[0]) if row else "?"
 
     def comparison(self) -> dict[str, Any]:
