@@ -794,11 +794,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="harness check: 1 round of 3 s, 1 s warm-ups, 2 s sweep points",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results file (bench/results/latest.json; quick.json with --quick)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 3.0, 1.0
         args.sweep_duration = args.sweep_duration or 2.0
+    args.out = args.out or RESULTS_DIR / ("quick.json" if args.quick else "latest.json")
     args.sweep_duration = args.sweep_duration or args.duration
     if args.skip_load and not args.dsn:
         p.error("--skip-load needs --dsn (the embedded database starts empty)")
