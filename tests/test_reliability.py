@@ -9,13 +9,15 @@ Graceful shutdown (a subprocess) is in test_shutdown.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
-from support import GatewayClient, query
+from support import GatewayClient, assert_error, query
 
 from gateway import Codec, Job, Statement
 from gateway._pipeline import Session
@@ -102,9 +104,7 @@ def started(session: Session, *jobs: Job) -> list[Job]:
     return list(jobs)
 
 
-async def test_every_abandoned_job_of_a_batch_is_cancelled(
-    session: Session, admin: Any
-) -> None:
+async def test_every_abandoned_job_of_a_batch_is_cancelled(session: Session, admin: Any) -> None:
     first, second, third = marker(), marker(), marker()
     jobs = started(
         session, sleep_job(10, first), sleep_job(10, second), sleep_job(10, third),
@@ -139,3 +139,115 @@ async def test_a_job_abandoned_behind_a_slow_one_never_runs_long(
     assert slow.future.result()[0].rows[0]["mark"] == ""
     assert victim.future.cancelled()
     assert not await running(admin, mark)
+
+
+# --- 1. deadlines over HTTP --------------------------------------------------------------
+
+
+async def test_a_deadline_answers_504_and_cancels_the_query(
+    client: GatewayClient, admin: Any
+) -> None:
+    mark = marker()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    status, body = await query(client, f"select pg_sleep(10), '{mark}'", timeout_ms=300)
+    answered = loop.time() - t0
+    assert status == 504
+    assert_error(body, "timeout")
+    assert 0.29 < answered < 0.6
+    await gone_within(admin, mark, 1.0)
+    await no_leaks(client, 4)
+
+
+async def test_the_statement_timeout_caps_the_deadline(gateway_factory: Any, admin: Any) -> None:
+    client = await gateway_factory(statement_timeout_ms=400)
+    mark = marker()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    status, body = await query(client, f"select pg_sleep(10), '{mark}'", timeout_ms=60_000)
+    assert status == 504
+    assert_error(body, "timeout")
+    assert loop.time() - t0 < 0.8
+    await gone_within(admin, mark, 1.0)
+
+
+async def test_a_deadline_counts_the_queue_wait(gateway_factory: Any, admin: Any) -> None:
+    # one connection, busy: the second query's deadline passes while it waits
+    # (queued, or pipelined behind the first); it never runs long after its 504
+    client = await gateway_factory(pool_size=1)
+    mark = marker()
+    loop = asyncio.get_running_loop()
+    blocker = asyncio.ensure_future(query(client, "select pg_sleep(0.8)", timeout_ms=5000))
+    await asyncio.sleep(0.05)
+    t0 = loop.time()
+    status, body = await query(client, f"select pg_sleep(10), '{mark}'", timeout_ms=300)
+    assert status == 504
+    assert_error(body, "timeout")
+    assert loop.time() - t0 < 0.6
+    assert (await blocker)[0] == 200
+    await gone_within(admin, mark, 1.0)
+    await no_leaks(client, 1)
+
+
+# --- 2. clients that hang up ------------------------------------------------------------
+
+
+async def hang_up_after(client: GatewayClient, seconds: float, body: dict[str, Any]) -> None:
+    """POST /v1/query on a connection of its own, and drop it after `seconds`."""
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.ensure_future(http.post(client.make_url("/v1/query"), json=body))
+        await asyncio.sleep(seconds)
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+
+async def test_a_client_that_hangs_up_cancels_its_running_query(
+    client: GatewayClient, admin: Any
+) -> None:
+    mark = marker()
+    await hang_up_after(client, 0.3, {"sql": f"select pg_sleep(10), '{mark}'"})
+    took = await gone_within(admin, mark, 1.0)
+    assert took < 1.0
+    await no_leaks(client, 4)
+
+
+async def test_a_client_that_hangs_up_while_queued_writes_nothing(
+    gateway_factory: Any, admin: Any, table: str
+) -> None:
+    client = await gateway_factory(pool_size=1, raw_sql="read-write")
+    blocker = asyncio.ensure_future(query(client, "select pg_sleep(0.6)"))
+    await asyncio.sleep(0.1)
+    await hang_up_after(client, 0.2, {"sql": f"insert into {table} values (1, 'x')"})
+    assert (await blocker)[0] == 200
+    await no_leaks(client, 1)
+    cur = await admin.execute(f"select count(*) from {table}")
+    assert await cur.fetchone() == (0,)
+
+
+# --- 3. backpressure -----------------------------------------------------------------------
+
+
+async def test_30_slow_queries_on_2_connections_and_a_queue_of_4(gateway_factory: Any) -> None:
+    client = await gateway_factory(pool_size=2, queue_size=4)
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> tuple[int, float, Any]:
+        await asyncio.sleep(i * 0.005)  # arrivals spread over 150 ms
+        t0 = loop.time()
+        resp = await client.post("/v1/query", json={"sql": "select pg_sleep(0.5)"})
+        return resp.status, loop.time() - t0, (resp.headers.get("Retry-After"), await resp.json())
+
+    t0 = loop.time()
+    answers = await asyncio.gather(*(one(i) for i in range(30)))
+    total = loop.time() - t0
+    ok = [a for a in answers if a[0] == 200]
+    refused = [a for a in answers if a[0] != 200]
+    assert len(ok) == 6  # 2 running + 4 waiting
+    for status, took, (retry_after, body) in refused:
+        assert status == 503 and retry_after == "1"
+        assert_error(body, "overloaded")
+        assert took < 0.1
+    # the six accepted share both connections: three rounds of 0.5 s, not six
+    assert total < 2.0
+    await no_leaks(client, 2)
