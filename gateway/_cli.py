@@ -22,12 +22,29 @@ def main() -> None:
 @click.option("--host", help="Listen address (PGQG_HOST).")
 @click.option("--port", type=int, help="Listen port (PGQG_PORT).")
 @click.option("--pool-size", type=int, help="Connections (PGQG_POOL_SIZE).")
+@click.option(
+    "--shutdown-grace-s",
+    type=float,
+    help="On SIGTERM/SIGINT, seconds in-flight requests may finish (PGQG_SHUTDOWN_GRACE_S).",
+)
 def serve_command(
-    config: Path | None, dsn: str | None, host: str | None, port: int | None, pool_size: int | None
+    config: Path | None,
+    dsn: str | None,
+    host: str | None,
+    port: int | None,
+    pool_size: int | None,
+    shutdown_grace_s: float | None,
 ) -> None:
     """Run the gateway."""
     try:
-        settings = load_settings(config, dsn=dsn, host=host, port=port, pool_size=pool_size)
+        settings = load_settings(
+            config,
+            dsn=dsn,
+            host=host,
+            port=port,
+            pool_size=pool_size,
+            shutdown_grace_s=shutdown_grace_s,
+        )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if not settings.dsn:

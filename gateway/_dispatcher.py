@@ -96,21 +96,29 @@ class Dispatcher:
         """Refuse new jobs from now on (503 unavailable); queued and running ones go on."""
         self._closing = True
 
-    async def close(self, grace: float = 0.0) -> None:
-        """Stop taking jobs, let queued and running ones finish within `grace`, then stop.
+    async def drain(self, grace: float) -> None:
+        """Refuse new jobs; let queued and running ones finish within `grace`.
 
-        After `grace`, queued jobs fail with `Unavailable` and running ones are
-        abandoned, which cancels their queries on the server; workers still busy
-        after `CANCEL_WAIT_S` more are stopped, interrupting their queries.
-        Closing twice is harmless.
+        After `grace`, queued jobs fail and running ones are abandoned (their
+        clients get 503 `Unavailable`), which cancels their queries on the
+        server; then up to `CANCEL_WAIT_S` for those to come back.
         """
         self.begin_close()
         await self._settle(grace)
-        self._fail_queued(Unavailable("the gateway is shutting down"))
+        shutting_down = Unavailable("the gateway is shutting down")
+        self._fail_queued(shutting_down)
         for batch in list(self._batches.values()):
             for job in batch:
-                job.abandon(Unavailable("the gateway is shutting down"))
+                job.abandon(shutting_down)
         await self._settle(CANCEL_WAIT_S)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """`drain` within `grace`, then stop the workers.
+
+        A worker still busy is stopped mid-batch, interrupting its query on the
+        server. Closing twice (or after `drain`) is harmless.
+        """
+        await self.drain(grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
