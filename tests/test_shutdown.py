@@ -9,27 +9,18 @@ of its own, so ``pg_stat_activity`` shows exactly the gateway's connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
 import psycopg.conninfo
 import pytest
-from support import assert_error
+from support import Served, assert_error
 
 pytestmark = pytest.mark.slow
-
-START_TIMEOUT_S = 20.0
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -43,58 +34,6 @@ def own_database(database_dsn: str) -> Iterator[tuple[str, str]]:
     finally:
         with psycopg.connect(database_dsn, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Served:
-    """A ``pgqg serve`` subprocess on a free port."""
-
-    def __init__(self, dsn: str, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", dsn, "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [*cmd, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PGQG_LOG_LEVEL": "warning"},
-        )
-
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT_S
-        while True:
-            assert self.proc.poll() is None, self.output()
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(self.url + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            assert loop.time() < deadline, "the gateway did not get ready"
-            await asyncio.sleep(0.05)
-
-    async def exit_code(self, timeout: float) -> int:
-        """Wait for the process to exit; fails after `timeout` seconds."""
-        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
-
-    def output(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stdout.read() if self.proc.stdout else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 @pytest.fixture
