@@ -161,6 +161,8 @@ class Session:
             await self._learn_types(deferred)
             for plan, raw in deferred:
                 self._deliver(plan.job, raw)
+        if self._pg.transaction_status != TransactionStatus.IDLE:
+            await self._housekeeping(_ROLLBACK)  # a cleanup was cancelled (see _should_retry)
         if self._dirty:
             await self._discard()
         return plans
@@ -273,7 +275,7 @@ class Session:
         """Resolve the job from its results; return them instead if types are unknown."""
         error = next((r for r in [*errors, *raw] if r.status == ExecStatus.FATAL_ERROR), None)
         if error is not None:
-            self._fail(plan, error)
+            self._fail(plan, error, first=error is (errors or raw)[0])
             return None
         if any(not self._codec.is_known(r.ftype(i)) for r in raw for i in range(r.nfields)):
             return raw
@@ -285,21 +287,28 @@ class Session:
         if res.status == ExecStatus.COMMAND_OK:
             self._prepared.add(name)
 
-    def _fail(self, plan: _Plan, res: PGresult) -> None:
+    def _fail(self, plan: _Plan, res: PGresult, *, first: bool) -> None:
+        """Fail the job with `res`'s error, or mark it to run again; `first`: the
+        error came from the job's very first message, before anything of it ran."""
         error = _query_error(res)
         job = plan.job
-        if not plan.retrying and not job.done and self._should_retry(plan, error):
+        if not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
         else:
             job.fail(error)
 
-    def _should_retry(self, plan: _Plan, error: GatewayError) -> bool:
+    def _should_retry(self, plan: _Plan, error: GatewayError, first: bool) -> bool:
         """Whether the failed job had no effect and can simply run again."""
         job = plan.job
         if error.sqlstate == "57014" and self._cancelled and _USER_CANCEL in error.message:
             return job not in self._cancelled  # hit by a cancel meant for another job
+        if error.sqlstate == "25P02" and first:
+            # A cancel meant for the job before landed on that job's cleanup
+            # ROLLBACK, leaving its transaction aborted: this one never started
+            # (and its own cleanup ROLLBACK ends that transaction).
+            return True
         if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
             # VACUUM and friends refuse a transaction block: run alone, unwrapped
             plan.wrapped = False
@@ -435,12 +444,24 @@ class Session:
 
     # --- housekeeping -----------------------------------------------------------------
 
+    async def _housekeeping(self, sql: bytes, params: list[bytes | None] | None = None) -> PGresult:
+        """Run one statement of the gateway's own in its own segment.
+
+        A late cancel meant for the batch's last job may land on it: then it
+        runs once more.
+        """
+        for _ in range(2):
+            self._pg.send_query_params(sql, params)
+            self._pg.pipeline_sync()
+            await self._flush()
+            res = await self._result()
+            await self._sync()
+            if res.status != ExecStatus.FATAL_ERROR or _query_error(res).sqlstate != "57014":
+                break
+        return res
+
     async def _discard(self) -> None:
-        self._pg.send_query_params(_DISCARD, None)
-        self._pg.pipeline_sync()
-        await self._flush()
-        await self._result()
-        await self._sync()
+        await self._housekeeping(_DISCARD)
         self._prepared.clear()
         self._dirty = False
 
@@ -453,11 +474,7 @@ class Session:
             if not self._codec.is_known(r.ftype(i))
         }
         array = "{" + ",".join(str(o) for o in sorted(oids)) + "}"
-        self._pg.send_query_params(TYPE_QUERY, [array.encode()])
-        self._pg.pipeline_sync()
-        await self._flush()
-        res = await self._result()
-        await self._sync()
+        res = await self._housekeeping(TYPE_QUERY, [array.encode()])
         if res.status == ExecStatus.TUPLES_OK:
             rows = [
                 [(res.get_value(r, c) or b"").decode() for c in range(res.nfields)]
