@@ -141,6 +141,30 @@ async def test_a_job_abandoned_behind_a_slow_one_never_runs_long(
     assert not await running(admin, mark)
 
 
+async def test_a_job_after_a_cleanup_hit_by_a_late_cancel_runs_again(
+    database_dsn: str,
+) -> None:
+    # A cancel meant for a job whose statement just ended lands on that job's
+    # cleanup ROLLBACK, leaving its transaction aborted (25P02 for the next
+    # BEGIN). Simulated: the session starts inside an aborted transaction.
+    settings = load_settings(dsn=database_dsn)
+    conn = await psycopg.AsyncConnection.connect(
+        database_dsn, autocommit=True, options=session_options(settings)
+    )
+    try:
+        await conn.execute("BEGIN")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await conn.execute("SELECT 1/0")
+        sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
+        jobs = started(sess, sleep_job(0, "first"), sleep_job(0, "second"))
+        await sess.run(jobs)
+        assert [j.future.result()[0].rows[0]["mark"] for j in jobs] == ["first", "second"]
+        assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        sess.close()
+    finally:
+        await conn.close()
+
+
 # --- 1. deadlines over HTTP --------------------------------------------------------------
 
 
@@ -434,3 +458,53 @@ async def test_queued_jobs_fail_fast_when_every_connection_is_lost(
     await asyncio.to_thread(pg.start)
     await poll_ready(client, 3.0)
     await no_leaks(client, 2)
+
+
+# --- 7. no leaks ----------------------------------------------------------------------------
+
+
+async def pooled_backends_idle(client: GatewayClient, admin: Any) -> None:
+    """Every connection the gateway holds is idle (not in a transaction) on the server."""
+    stats = await (await client.get("/v1/stats")).json()
+    pids = [c["backend_pid"] for c in stats["connections"]]
+    cur = await admin.execute("SELECT state FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+    assert [row[0] for row in await cur.fetchall()] == ["idle"] * len(pids)
+
+
+@pytest.mark.slow
+async def test_nothing_leaks_after_a_mix_of_everything(
+    gateway_factory: Any, admin: Any, table: str
+) -> None:
+    client = await gateway_factory(pool_size=3, queue_size=6, raw_sql="read-write")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 3.0
+    statuses: list[int] = []
+    ids = iter(range(1, 100_000))
+
+    async def one(kind: int) -> None:
+        if kind == 0:
+            statuses.append((await query(client, "select g from generate_series(1, 20) g"))[0])
+        elif kind == 1:
+            statuses.append((await query(client, "select 1/0"))[0])
+        elif kind == 2:
+            statuses.append((await query(client, "select pg_sleep(2)", timeout_ms=100))[0])
+        elif kind == 3:
+            await hang_up_after(client, 0.1, {"sql": "select pg_sleep(2)"})
+        elif kind == 4:
+            sql = f"insert into {table} values ($1, 'x')"
+            statuses.append((await query(client, sql, next(ids)))[0])
+        else:
+            resp = await client.post("/v1/query", data=b"{", headers={"Content-Type": "x/y"})
+            statuses.append(resp.status)
+
+    async def user(i: int) -> None:
+        kind = i
+        while loop.time() < end:
+            await one(kind % 6)
+            kind += 1
+
+    await asyncio.gather(*(user(i) for i in range(12)))
+    assert set(statuses) <= {200, 400, 415, 503, 504}
+    assert {200, 400, 504} <= set(statuses)
+    await no_leaks(client, 3)
+    await pooled_backends_idle(client, admin)
