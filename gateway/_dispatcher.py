@@ -105,11 +105,10 @@ class Dispatcher:
         """
         self.begin_close()
         await self._settle(grace)
-        shutting_down = Unavailable("the gateway is shutting down")
-        self._fail_queued(shutting_down)
+        self._fail_queued(Unavailable("the gateway is shutting down"))
         for batch in list(self._batches.values()):
             for job in batch:
-                job.abandon(shutting_down)
+                job.abandon(Unavailable("the gateway is shutting down"))
         await self._settle(CANCEL_WAIT_S)
 
     async def close(self, grace: float = 0.0) -> None:

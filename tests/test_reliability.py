@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from support import GatewayClient, assert_error, query
 
-from gateway import Codec, Job, Statement
+from gateway import Codec, Dispatcher, Job, Statement, Unavailable
 from gateway._pipeline import Session
-from gateway._pool import session_options
+from gateway._pool import make_pool, session_options
 from gateway._settings import load_settings
 
 # --- helpers ---------------------------------------------------------------------------
@@ -458,6 +458,39 @@ async def test_queued_jobs_fail_fast_when_every_connection_is_lost(
     await asyncio.to_thread(pg.start)
     await poll_ready(client, 3.0)
     await no_leaks(client, 2)
+
+
+# --- 5. closing (the subprocess and its signals: test_shutdown.py) -----------------------
+
+
+async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
+    database_dsn: str, admin: Any
+) -> None:
+    settings = load_settings(dsn=database_dsn, pool_size=2)
+    pool = make_pool(settings, database_dsn)
+    await pool.open(wait=True)
+    dispatcher = Dispatcher(pool, Codec(), settings)
+    dispatcher.start()
+    try:
+        quick, slow = marker(), marker()
+        runs = [
+            asyncio.ensure_future(dispatcher.run(sleep_job(0.3, quick))),
+            asyncio.ensure_future(dispatcher.run(sleep_job(30, slow))),
+        ]
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await dispatcher.close(grace=0.6)
+        assert loop.time() - t0 < 1.0
+        assert (await runs[0])[0].rows[0]["mark"] == quick  # finished within the grace
+        with pytest.raises(Unavailable):
+            await runs[1]  # still running after it: answered, and cancelled
+        assert not await running(admin, slow)
+        with pytest.raises(Unavailable):
+            await dispatcher.run(sleep_job(0))
+        await dispatcher.close()  # twice is harmless
+    finally:
+        await pool.close()
 
 
 # --- 7. no leaks ----------------------------------------------------------------------------
