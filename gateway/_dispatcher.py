@@ -35,6 +35,9 @@ LEASE_S = 30.0
 #: before their workers are stopped outright
 CANCEL_WAIT_S = 2.0
 SETTLE_POLL_S = 0.01
+#: stopping the workers: cancel, wait this long, cancel those still running again…
+STOP_ROUND_S = 0.1
+STOP_ROUNDS = 50
 
 
 @dataclass(slots=True)
@@ -118,10 +121,28 @@ class Dispatcher:
         server. Closing twice (or after `drain`) is harmless.
         """
         await self.drain(grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_workers()
         self._tasks = []
+
+    async def _stop_workers(self) -> None:
+        """Cancel the workers, as often as it takes.
+
+        One cancel can be lost: on Python 3.11 ``asyncio.wait_for`` (which
+        psycopg_pool waits with) drops a cancellation that arrives as the
+        connection it waits for is handed over, and the worker then serves
+        that connection as if nothing happened. So cancel again until done.
+        """
+        for _ in range(STOP_ROUNDS):
+            pending = [task for task in self._tasks if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=STOP_ROUND_S)
+        else:
+            log.warning("connection workers did not stop: %s", pending)
+        # retrieve the outcomes, so no "exception was never retrieved" warnings
+        await asyncio.gather(*(t for t in self._tasks if t.done()), return_exceptions=True)
 
     async def _settle(self, seconds: float) -> None:
         """Wait up to `seconds` until no job is queued or running."""

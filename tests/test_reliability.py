@@ -493,6 +493,30 @@ async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
         await pool.close()
 
 
+async def test_close_stops_a_worker_whose_cancellation_was_lost(database_dsn: str) -> None:
+    # On Python 3.11, asyncio.wait_for (psycopg_pool waits for a connection with
+    # it) drops a cancellation that arrives as the connection is handed over:
+    # seen as `pgqg serve` hanging on SIGINT once in a few dozen runs.
+    settings = load_settings(dsn=database_dsn, pool_size=1)
+    pool = make_pool(settings, database_dsn)
+    await pool.open(wait=True)
+    dispatcher = Dispatcher(pool, Codec(), settings)
+    dispatcher.start()
+
+    async def stubborn() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    dispatcher._tasks.append(asyncio.ensure_future(stubborn()))
+    await asyncio.sleep(0.05)  # it waits in its first sleep
+    try:
+        async with asyncio.timeout(2):
+            await dispatcher.close()
+    finally:
+        await pool.close()
+
+
 # --- 7. no leaks ----------------------------------------------------------------------------
 
 
