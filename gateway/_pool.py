@@ -69,6 +69,12 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
             "options": session_options(settings),
             "client_encoding": "UTF8",
             "connect_timeout": CONNECT_TIMEOUT_S,
+            # A server that vanishes without closing the connection (a network
+            # partition, a host power-off) is noticed in about 25 s, not hours.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
         },
         check=AsyncConnectionPool.check_connection,
         max_lifetime=settings.pool_max_lifetime_s,
