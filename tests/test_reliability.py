@@ -179,7 +179,8 @@ async def test_a_deadline_answers_504_and_cancels_the_query(
     assert status == 504
     assert_error(body, "timeout")
     assert 0.29 < answered < 0.6
-    await gone_within(admin, mark, 1.0)
+    gone = await gone_within(admin, mark, 1.0)
+    print(f"504 after {answered:.3f} s; the query gone {gone:.3f} s later")
     await no_leaks(client, 4)
 
 
@@ -232,7 +233,7 @@ async def test_a_client_that_hangs_up_cancels_its_running_query(
     mark = marker()
     await hang_up_after(client, 0.3, {"sql": f"select pg_sleep(10), '{mark}'"})
     took = await gone_within(admin, mark, 1.0)
-    assert took < 1.0
+    print(f"the query gone {took:.3f} s after the client hung up")
     await no_leaks(client, 4)
 
 
@@ -265,6 +266,8 @@ async def test_30_slow_queries_on_2_connections_and_a_queue_of_4(gateway_factory
     t0 = loop.time()
     answers = await asyncio.gather(*(one(i) for i in range(30)))
     total = loop.time() - t0
+    slowest_refusal = max(took for status, took, _ in answers if status != 200)
+    print(f"6 accepted, all done in {total:.2f} s; slowest 503: {slowest_refusal * 1000:.1f} ms")
     ok = [a for a in answers if a[0] == 200]
     refused = [a for a in answers if a[0] != 200]
     assert len(ok) == 6  # 2 running + 4 waiting
