@@ -37,7 +37,21 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[CODEC] = Codec()
     app.add_routes(routes)
     app.cleanup_ctx.append(database_ctx)
+    app.on_shutdown.append(drain_requests)
     return app
+
+
+async def drain_requests(app: web.Application) -> None:
+    """On shutdown, while aiohttp no longer accepts connections: in-flight
+    requests get ``shutdown_grace_s`` to finish, then 503 and their queries
+    are cancelled on the server.
+
+    This runs before aiohttp waits for (and then cancels) its handlers, so a
+    request cut short still gets an answer rather than a dropped connection.
+    """
+    dispatcher = app.get(DISPATCHER)
+    if dispatcher is not None:
+        await dispatcher.drain(app[SETTINGS].shutdown_grace_s)
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -229,6 +229,11 @@ def _announce(
     type=click.Path(path_type=Path, file_okay=False),
     help="Embedded PostgreSQL's data directory (PGQG_DATA_DIR).",
 )
+@click.option(
+    "--shutdown-grace-s",
+    type=float,
+    help="On SIGTERM/SIGINT, seconds in-flight requests may finish (PGQG_SHUTDOWN_GRACE_S).",
+)
 def serve_command(
     config: Path | None,
     dsn: str | None,
@@ -237,6 +242,7 @@ def serve_command(
     pool_size: int | None,
     raw_sql: str | None,
     data_dir: Path | None,
+    shutdown_grace_s: float | None,
 ) -> None:
     """Run the gateway until Ctrl-C or SIGTERM.
 
@@ -257,6 +263,7 @@ def serve_command(
         pool_size=pool_size,
         raw_sql=raw_sql,
         data_dir=data_dir,
+        shutdown_grace_s=shutdown_grace_s,
     )
     _check_listen_address(settings)
     if settings.dsn:

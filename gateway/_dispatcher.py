@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,13 @@ log = logging.getLogger("gateway.dispatcher")
 #: a worker hands its connection back to the pool this often, so the pool can
 #: check it and recycle it after ``max_lifetime``
 LEASE_S = 30.0
+#: on close, after the grace period: how long cancelled queries get to come back
+#: before their workers are stopped outright
+CANCEL_WAIT_S = 2.0
+SETTLE_POLL_S = 0.01
+#: stopping the workers: cancel, wait this long, cancel those still running again…
+STOP_ROUND_S = 0.1
+STOP_ROUNDS = 50
 
 
 @dataclass(slots=True)
@@ -66,14 +74,20 @@ class Dispatcher:
         self._pool = pool
         self._codec = codec
         self._settings = settings
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.queue_size, 1))
+        # Jobs whose clients wait for them, queued or in a batch, are bounded by
+        # `_capacity`: one running job per connection plus ``queue_size`` waiting.
+        # Batches take jobs off the queue, so its own size bounds nothing.
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._capacity = settings.pool_size + settings.queue_size
+        self._pending = 0  # admitted jobs not resolved yet
         self._workers = [WorkerStats(i) for i in range(settings.pool_size)]
         self._sessions: dict[int, Session] = {}
+        self._batches: dict[int, list[Job]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        self._connecting = 0  # requests waiting in `_admit` for a first connection
         self._closing = False
         self._running = 0
-        self._idle = asyncio.Event()  # set whenever no job is running
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -83,28 +97,68 @@ class Dispatcher:
             asyncio.create_task(self._work(w), name=f"pgqg-worker-{w.id}") for w in self._workers
         ]
 
-    async def close(self, grace: float = 0.0) -> None:
-        """Stop taking jobs, let running ones finish within `grace`, cancel the rest.
-
-        Queued jobs left after `grace` fail with `Unavailable`; running queries
-        are cancelled on the server. Closing twice is harmless.
-        """
+    def begin_close(self) -> None:
+        """Refuse new jobs from now on (503 unavailable); queued and running ones go on."""
         self._closing = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                while self._running or not self._queue.empty():
-                    self._idle.clear()
-                    await self._idle.wait()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new jobs; let queued and running ones finish within `grace`.
+
+        After `grace`, queued jobs fail and running ones are abandoned (their
+        clients get 503 `Unavailable`), which cancels their queries on the
+        server; then up to `CANCEL_WAIT_S` for those to come back.
+        """
+        self.begin_close()
+        await self._settle(grace)
         self._fail_queued(Unavailable("the gateway is shutting down"))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for batch in list(self._batches.values()):
+            for job in batch:
+                job.abandon(Unavailable("the gateway is shutting down"))
+        await self._settle(CANCEL_WAIT_S)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """`drain` within `grace`, then stop the workers.
+
+        A worker still busy is stopped mid-batch, interrupting its query on the
+        server. Closing twice (or after `drain`) is harmless.
+        """
+        await self.drain(grace)
+        await self._stop_workers()
         self._tasks = []
+
+    async def _stop_workers(self) -> None:
+        """Cancel the workers, as often as it takes.
+
+        One cancel can be lost: on Python 3.11 ``asyncio.wait_for`` (which
+        psycopg_pool waits with) drops a cancellation that arrives as the
+        connection it waits for is handed over, and the worker then serves
+        that connection as if nothing happened. So cancel again until done.
+        """
+        for _ in range(STOP_ROUNDS):
+            pending = [task for task in self._tasks if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=STOP_ROUND_S)
+        else:
+            log.warning("connection workers did not stop: %s", pending)
+        # retrieve the outcomes, so no "exception was never retrieved" warnings
+        await asyncio.gather(*(t for t in self._tasks if t.done()), return_exceptions=True)
+
+    async def _settle(self, seconds: float) -> None:
+        """Wait up to `seconds` until no job is queued or running."""
+        # Polled rather than signalled: jobs leave in several ways (run, dropped
+        # unstarted, failed), and this runs once, at shutdown.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while self._running or not self._queue.empty():  # noqa: ASYNC110
+                    await asyncio.sleep(SETTLE_POLL_S)
 
     @property
     def ready(self) -> bool:
-        """True while at least one worker holds a working connection."""
-        return self._connected.is_set()
+        """True while at least one worker holds a working connection, until closing."""
+        return self._connected.is_set() and not self._closing
 
     # --- the front end's side ------------------------------------------------------------
 
@@ -130,17 +184,49 @@ class Dispatcher:
         if self._closing:
             raise Unavailable("the gateway is shutting down")
         if not self._connected.is_set():
-            wait = self._settings.connect_timeout_ms / 1000
-            try:
-                async with asyncio.timeout(wait):
-                    await self._connected.wait()
-            except TimeoutError:
-                raise Unavailable("no database connection is available") from None
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise Overloaded("the gateway's queue is full; retry shortly") from None
+            await self._wait_connected(job)
+        if self._pending >= self._capacity:
+            raise Overloaded("the gateway's queue is full; retry shortly")
+        if self._queue.qsize() >= self._capacity:
+            self._drop_abandoned()  # they no longer count, but still take memory
+        self._pending += 1
+        job.future.add_done_callback(self._settled)
+        self._queue.put_nowait(job)
         job.enqueued_at = asyncio.get_running_loop().time()
+
+    async def _wait_connected(self, job: Job) -> None:
+        """Wait for a first database connection, up to ``connect_timeout_ms``.
+
+        Raises:
+            Unavailable: no connection came up in time (or before the job's
+                deadline), too many requests wait already, or the gateway closed.
+        """
+        if self._connecting >= self._capacity:  # memory stays bounded during an outage
+            raise Unavailable("no database connection is available")
+        loop = asyncio.get_running_loop()
+        wait = min(self._settings.connect_timeout_ms / 1000, job.deadline - loop.time())
+        self._connecting += 1
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                await self._connected.wait()
+        except TimeoutError:
+            raise Unavailable("no database connection is available") from None
+        finally:
+            self._connecting -= 1
+        if self._closing:
+            raise Unavailable("the gateway is shutting down")
+
+    def _settled(self, _future: asyncio.Future[list[StatementResult]]) -> None:
+        self._pending -= 1
+
+    def _drop_abandoned(self) -> None:
+        """Take jobs whose clients gave up off the queue, keeping the others' order."""
+        waiting = []
+        while (job := self._take()) is not None:
+            if not job.done:
+                waiting.append(job)
+        for job in waiting:
+            self._queue.put_nowait(job)
 
     async def _wait(self, job: Job) -> list[StatementResult]:
         queue_deadline = job.enqueued_at + self._settings.queue_timeout_ms / 1000
@@ -163,7 +249,9 @@ class Dispatcher:
         jobs = sum(w.jobs for w in self._workers)
         batches = sum(w.batches for w in self._workers)
         return {
-            "queue": {"depth": self._queue.qsize(), "capacity": self._queue.maxsize},
+            "queue": {"depth": self._queue.qsize(), "capacity": self._settings.queue_size},
+            "pending": self._pending,
+            "capacity": self._capacity,
             "running": self._running,
             "ready": self.ready,
             "jobs_per_batch": round(jobs / batches, 2) if batches else 0.0,
@@ -173,7 +261,8 @@ class Dispatcher:
     # --- the connection workers' side ----------------------------------------------------
 
     async def _work(self, worker: WorkerStats) -> None:
-        while not self._closing:
+        """Serve jobs on one pooled connection after another until cancelled (`close`)."""
+        while True:
             try:
                 async with self._pool.connection(timeout=LEASE_S) as conn:
                     await self._lease(worker, conn)
@@ -193,8 +282,8 @@ class Dispatcher:
         self._connected.set()
         try:
             await self._serve(worker, session)
-            session.close()
         finally:
+            session.close()
             worker.connected = False
             del self._sessions[worker.id]
             if not any(w.connected for w in self._workers):
@@ -203,7 +292,7 @@ class Dispatcher:
     async def _serve(self, worker: WorkerStats, session: Session) -> None:
         loop = asyncio.get_running_loop()
         lease_end = loop.time() + LEASE_S
-        while not self._closing:
+        while True:
             batch = await self._next_batch(session, lease_end - loop.time())
             if batch is None:
                 return
@@ -225,17 +314,21 @@ class Dispatcher:
             if first is None:
                 return None
         batch = [first]
-        while (
-            not isinstance(first, StreamJob)
-            and len(batch) < self._settings.max_batch
-            and not self._queue.empty()
-        ):
+        limit = 1 if isinstance(first, StreamJob) else self._batch_limit()
+        while len(batch) < limit and not self._queue.empty():
             job = self._queue.get_nowait()
             if isinstance(job, StreamJob):
                 self._queue.put_nowait(job)  # a stream runs alone: it heads a later batch
                 break
             batch.append(job)
         return [job for job in batch if job.start(functools.partial(session.abandoned, job))]
+
+    def _batch_limit(self) -> int:
+        """A fair share of the queue: with slow queries, one connection taking
+        every queued job would run them one after another while others idle."""
+        connected = max(sum(w.connected for w in self._workers), 1)
+        share = math.ceil((self._queue.qsize() + 1) / connected)
+        return max(min(share, self._settings.max_batch), 1)
 
     def _take(self) -> Job | None:
         try:
@@ -256,7 +349,7 @@ class Dispatcher:
         with contextlib.suppress(asyncio.CancelledError):
             job = await get
             if watch.broken.done():
-                self._requeue_or_fail(job)
+                self._queue.put_nowait(job)  # for another connection, if one is left
             else:
                 return job
         if watch.broken.done():
@@ -267,6 +360,7 @@ class Dispatcher:
         if not batch:
             return
         self._running += len(batch)
+        self._batches[worker.id] = batch
         started = time.perf_counter()
         try:
             await self._execute(session, batch)
@@ -277,11 +371,11 @@ class Dispatcher:
         except BaseException:
             for job in batch:
                 job.fail(Unavailable("the query was interrupted"))
+            await session.interrupt()  # stopped mid-batch: the server must stop too
             raise
         finally:
+            del self._batches[worker.id]
             self._running -= len(batch)
-            if not self._running:
-                self._idle.set()
             worker.busy_s += time.perf_counter() - started
             worker.jobs += len(batch)
             worker.batches += 1
@@ -294,12 +388,6 @@ class Dispatcher:
             await run_stream(session, batch[0])
         else:
             await session.run(batch)
-
-    def _requeue_or_fail(self, job: Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            job.fail(Unavailable("the database connection was lost"))
 
     def _connection_lost(self) -> None:
         """With no connection left, queued jobs fail fast instead of waiting."""

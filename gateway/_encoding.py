@@ -17,6 +17,7 @@ infers each one's type from the statement, exactly as it does for a literal.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,17 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not valid JSON; send non-finite numbers as strings")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadRequest(f"request body has the key {key!r} twice in one object")
+            seen.add(key)
+    return obj
+
+
 def loads_exact(body: bytes | str) -> Any:
     """Parse request JSON without losing digits.
 
@@ -204,17 +216,51 @@ def loads_exact(body: bytes | str) -> Any:
     `JSONNumber`, so ``0.10000000000000000555`` reaches PostgreSQL unchanged.
 
     Raises:
-        BadRequest: the body is not UTF-8 JSON, uses NaN/Infinity, or is nested
-            too deeply to parse.
+        BadRequest: the body is not UTF-8 JSON, uses NaN/Infinity, has a key
+            twice in one object (which one would win is a guess), holds a lone
+            UTF-16 surrogate escape (no UTF-8 form: PostgreSQL cannot take it),
+            or is nested too deeply to parse.
     """
     try:
-        return json.loads(body, parse_float=JSONNumber, parse_constant=_reject_constant)
+        value = json.loads(
+            body,
+            parse_float=JSONNumber,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
     except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+    # Only a \uD800-\uDFFF escape can make a string without a UTF-8 form, so
+    # the walk is skipped for every body without one.
+    if _SURROGATE_ESCAPE.search(body if isinstance(body, bytes) else body.encode()):
+        _check_encodable(value)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_encodable(value: Any) -> None:
+    """Raises BadRequest when a string (key or value) in `value` has no UTF-8 form."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise BadRequest(
+                    "request body holds a lone UTF-16 surrogate (\\uD800-\\uDFFF escape)"
+                ) from None
 
 
 # --- parameters ----------------------------------------------------------------

@@ -151,6 +151,7 @@ class QueryError(GatewayError):
 # Specific codes first, then classes: in the spirit of PostgREST's table.
 _STATUS_BY_SQLSTATE = {
     "57014": 504,  # query_canceled: statement timeout or cancel
+    "08P01": 400,  # protocol_violation: a raw statement given the wrong number of params
     "23503": 409,  # foreign_key_violation
     "23505": 409,  # unique_violation
     "42501": 403,  # insufficient_privilege

@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.adapt import Transformer
-from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGresult
 
 from ._encoding import TYPE_QUERY, Codec
@@ -61,6 +61,8 @@ _SESSION_TAGS = frozenset(
 )
 _TAG_COUNT = re.compile(rb"(?: \d+)+$")
 _USER_CANCEL = "canceling statement due to user request"
+#: how long a cancel request may take; the server-side statement_timeout backs it up
+CANCEL_TIMEOUT_S = 5.0
 
 
 class ConnectionLost(Exception):
@@ -117,9 +119,11 @@ class Session:
         #: a read-only job's transaction is still open: the next segment ends it
         self._txn_open = False
         self._waiter: asyncio.Future[None] | None = None
+        #: the job whose own results are being awaited: the one a cancel would hit
         self._head: Job | None = None
         self._cancel_wanted = False
-        self._cancel_sent = False
+        #: jobs of the current batch a cancel was sent for (one each, at most)
+        self._cancelled: list[Job] = []
         self._loop = asyncio.get_running_loop()
         self.backend_pid = self._pg.backend_pid
         self._pg.nonblocking = 1
@@ -154,7 +158,7 @@ class Session:
         now = self._loop.time()
         plans = [self._send(job, now, wrapped=wrapped, retrying=retrying) for job in jobs]
         trailer = self._send_trailer()
-        self._cancel_sent = False
+        self._cancelled = []
         await self._flush()
         deferred: list[tuple[_Plan, list[PGresult]]] = []
         for plan in plans:
@@ -162,20 +166,29 @@ class Session:
             if raw is not None:
                 deferred.append((plan, raw))
         if trailer:
-            await self._result()
+            res = await self._result()
             await self._sync()
+            if res.status == ExecStatus.FATAL_ERROR:  # a late cancel landed on it
+                await self._housekeeping(_ROLLBACK)
         if deferred:
             await self._learn_types(deferred)
             for plan, raw in deferred:
                 self._deliver(plan.job, raw)
+        if self._pg.transaction_status != TransactionStatus.IDLE:
+            await self._housekeeping(_ROLLBACK)  # a cleanup was cancelled (see _should_retry)
         if self._dirty:
             await self._discard()
         return plans
 
     def close(self) -> None:
-        """Leave pipeline mode so the pool gets a plain idle connection back."""
+        """Leave pipeline mode so the pool gets a plain idle connection back.
+
+        After an interrupted batch results are still due: the connection stays
+        as it is and the pool, seeing it busy, discards it. Closing twice is harmless.
+        """
         if self._pg.status == ConnStatus.OK and self._pg.pipeline_status:
-            self._pg.exit_pipeline_mode()
+            with contextlib.suppress(psycopg.OperationalError):
+                self._pg.exit_pipeline_mode()
 
     # --- sending -------------------------------------------------------------------
 
@@ -253,11 +266,32 @@ class Session:
     # --- reading -------------------------------------------------------------------
 
     async def _read(self, plan: _Plan) -> list[PGresult] | None:
-        """Read one job's results; resolve it, or return its results if types are unknown."""
+        """Read one job's results; resolve it, or return its results if types are unknown.
+
+        The job is settled as soon as its own segment is read, before its
+        cleanup: a write whose COMMIT succeeded is reported done even if the
+        connection breaks right after.
+        """
         job = plan.job
         self._head = job
-        if job.done:  # abandoned while waiting behind other jobs of the batch
-            await self._request_cancel()
+        # abandoned while waiting behind other jobs of the batch: cancelled if
+        # we have to wait for it, that is while the server may still run it
+        self._cancel_wanted = job.done
+        try:
+            errors, raw = await self._read_segment(plan)
+        finally:
+            self._head = None
+            self._cancel_wanted = False
+        await self._sync()
+        outcome = self._settle(plan, errors, raw)
+        for _ in range(plan.cleanup):
+            await self._result()
+        if plan.cleanup:
+            await self._sync()
+        return outcome
+
+    async def _read_segment(self, plan: _Plan) -> tuple[list[PGresult], list[PGresult]]:
+        """The results of a job's first segment: (setup and commit, statements)."""
         errors: list[PGresult] = []
         if plan.rollback_first:
             errors.append(await self._result())
@@ -268,25 +302,25 @@ class Session:
         for _ in range(plan.setup):
             errors.append(await self._result())
         raw: list[PGresult] = []
-        for _ in job.statements:
+        for _ in plan.job.statements:
             res = await self._result()
             raw.append(res)
             self._note_session_state(res)
         if plan.commit:
             errors.append(await self._result())
-        await self._sync()
-        for _ in range(plan.cleanup):
-            await self._result()
-        if plan.cleanup:
-            await self._sync()
-        self._head = None
+        return errors, raw
+
+    def _settle(
+        self, plan: _Plan, errors: list[PGresult], raw: list[PGresult]
+    ) -> list[PGresult] | None:
+        """Resolve the job from its results; return them instead if types are unknown."""
         error = next((r for r in [*errors, *raw] if r.status == ExecStatus.FATAL_ERROR), None)
         if error is not None:
-            self._fail(plan, error)
+            self._fail(plan, error, first=error is (errors or raw)[0])
             return None
         if any(not self._codec.is_known(r.ftype(i)) for r in raw for i in range(r.nfields)):
             return raw
-        self._deliver(job, raw)
+        self._deliver(plan.job, raw)
         return None
 
     def _prepared_result(self, name: bytes, res: PGresult) -> None:
@@ -294,21 +328,28 @@ class Session:
         if res.status == ExecStatus.COMMAND_OK:
             self._prepared.add(name)
 
-    def _fail(self, plan: _Plan, res: PGresult) -> None:
+    def _fail(self, plan: _Plan, res: PGresult, *, first: bool) -> None:
+        """Fail the job with `res`'s error, or mark it to run again; `first`: the
+        error came from the job's very first message, before anything of it ran."""
         error = _query_error(res)
         job = plan.job
-        if not plan.retrying and not job.done and self._should_retry(plan, error):
+        if not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
         else:
             job.fail(error)
 
-    def _should_retry(self, plan: _Plan, error: GatewayError) -> bool:
+    def _should_retry(self, plan: _Plan, error: GatewayError, first: bool) -> bool:
         """Whether the failed job had no effect and can simply run again."""
         job = plan.job
-        if error.sqlstate == "57014" and self._cancel_sent and _USER_CANCEL in error.message:
-            return job is not self._cancelled_job  # hit by a cancel meant for another job
+        if error.sqlstate == "57014" and self._cancelled and _USER_CANCEL in error.message:
+            return job not in self._cancelled  # hit by a cancel meant for another job
+        if error.sqlstate == "25P02" and first:
+            # A cancel meant for the job before landed on that job's cleanup
+            # ROLLBACK, leaving its transaction aborted: this one never started
+            # (and its own cleanup ROLLBACK ends that transaction).
+            return True
         if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
             # VACUUM and friends refuse a transaction block: run alone, unwrapped
             plan.wrapped = False
@@ -381,7 +422,12 @@ class Session:
         return pg.get_result()
 
     async def _wait(self, *, writable: bool) -> None:
-        """Wait for the socket; also wakes when the head job is abandoned."""
+        """Wait for the socket; also wakes when the head job is abandoned.
+
+        An abandoned head job is cancelled before waiting for its results.
+        """
+        if self._cancel_wanted:
+            await self._request_cancel()
         fd = self._pg.socket
         fut: asyncio.Future[None] = self._loop.create_future()
         self._waiter = fut
@@ -396,38 +442,67 @@ class Session:
         finally:
             remove(fd)
             self._waiter = None
-        if self._cancel_wanted:
-            await self._request_cancel()
 
     # --- cancellation -----------------------------------------------------------------
 
     def abandoned(self, job: Job) -> None:
-        """Called when a running job is abandoned: cancel it if it is executing."""
-        if job is self._head and not self._cancel_sent:
+        """Called when a running job is abandoned: cancel it if it is executing.
+
+        A job still waiting behind others of its batch is cancelled when its
+        turn comes (see `_read`).
+        """
+        if job is self._head:
             self._cancel_wanted = True
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
 
-    _cancelled_job: Job | None = None
-
     async def _request_cancel(self) -> None:
+        """Cancel the head job's statement on the server, once per job.
+
+        Only called while waiting for the head job's own results, so the
+        server is running it (or has just finished it: a cancel that lands on
+        a later job makes that job run again, see `_should_retry`).
+        """
         self._cancel_wanted = False
-        if self._cancel_sent:
+        job = self._head
+        if job is None or job in self._cancelled:
             return
-        self._cancel_sent = True
-        self._cancelled_job = self._head
+        self._cancelled.append(job)
         # best effort: the server-side statement_timeout still applies
         with contextlib.suppress(psycopg.Error, OSError):
-            await self._conn.cancel_safe(timeout=5)
+            await self._conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
+
+    async def interrupt(self) -> None:
+        """Cancel whatever the server runs for this connection now (best effort).
+
+        For a worker stopped in the middle of a batch: the server must not go
+        on running a query nobody will read.
+        """
+        pg = self._pg
+        if pg.status == ConnStatus.OK and pg.transaction_status != TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
 
     # --- housekeeping -----------------------------------------------------------------
 
+    async def _housekeeping(self, sql: bytes, params: list[bytes | None] | None = None) -> PGresult:
+        """Run one statement of the gateway's own in its own segment.
+
+        A late cancel meant for the batch's last job may land on it: then it
+        runs once more.
+        """
+        for _ in range(2):
+            self._pg.send_query_params(sql, params)
+            pipeline_sync(self._pg)
+            await self._flush()
+            res = await self._result()
+            await self._sync()
+            if res.status != ExecStatus.FATAL_ERROR or _query_error(res).sqlstate != "57014":
+                break
+        return res
+
     async def _discard(self) -> None:
-        self._pg.send_query_params(_DISCARD, None)
-        pipeline_sync(self._pg)
-        await self._flush()
-        await self._result()
-        await self._sync()
+        await self._housekeeping(_DISCARD)
         self._prepared.clear()
         self._dirty = False
 
@@ -452,11 +527,7 @@ class Session:
             psycopg.OperationalError: the connection broke.
         """
         array = "{" + ",".join(str(o) for o in sorted(oids)) + "}"
-        self._pg.send_query_params(TYPE_QUERY, [array.encode()])
-        pipeline_sync(self._pg)
-        await self._flush()
-        res = await self._result()
-        await self._sync()
+        res = await self._housekeeping(TYPE_QUERY, [array.encode()])
         if res.status == ExecStatus.TUPLES_OK:
             rows = [
                 [(res.get_value(r, c) or b"").decode() for c in range(res.nfields)]

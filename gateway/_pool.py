@@ -4,6 +4,13 @@ Opening, health checks, reconnecting with backoff after the database
 restarts and `max_lifetime` recycling are psycopg_pool's; the gateway only
 says how a connection must look: autocommit, UTF-8, a fixed session time
 zone and date/interval styles, and a statement timeout as a backstop.
+
+psycopg_pool's reconnection backoff doubles without a cap (1 s, 2 s, 4 s, …):
+after a minute of outage the next try could be a minute away. So each
+reconnection round is kept short (`RECONNECT_ROUND_S`) and, when one gives
+up, the next starts at once from the shortest delay: the database is tried
+about once a second for as long as it is down, and the gateway is ready
+again within about a second of it accepting connections.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from psycopg_pool import AsyncConnectionPool
 from ._settings import Settings
 
 APPLICATION_NAME = "pgqg"
+#: one reconnection round: tries after 0 s, ~1 s and ~2 s, then a new round
+RECONNECT_ROUND_S = 2.0
+#: libpq's own limit for one connection attempt (an unreachable host)
+CONNECT_TIMEOUT_S = 5
 
 
 def session_options(settings: Settings) -> str:
@@ -64,13 +75,29 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
             "application_name": APPLICATION_NAME if name == "pgqg" else f"pgqg-{name}",
             "options": session_options(settings),
             "client_encoding": "UTF8",
-            "connect_timeout": 5,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            # A server that vanishes without closing the connection (a network
+            # partition, a host power-off) is noticed in about 25 s, not hours.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
         },
         check=AsyncConnectionPool.check_connection,
         max_lifetime=settings.pool_max_lifetime_s,
         max_idle=settings.pool_max_lifetime_s,
-        # Keep trying for as long as the gateway runs: an outage must end in
-        # recovery, not in a pool that gave up.
-        reconnect_timeout=365 * 24 * 3600.0,
+        # Short rounds, each followed at once by another: an outage must end in
+        # recovery within a second or so, not in a pool that gave up or sleeps.
+        reconnect_timeout=RECONNECT_ROUND_S,
+        reconnect_failed=_reconnect_again,
         connection_class=AsyncConnection,
     )
+
+
+async def _reconnect_again(pool: AsyncConnectionPool[Any]) -> None:
+    """A reconnection round gave up: start the next one now.
+
+    `check` lets a pool below its size grow again (one connection at a time,
+    the rest follow as soon as one succeeds).
+    """
+    await pool.check()

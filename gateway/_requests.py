@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pglast import ast
+from pglast.parser import ParseError, parse_sql
 
 from ._catalog import NamedQuery
 from ._encoding import loads_exact, params_to_text
-from ._errors import BadRequest, UnsupportedMediaType
+from ._errors import BadRequest, TooLarge, UnsupportedMediaType
 from ._jobs import Job, Statement
 from ._settings import Settings
 from ._stream_job import StreamJob
@@ -25,6 +27,8 @@ SHAPES = ("objects", "arrays")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
 #: query-string keys of GET /v1/queries/{name} that are options, not parameters
 RESERVED_QUERY_KEYS = frozenset({"format", "shape", "timeout_ms", "max_rows"})
+#: the protocol's limit: a Bind message counts its parameters in 16 bits
+MAX_PARAMS = 65535
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +50,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     Raises:
         UnsupportedMediaType: the Content-Type is not JSON.
         BadRequest: the body is not a JSON object.
-        TooLarge: (from aiohttp, mapped by the middleware) the body is too big.
+        TooLarge: the Content-Length announces a body over the limit; (from
+            aiohttp, mapped by the middleware) a body read turns out too big.
     """
     if request.content_type not in ("application/json",) and not (
         request.content_type.startswith("application/") and request.content_type.endswith("+json")
@@ -54,6 +59,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise UnsupportedMediaType(
             f"send the body as application/json, not {request.content_type or 'nothing'}"
         )
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        # at once: waiting for a body we will refuse anyway would let a client
+        # that announces more than it sends hold the request open
+        raise TooLarge(f"the body may hold at most {limit} bytes")
     body = await request.read()
     value = loads_exact(body)
     if not isinstance(value, dict):
@@ -95,8 +105,10 @@ def parse_options(
     if source.get("max_rows") is not None:
         asked = _int_option(source["max_rows"], "max_rows", minimum=0)
     max_rows = settings.max_rows if asked is None else min(asked, settings.max_rows)
-    shape = source.get("shape") or "objects"
-    if shape not in SHAPES:
+    shape = source.get("shape")
+    if shape is None:
+        shape = "objects"
+    if not isinstance(shape, str) or shape not in SHAPES:
         raise BadRequest(f"shape must be one of {', '.join(SHAPES)}")
     row_limit = None
     if streamed:
@@ -109,8 +121,9 @@ def raw_statement(item: Any, where: str) -> Statement:
     """One ``{"sql": ..., "params": [...]}`` as a `Statement`.
 
     Raises:
-        BadRequest: sql is missing or empty, params is not a list, or a
-            parameter cannot be sent to PostgreSQL.
+        BadRequest: sql is missing or empty, params is not a list, there are
+            more parameters than the protocol carries, a parameter cannot be
+            sent to PostgreSQL, or the statement is a COPY from or to the client.
     """
     if not isinstance(item, dict):
         raise BadRequest(f"{where} must be an object with sql and params")
@@ -125,7 +138,34 @@ def raw_statement(item: Any, where: str) -> Statement:
         params = []
     if not isinstance(params, list):
         raise BadRequest(f"{where}.params must be a list (PostgreSQL's $1, $2, …)")
+    if len(params) > MAX_PARAMS:
+        raise BadRequest(f"{where}.params: at most {MAX_PARAMS} parameters")
+    refuse_client_copy(sql, where)
     return Statement(sql.encode(), params_to_text(params))
+
+
+def refuse_client_copy(sql: str, where: str) -> None:
+    """Raises BadRequest for ``COPY … FROM STDIN`` / ``TO STDOUT``.
+
+    This is protocol safety, not access control (PostgreSQL enforces
+    read-only): the client side of a COPY is the gateway, and in a pipeline
+    the server reads the next job's messages as COPY data and drops the
+    connection. Only statements mentioning "copy" are parsed (with
+    PostgreSQL's own parser); what does not parse is left for the server to refuse.
+    """
+    if "copy" not in sql.lower():
+        return
+    try:
+        statements = parse_sql(sql)
+    except ParseError:
+        return
+    for raw in statements:
+        if isinstance(raw.stmt, ast.CopyStmt) and raw.stmt.filename is None:
+            direction = "FROM STDIN" if raw.stmt.is_from else "TO STDOUT"
+            raise BadRequest(
+                f"{where}.sql: COPY {direction} is not available over HTTP;"
+                " use a query (and format=csv) to read, INSERT to write"
+            )
 
 
 def named_statement(

@@ -209,9 +209,9 @@ async def get_named_query(request: web.Request) -> web.StreamResponse:
     query = request.app[CATALOG].get(request.match_info["name"])
     if not query.read_only:
         raise MethodNotAllowed(f"{query.name} writes; call it with POST")
+    if len(set(request.query)) != len(request.query):
+        raise BadRequest("a query-string key is given more than once")
     values = {k: v for k, v in request.query.items() if k not in RESERVED_QUERY_KEYS}
-    if len(values) != len({k for k in request.query if k not in RESERVED_QUERY_KEYS}):
-        raise BadRequest("a parameter is given more than once")
     statement = named_statement(query, values, from_query_string=True)
     options = parse_options(request.query, request.app[SETTINGS], streamed=fmt.streamed)
     return await _run_one(

@@ -25,9 +25,12 @@ def install_uvloop() -> bool:
 def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
-    aiohttp stops accepting, waits for running handlers up to the grace period
-    (then cancels them, which cancels their queries on the server), and runs
-    the cleanup contexts: the dispatcher stops, the pool closes.
+    On the signal aiohttp stops accepting connections; the app's shutdown hook
+    (`gateway._app.drain_requests`) lets in-flight queries finish within the
+    grace period, then answers the rest 503 and cancels them on the server;
+    aiohttp waits for handlers still writing (cancelling them after another
+    grace period at most); the cleanup context stops the workers and closes
+    the pool. Then this returns, and the process exits 0.
     """
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

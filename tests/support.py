@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 
 GatewayClient = TestClient[Request, Application]
+
+START_TIMEOUT_S = 20.0
+REPO = Path(__file__).resolve().parent.parent
 
 
 async def wait_until_ready(client: GatewayClient, timeout: float = 20.0) -> None:
@@ -44,3 +57,77 @@ def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:
     assert isinstance(error["message"], str) and error["message"]
     if sqlstate is not None:
         assert error["sqlstate"] == sqlstate, error
+
+
+# --- a gateway in a process of its own (``pgqg serve``) ---------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Served:
+    """A ``pgqg serve`` subprocess on a free port; `env` adds ``PGQG_*`` settings.
+
+    Its output goes to a temporary file (a pipe nobody reads could fill and
+    block it), shown by `output` once it exited.
+    """
+
+    def __init__(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", dsn, "--port", str(self.port)]
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(
+            [*cmd, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PGQG_LOG_LEVEL": "warning", **(env or {})},
+        )
+
+    async def ready(self, http: aiohttp.ClientSession) -> None:
+        """Poll ``/readyz`` until 200; fails after `START_TIMEOUT_S`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while True:
+            assert self.proc.poll() is None, self.output()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(self.url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            assert loop.time() < deadline, "the gateway did not get ready"
+            await asyncio.sleep(0.05)
+
+    def ready_sync(self) -> None:
+        """`ready`, for tests without an event loop."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert self.proc.poll() is None, self.output()
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    return
+            assert time.monotonic() < deadline, "the gateway did not get ready"
+            time.sleep(0.05)
+
+    async def exit_code(self, timeout: float) -> int:
+        """Wait for the process to exit; fails after `timeout` seconds."""
+        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read()
+
+    def stop(self) -> None:
+        """Kill the process if it still runs (harmless twice)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
