@@ -9,6 +9,7 @@ A full queue is refused at once; a job never waits past its deadline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -23,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ._encoding import Codec
 from ._errors import Overloaded, Timeout, Unavailable
 from ._jobs import Job, JobState, Statement, StatementResult
-from ._pipeline import BrokenWatch, ConnectionLost, Session
+from ._pipeline import ConnectionLost, Session, wake_future
 from ._settings import Settings
 from ._stream_exec import run_stream
 from ._stream_job import StreamJob
@@ -33,6 +34,9 @@ log = logging.getLogger("gateway.dispatcher")
 #: a worker hands its connection back to the pool this often, so the pool can
 #: check it and recycle it after ``max_lifetime``
 LEASE_S = 30.0
+
+#: a worker pipelines the whole queue when it would run within this time
+BATCH_BUDGET_S = 0.010
 #: on close, after the grace period: how long cancelled queries get to come back
 #: before their workers are stopped outright
 CANCEL_WAIT_S = 2.0
@@ -88,6 +92,12 @@ class Dispatcher:
         self._connecting = 0  # requests waiting in `_admit` for a first connection
         self._closing = False
         self._running = 0
+        #: one future per idle worker, woken in turn as jobs are queued
+        self._idle_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: workers in `_wait_idle`, woken or not: each is owed a share of the queue
+        self._idle_count = 0
+        #: recent seconds per job (a moving average): is the queue cheap to pipeline?
+        self._job_cost_s = 0.0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -193,6 +203,7 @@ class Dispatcher:
         job.future.add_done_callback(self._settled)
         self._queue.put_nowait(job)
         job.enqueued_at = asyncio.get_running_loop().time()
+        self._wake_idle()
 
     async def _wait_connected(self, job: Job) -> None:
         """Wait for a first database connection, up to ``connect_timeout_ms``.
@@ -227,6 +238,7 @@ class Dispatcher:
                 waiting.append(job)
         for job in waiting:
             self._queue.put_nowait(job)
+        self._wake_idle()
 
     async def _wait(self, job: Job) -> list[StatementResult]:
         queue_deadline = job.enqueued_at + self._settings.queue_timeout_ms / 1000
@@ -299,7 +311,7 @@ class Dispatcher:
             await self._run_batch(worker, session, batch)
 
     async def _next_batch(self, session: Session, idle_s: float) -> list[Job] | None:
-        """Jobs to run next: the first waited for, then all queued up to max_batch.
+        """Jobs to run next: the first waited for, then a share of the queue.
 
         None when the lease ran out while idle. Jobs already resolved (their
         client gave up) are dropped here, never started. A `StreamJob` is
@@ -308,26 +320,37 @@ class Dispatcher:
         Raises:
             ConnectionLost: the idle connection was closed by the server.
         """
-        first = self._take() if not self._queue.empty() else None
-        if first is None:
-            first = await self._wait_idle(session, idle_s)
-            if first is None:
+        loop = asyncio.get_running_loop()
+        lease_end = loop.time() + idle_s
+        while (first := self._take()) is None:
+            if loop.time() >= lease_end:
                 return None
+            await self._wait_idle(session, lease_end)
         batch = [first]
         limit = 1 if isinstance(first, StreamJob) else self._batch_limit()
         while len(batch) < limit and not self._queue.empty():
             job = self._queue.get_nowait()
             if isinstance(job, StreamJob):
                 self._queue.put_nowait(job)  # a stream runs alone: it heads a later batch
+                self._wake_idle()
                 break
             batch.append(job)
         return [job for job in batch if job.start(functools.partial(session.abandoned, job))]
 
     def _batch_limit(self) -> int:
-        """A fair share of the queue: with slow queries, one connection taking
-        every queued job would run them one after another while others idle."""
-        connected = max(sum(w.connected for w in self._workers), 1)
-        share = math.ceil((self._queue.qsize() + 1) / connected)
+        """How many queued jobs this worker takes: a fair share.
+
+        Cheap jobs (the queue would run in under `BATCH_BUDGET_S`) are shared
+        with the idle workers only: pipelining them costs one round trip for
+        all. Slow ones are shared across every connection: one connection
+        taking them all would run them one after another while others idle.
+        """
+        queued = self._queue.qsize() + 1
+        if queued * self._job_cost_s <= BATCH_BUDGET_S:
+            share = math.ceil(queued / (self._idle_count + 1))
+        else:
+            connected = max(sum(w.connected for w in self._workers), 1)
+            share = math.ceil(queued / connected)
         return max(min(share, self._settings.max_batch), 1)
 
     def _take(self) -> Job | None:
@@ -336,25 +359,40 @@ class Dispatcher:
         except asyncio.QueueEmpty:
             return None
 
-    async def _wait_idle(self, session: Session, idle_s: float) -> Job | None:
-        watch = BrokenWatch(session)
-        get = asyncio.ensure_future(self._queue.get())
-        waits: set[asyncio.Future[Any]] = {get, watch.broken}
+    async def _wait_idle(self, session: Session, until: float) -> None:
+        """Sleep until a job is queued, `until` passes or the server closes the connection.
+
+        A plain future per idle period, woken by `_wake_idle`: cheaper than a
+        `Queue.get` task raced against the socket.
+
+        Raises:
+            ConnectionLost: the server closed the idle connection.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._idle_waiters.append(waiter)
+        session.watch_idle(waiter)
+        timer = loop.call_at(until, wake_future, waiter)
+        self._idle_count += 1
         try:
-            await asyncio.wait(waits, timeout=max(idle_s, 0), return_when=asyncio.FIRST_COMPLETED)
+            await waiter
         finally:
-            watch.stop()
-            if not get.done():
-                get.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            job = await get
-            if watch.broken.done():
-                self._queue.put_nowait(job)  # for another connection, if one is left
-            else:
-                return job
-        if watch.broken.done():
+            self._idle_count -= 1
+            timer.cancel()
+            session.watch_idle(None)
+            with contextlib.suppress(ValueError):
+                self._idle_waiters.remove(waiter)
+        if session.broken:
+            self._wake_idle()  # a job meant for this worker goes to another
             raise ConnectionLost("the server closed the idle connection")
-        return None
+
+    def _wake_idle(self) -> None:
+        """Wake one idle worker, if any, for a job just queued."""
+        while self._idle_waiters:
+            waiter = self._idle_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _run_batch(self, worker: WorkerStats, session: Session, batch: list[Job]) -> None:
         if not batch:
@@ -376,7 +414,9 @@ class Dispatcher:
         finally:
             del self._batches[worker.id]
             self._running -= len(batch)
-            worker.busy_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self._job_cost_s += (elapsed / len(batch) - self._job_cost_s) / 8  # EWMA
+            worker.busy_s += elapsed
             worker.jobs += len(batch)
             worker.batches += 1
             worker.errors += sum(1 for job in batch if _failed(job))

@@ -119,12 +119,17 @@ class Session:
         #: a read-only job's transaction is still open: the next segment ends it
         self._txn_open = False
         self._waiter: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self._watching = False
+        #: set when the server closed the connection while it was idle
+        self.broken = False
         #: the job whose own results are being awaited: the one a cancel would hit
         self._head: Job | None = None
         self._cancel_wanted = False
         #: jobs of the current batch a cancel was sent for (one each, at most)
         self._cancelled: list[Job] = []
         self._loop = asyncio.get_running_loop()
+        self._fd = self._pg.socket
         self.backend_pid = self._pg.backend_pid
         self._pg.nonblocking = 1
         self._pg.enter_pipeline_mode()
@@ -144,6 +149,7 @@ class Session:
         try:
             return await self._run(jobs)
         except psycopg.OperationalError as exc:
+            self.unwatch()  # libpq may have closed the socket already
             raise ConnectionLost(str(exc)) from exc
 
     async def _run(self, jobs: list[Job]) -> None:
@@ -186,6 +192,7 @@ class Session:
         After an interrupted batch results are still due: the connection stays
         as it is and the pool, seeing it busy, discards it. Closing twice is harmless.
         """
+        self.unwatch()
         if self._pg.status == ConnStatus.OK and self._pg.pipeline_status:
             with contextlib.suppress(psycopg.OperationalError):
                 self._pg.exit_pipeline_mode()
@@ -229,9 +236,11 @@ class Session:
         pg = self._pg
         pg.send_query_params(begin_command(job), None)
         plan.setup = 1
-        if job.read_only:
+        if job.read_only and len(job.statements) > 1:
             # Inside a subtransaction PostgreSQL refuses SET TRANSACTION READ
-            # WRITE, even before the first query takes a snapshot.
+            # WRITE, even before the first query takes a snapshot: so a later
+            # statement of the same transaction cannot write. A lone statement
+            # needs no guard: nothing follows it but the ROLLBACK.
             pg.send_query_params(_SAVEPOINT, None)
             plan.setup += 1
         remaining_ms = int((job.deadline - now) * 1000)
@@ -400,48 +409,110 @@ class Session:
 
     async def _result(self) -> PGresult:
         """The one result of a query in the pipeline, consuming the NULL after it."""
-        res = await self._next()
+        pg = self._pg
+        # Results usually arrive together: read what libpq holds without awaiting.
+        if pg.is_busy():
+            await self._until_ready()
+        res = pg.get_result()
         if res is None:
             raise ConnectionLost("protocol out of step: no result where one was due")
         if res.status in (ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH):
             raise ConnectionLost("COPY is not supported here; use format=csv instead")
-        if await self._next() is not None:
+        if pg.is_busy():
+            await self._until_ready()
+        if pg.get_result() is not None:
             raise ConnectionLost("protocol out of step: more results than statements")
         return res
 
     async def _sync(self) -> None:
-        res = await self._next()
+        if self._pg.is_busy():
+            await self._until_ready()
+        res = self._pg.get_result()
         if res is None or res.status != ExecStatus.PIPELINE_SYNC:
             raise ConnectionLost("protocol out of step: no Sync where one was due")
 
     async def _next(self) -> PGresult | None:
+        if self._pg.is_busy():
+            await self._until_ready()
+        return self._pg.get_result()
+
+    async def _until_ready(self) -> None:
+        """Wait until libpq holds a whole result (or the end of one)."""
         pg = self._pg
         while pg.is_busy():
             await self._wait(writable=False)
             pg.consume_input()
-        return pg.get_result()
 
     async def _wait(self, *, writable: bool) -> None:
         """Wait for the socket; also wakes when the head job is abandoned.
 
         An abandoned head job is cancelled before waiting for its results.
+        The reader stays registered between waits (see `_readable`), so a batch
+        costs no epoll_ctl calls per result.
         """
         if self._cancel_wanted:
             await self._request_cancel()
-        fd = self._pg.socket
         fut: asyncio.Future[None] = self._loop.create_future()
         self._waiter = fut
-        add, remove = (
-            (self._loop.add_writer, self._loop.remove_writer)
-            if writable
-            else (self._loop.add_reader, self._loop.remove_reader)
-        )
-        add(fd, _wake, fut)
+        if writable:
+            fd = self._fd
+            self._loop.add_writer(fd, wake_future, fut)
+        else:
+            self._watch()
         try:
             await fut
         finally:
-            remove(fd)
+            if writable:
+                self._loop.remove_writer(fd)
             self._waiter = None
+
+    def _watch(self) -> None:
+        if not self._watching:
+            self._loop.add_reader(self._fd, self._readable)
+            self._watching = True
+
+    def unwatch(self) -> None:
+        """Stop watching the socket, for code that waits on it by itself. Idempotent.
+
+        Uses the fd noted at start: once libpq has closed a broken socket,
+        ``pgconn.socket`` raises, and the number must leave the event loop
+        before anything else can be given it.
+        """
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+
+    def _readable(self) -> None:
+        """The socket has data: wake whoever waits for results or for a job.
+
+        Idle, data means a notice (ignored) or the server closing the connection.
+        With nobody waiting, the reader is removed, so level-triggered polling
+        does not spin while the data waits to be read.
+        """
+        if self._waiter is not None:
+            wake_future(self._waiter)
+        elif self._idle is not None:
+            if not self._alive():
+                self.broken = True
+                self.unwatch()
+                wake_future(self._idle)
+        else:
+            self.unwatch()
+
+    def _alive(self) -> bool:
+        try:
+            self._pg.consume_input()
+            while self._pg.notifies() is not None:
+                pass
+            return bool(self._pg.status == ConnStatus.OK)
+        except psycopg.Error:
+            return False
+
+    def watch_idle(self, waiter: asyncio.Future[None] | None) -> None:
+        """While idle, wake `waiter` if the server closes the connection (sets `broken`)."""
+        self._idle = waiter
+        if waiter is not None:
+            self._watch()
 
     # --- cancellation -----------------------------------------------------------------
 
@@ -539,7 +610,8 @@ class Session:
                 self._codec.learn([(oid, str(oid), 0, ",", 0)])
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
+def wake_future(fut: asyncio.Future[None]) -> None:
+    """Resolve `fut` with None unless it is done already."""
     if not fut.done():
         fut.set_result(None)
 
@@ -572,33 +644,3 @@ def _row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:
         return dict(zip(names, values, strict=True))
 
     return make
-
-
-class BrokenWatch:
-    """Watches an idle connection's socket: set when the server closed it.
-
-    An idle connection has nothing to read; when its socket becomes readable
-    the server either sent a notice (ignored) or went away.
-    """
-
-    def __init__(self, session: Session) -> None:
-        self._pg = session._pg
-        self._fd = self._pg.socket
-        self._loop = session._loop
-        self.broken: asyncio.Future[None] = self._loop.create_future()
-        self._loop.add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            self._pg.consume_input()
-            while self._pg.notifies() is not None:
-                pass
-            ok = self._pg.status == ConnStatus.OK
-        except psycopg.Error:
-            ok = False
-        if not ok:
-            self.stop()
-            _wake(self.broken)
-
-    def stop(self) -> None:
-        self._loop.remove_reader(self._fd)

@@ -47,8 +47,8 @@ from ._pipeline import (
     ConnectionLost,
     Session,
     _query_error,
-    _wake,
     begin_command,
+    wake_future,
 )
 from ._stream_job import StreamJob
 
@@ -292,7 +292,8 @@ class _StreamRun:
         """Wait for the socket; watch the client and the stall limit unless stopping."""
         ready: asyncio.Future[None] = self._loop.create_future()
         fd = self._pg.socket
-        self._loop.add_reader(fd, _wake, ready)
+        self._session.unwatch()  # one reader per fd: the session's gives way to ours
+        self._loop.add_reader(fd, wake_future, ready)
         watched: set[asyncio.Future[None]] = {ready}
         if not self._stopping:
             watched.add(self._job.stopped)

@@ -112,8 +112,10 @@ async def test_read_only_holds_inside_a_batch(session: Session, admin: Any, tabl
         job("set transaction read write"),
         job(f"insert into {table} values (2, 'y')"),
     )
-    assert all(isinstance(o, GatewayError) for o in outcomes[1:]), outcomes
-    assert [o.sqlstate for o in outcomes[1:]] == ["25006", "25001", "25006"]
+    # a lone SET TRANSACTION READ WRITE succeeds or is refused (25001, once the
+    # job's timeout statement took a snapshot): either way its job rolls back
+    assert outcomes[2] == [] or outcomes[2].sqlstate == "25001"
+    assert [o.sqlstate for o in (outcomes[1], outcomes[3])] == ["25006", "25006"]
     assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
 
 

@@ -60,14 +60,18 @@ async def test_writes_answer_403_25006(
     assert (await cols.fetchone()) == (2,)
 
 
-async def test_set_transaction_read_write_is_refused(
+async def test_set_transaction_read_write_unlocks_nothing(
     one_conn: GatewayClient, admin: Any, table: str
 ) -> None:
-    # PostgreSQL refuses it inside the job's subtransaction, before any snapshot
-    # too, with 25001 (active_sql_transaction); nothing can write after it.
+    # Alone, it is the only statement of its READ ONLY transaction, which is
+    # rolled back: it succeeds and changes nothing, the next write is refused.
     status, body = await query(one_conn, "set transaction read write")
-    assert status == 400
-    assert_error(body, "query_error", "25001")
+    assert status == 200
+    status, body = await query(one_conn, f"insert into {table} values (1, 'x')")
+    assert status == 403
+    assert_error(body, "query_error", "25006")
+    # Followed by a write in one read-only transaction, PostgreSQL refuses it
+    # (25001, inside the job's savepoint) before anything can write.
     status, body = await transaction(
         one_conn,
         ("set transaction read write", []),
@@ -75,6 +79,7 @@ async def test_set_transaction_read_write_is_refused(
         read_only=True,
     )
     assert status == 400
+    assert_error(body, "query_error", "25001")
     assert await count(admin, table) == 0
 
 
