@@ -17,6 +17,8 @@ from typing import Any
 
 import psycopg
 
+from ._errors import DiagnosticError
+
 __all__ = ["DEMO_FILES", "DemoError", "DemoState", "demo_state", "load_demo"]
 
 #: applied in this order, from the settings' ``sql_dir``
@@ -32,25 +34,11 @@ CREATE TABLE IF NOT EXISTS pgqg.demo (
 )"""
 
 
-class DemoError(Exception):
+class DemoError(DiagnosticError):
     """The demo could not be loaded: a file is missing, or PostgreSQL refused it.
 
     `sqlstate`, `detail` and `hint` are PostgreSQL's when the database refused it.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        sqlstate: str | None = None,
-        detail: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.sqlstate = sqlstate
-        self.detail = detail
-        self.hint = hint
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,16 +10,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 
-class GatewayError(Exception):
-    """Base of every error the gateway answers with.
+class DiagnosticError(Exception):
+    """An error with PostgreSQL's diagnostic fields, where it came from PostgreSQL.
 
-    Subclasses fix `status` and `code`; `retry_after` (seconds) adds a
-    ``Retry-After`` header to the response.
+    `position` is the 1-based character of the statement the error points at.
     """
-
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
-    retry_after: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -36,6 +31,18 @@ class GatewayError(Exception):
         self.detail = detail
         self.hint = hint
         self.position = position
+
+
+class GatewayError(DiagnosticError):
+    """Base of every error the gateway answers with.
+
+    Subclasses fix `status` and `code`; `retry_after` (seconds) adds a
+    ``Retry-After`` header to the response.
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    retry_after: ClassVar[int | None] = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``{"error": {...}}`` body of DESIGN §3."""

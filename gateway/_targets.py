@@ -30,6 +30,7 @@ from psycopg.pq import ExecStatus
 
 from ._client import GatewayClient, GatewayRefused, GatewayUnreachable, RawNumber
 from ._encoding import TYPE_QUERY, Codec
+from ._errors import DiagnosticError
 from ._jobs import Column
 from ._pool import session_options
 from ._settings import Settings
@@ -70,7 +71,7 @@ class Outcome:
         return bool(self.columns)
 
 
-class StatementFailed(Exception):
+class StatementFailed(DiagnosticError):
     """PostgreSQL (or the gateway) refused or failed the statement.
 
     `sqlstate`, `detail`, `hint` and `position` (1-based character in the
@@ -82,19 +83,11 @@ class StatementFailed(Exception):
         self,
         message: str,
         *,
-        sqlstate: str | None = None,
-        detail: str | None = None,
-        hint: str | None = None,
-        position: int | None = None,
         code: str | None = None,
         status: int | None = None,
+        **diagnostics: Any,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.sqlstate = sqlstate
-        self.detail = detail
-        self.hint = hint
-        self.position = position
+        super().__init__(message, **diagnostics)
         self.code = code
         self.status = status
 
