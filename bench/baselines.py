@@ -30,13 +30,17 @@ It prints ``ready`` on stdout once it serves, and stops on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's `gateway`
+
+from gateway._server import install_uvloop  # pgqg's own event loop choice
 
 KINDS = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 
@@ -198,16 +202,6 @@ FACTORIES: dict[str, Callable[[str, int], web.Application]] = {
     "asyncpg_noreset": asyncpg_noreset_app,
     "static": static_app,
 }
-
-
-def install_uvloop() -> bool:
-    """The same event loop choice as pgqg: uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from support import GatewayClient, wait_until_ready
 
-from gateway import create_app, load_settings
+from gateway import Codec, create_app, load_settings
 from gateway._embedded import EmbeddedPostgres
+from gateway._pipeline import Session
+from gateway._pool import session_options
 from gateway._settings import DEFAULT_SQL_DIR as SQL_DIR
 
 DSN_ENV = "PGQG_TEST_DSN"
@@ -261,3 +263,18 @@ def demo_dsn(database_dsn: str) -> str:
 async def demo_client(gateway_factory: ClientFactory, demo_dsn: str) -> GatewayClient:
     """A gateway on the demo database, default settings otherwise."""
     return await gateway_factory(dsn=demo_dsn)
+
+
+@pytest.fixture
+async def session(database_dsn: str) -> AsyncIterator[Session]:
+    """A pipelined `Session` on a direct connection with the gateway's session options."""
+    settings = load_settings(dsn=database_dsn)
+    conn = await psycopg.AsyncConnection.connect(
+        database_dsn, autocommit=True, options=session_options(settings)
+    )
+    sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
+    try:
+        yield sess
+    finally:
+        sess.close()
+        await conn.close()

@@ -7,31 +7,13 @@ one round trip. They also pin the psycopg/libpq behaviour the pipeline relies on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
-import pytest
 from psycopg import pq
 
-from gateway import Codec, GatewayError, Job, Statement, param_to_text
+from gateway import GatewayError, Job, Statement, param_to_text
 from gateway._pipeline import Session
-from gateway._pool import session_options
-from gateway._settings import load_settings
-
-
-@pytest.fixture
-async def session(database_dsn: str) -> AsyncIterator[Session]:
-    settings = load_settings(dsn=database_dsn)
-    conn = await psycopg.AsyncConnection.connect(
-        database_dsn, autocommit=True, options=session_options(settings)
-    )
-    sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
-    try:
-        yield sess
-    finally:
-        sess.close()
-        await conn.close()
 
 
 def job(sql: str, *params: Any, read_only: bool = True, timeout: float = 10.0) -> Job:

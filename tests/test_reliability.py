@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -73,20 +72,6 @@ async def no_leaks(client: GatewayClient, pool_size: int, timeout: float = 5.0) 
 
 
 # --- deadlines inside one pipelined batch (Session directly) ---------------------------
-
-
-@pytest.fixture
-async def session(database_dsn: str) -> AsyncIterator[Session]:
-    settings = load_settings(dsn=database_dsn)
-    conn = await psycopg.AsyncConnection.connect(
-        database_dsn, autocommit=True, options=session_options(settings)
-    )
-    sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
-    try:
-        yield sess
-    finally:
-        sess.close()
-        await conn.close()
 
 
 def sleep_job(seconds: float, mark: str = "", *, timeout: float = 30.0) -> Job:
