@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 
@@ -20,6 +21,23 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+#: allocations between young-generation collections (CPython's default is 700):
+#: a request allocates a few hundred objects, nearly all freed by reference counting
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+async def freeze_startup_objects(_app: web.Application) -> None:
+    """Move everything allocated during start-up out of the cyclic collector's sight.
+
+    Modules, settings, the catalog and the pool live as long as the process;
+    without this every full collection walks them again, a pause of tens of
+    milliseconds under load (it was the p99 of the benchmark).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
@@ -42,6 +60,7 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
         if on_ready is not None:
             on_ready(f"http://{settings.host}:{settings.port}")
 
+    app.on_startup.append(freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_startup.append(announce)
     web.run_app(
         app,
