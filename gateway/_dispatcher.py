@@ -4,6 +4,15 @@
 connection worker is free takes the next jobs (pipelining all that are
 queued, up to ``max_batch``), so load spreads across connections by itself.
 A full queue is refused at once; a job never waits past its deadline.
+
+Cheap jobs are coalesced. The dispatcher learns how long each statement takes
+on the connection; a job whose statement is known to be quick does not wake an
+idle connection while another connection is already on its way to the queue
+(woken, or running a batch of quick jobs): it rides that connection's next
+round trip. Fewer, fuller round trips cost the gateway far less CPU per job
+than one round trip per connection. Unknown and slow statements still wake a
+connection each, so slow work spreads; and a batch of quick jobs that does not
+come back within `BATCH_BUDGET_S` hands the queue to idle connections.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ._encoding import Codec
 from ._errors import Overloaded, Timeout, Unavailable
 from ._jobs import Job, JobState, Statement, StatementResult
-from ._pipeline import ConnectionLost, Session, wake_future
+from ._pipeline import ConnectionLost, Session
 from ._settings import Settings
 from ._stream_exec import run_stream
 from ._stream_job import StreamJob
@@ -35,8 +44,14 @@ log = logging.getLogger("gateway.dispatcher")
 #: check it and recycle it after ``max_lifetime``
 LEASE_S = 30.0
 
-#: a worker pipelines the whole queue when it would run within this time
+#: a statement whose recent runs each took at most this long is cheap: its jobs
+#: are coalesced into the round trips of connections already at work
+CHEAP_JOB_S = 0.005
+#: a batch of cheap jobs not back after this long hands the queue to idle connections
 BATCH_BUDGET_S = 0.010
+#: statements whose cost is remembered; past this the memory starts afresh
+#: (a forgotten statement is unknown, so it is spread: never wrong, only slower)
+COSTS_REMEMBERED = 4096
 #: on close, after the grace period: how long cancelled queries get to come back
 #: before their workers are stopped outright
 CANCEL_WAIT_S = 2.0
@@ -81,7 +96,7 @@ class Dispatcher:
         # Jobs whose clients wait for them, queued or in a batch, are bounded by
         # `_capacity`: one running job per connection plus ``queue_size`` waiting.
         # Batches take jobs off the queue, so its own size bounds nothing.
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._queue: collections.deque[Job] = collections.deque()
         self._capacity = settings.pool_size + settings.queue_size
         self._pending = 0  # admitted jobs not resolved yet
         self._workers = [WorkerStats(i) for i in range(settings.pool_size)]
@@ -93,11 +108,13 @@ class Dispatcher:
         self._closing = False
         self._running = 0
         #: one future per idle worker, woken in turn as jobs are queued
-        self._idle_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        #: workers in `_wait_idle`, woken or not: each is owed a share of the queue
-        self._idle_count = 0
-        #: recent seconds per job (a moving average): is the queue cheap to pipeline?
-        self._job_cost_s = 0.0
+        self._idle_waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+        #: workers woken for the queue that have not taken their batch yet
+        self._woken = 0
+        #: workers running a batch of cheap jobs, due back at the queue soon
+        self._cheap_batches: dict[int, asyncio.TimerHandle] = {}
+        #: seconds each statement recently took on its connection (moving averages)
+        self._costs: dict[bytes, float] = {}
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -162,7 +179,7 @@ class Dispatcher:
         # unstarted, failed), and this runs once, at shutdown.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while self._running or not self._queue.empty():  # noqa: ASYNC110
+                while self._running or self._queue:  # noqa: ASYNC110
                     await asyncio.sleep(SETTLE_POLL_S)
 
     @property
@@ -197,13 +214,26 @@ class Dispatcher:
             await self._wait_connected(job)
         if self._pending >= self._capacity:
             raise Overloaded("the gateway's queue is full; retry shortly")
-        if self._queue.qsize() >= self._capacity:
+        if len(self._queue) >= self._capacity:
             self._drop_abandoned()  # they no longer count, but still take memory
         self._pending += 1
         job.future.add_done_callback(self._settled)
-        self._queue.put_nowait(job)
+        job.cheap = self._is_cheap(job)
+        self._queue.append(job)
         job.enqueued_at = asyncio.get_running_loop().time()
-        self._wake_idle()
+        if not job.cheap or self._needs_connection():
+            self._wake_idle()
+
+    def _is_cheap(self, job: Job) -> bool:
+        """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""
+        if len(job.statements) != 1 or isinstance(job, StreamJob):
+            return False
+        return self._costs.get(job.statements[0].sql, CHEAP_JOB_S + 1) <= CHEAP_JOB_S
+
+    def _needs_connection(self) -> bool:
+        """True unless connections already on their way to the queue will take it all."""
+        coming = self._woken + len(self._cheap_batches)
+        return len(self._queue) > coming * self._settings.max_batch
 
     async def _wait_connected(self, job: Job) -> None:
         """Wait for a first database connection, up to ``connect_timeout_ms``.
@@ -232,13 +262,11 @@ class Dispatcher:
 
     def _drop_abandoned(self) -> None:
         """Take jobs whose clients gave up off the queue, keeping the others' order."""
-        waiting = []
-        while (job := self._take()) is not None:
-            if not job.done:
-                waiting.append(job)
-        for job in waiting:
-            self._queue.put_nowait(job)
-        self._wake_idle()
+        waiting = [job for job in self._queue if not job.done]
+        self._queue.clear()
+        self._queue.extend(waiting)
+        if waiting:
+            self._wake_idle()
 
     async def _wait(self, job: Job) -> list[StatementResult]:
         queue_deadline = job.enqueued_at + self._settings.queue_timeout_ms / 1000
@@ -261,7 +289,7 @@ class Dispatcher:
         jobs = sum(w.jobs for w in self._workers)
         batches = sum(w.batches for w in self._workers)
         return {
-            "queue": {"depth": self._queue.qsize(), "capacity": self._settings.queue_size},
+            "queue": {"depth": len(self._queue), "capacity": self._settings.queue_size},
             "pending": self._pending,
             "capacity": self._capacity,
             "running": self._running,
@@ -311,7 +339,7 @@ class Dispatcher:
             await self._run_batch(worker, session, batch)
 
     async def _next_batch(self, session: Session, idle_s: float) -> list[Job] | None:
-        """Jobs to run next: the first waited for, then a share of the queue.
+        """Jobs to run next: the first waited for, then more of the queue.
 
         None when the lease ran out while idle. Jobs already resolved (their
         client gave up) are dropped here, never started. A `StreamJob` is
@@ -322,45 +350,35 @@ class Dispatcher:
         """
         loop = asyncio.get_running_loop()
         lease_end = loop.time() + idle_s
-        while (first := self._take()) is None:
+        while not self._queue:
             if loop.time() >= lease_end:
                 return None
             await self._wait_idle(session, lease_end)
+        queue = self._queue
+        first = queue.popleft()
         batch = [first]
-        limit = 1 if isinstance(first, StreamJob) else self._batch_limit()
-        while len(batch) < limit and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if isinstance(job, StreamJob):
-                self._queue.put_nowait(job)  # a stream runs alone: it heads a later batch
-                self._wake_idle()
-                break
-            batch.append(job)
+        if first.cheap:
+            # cheap jobs ride together, up to the first job that is not cheap
+            while len(batch) < self._settings.max_batch and queue and queue[0].cheap:
+                batch.append(queue.popleft())
+        elif not isinstance(first, StreamJob):
+            limit = self._slow_share()
+            while len(batch) < limit and queue and not isinstance(queue[0], StreamJob):
+                batch.append(queue.popleft())
         return [job for job in batch if job.start(functools.partial(session.abandoned, job))]
 
-    def _batch_limit(self) -> int:
-        """How many queued jobs this worker takes: a fair share.
+    def _slow_share(self) -> int:
+        """How many jobs a worker takes when they are not known to be cheap.
 
-        Cheap jobs (the queue would run in under `BATCH_BUDGET_S`) are shared
-        with the idle workers only: pipelining them costs one round trip for
-        all. Slow ones are shared across every connection: one connection
-        taking them all would run them one after another while others idle.
+        An equal share per connection: one connection taking them all would
+        run them one after another while the others idle.
         """
-        queued = self._queue.qsize() + 1
-        if queued * self._job_cost_s <= BATCH_BUDGET_S:
-            share = math.ceil(queued / (self._idle_count + 1))
-        else:
-            connected = max(sum(w.connected for w in self._workers), 1)
-            share = math.ceil(queued / connected)
+        connected = max(sum(w.connected for w in self._workers), 1)
+        share = math.ceil((len(self._queue) + 1) / connected)
         return max(min(share, self._settings.max_batch), 1)
 
-    def _take(self) -> Job | None:
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
     async def _wait_idle(self, session: Session, until: float) -> None:
-        """Sleep until a job is queued, `until` passes or the server closes the connection.
+        """Sleep until woken for the queue, `until` passes or the server closes the connection.
 
         A plain future per idle period, woken by `_wake_idle`: cheaper than a
         `Queue.get` task raced against the socket.
@@ -369,29 +387,31 @@ class Dispatcher:
             ConnectionLost: the server closed the idle connection.
         """
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[bool] = loop.create_future()
         self._idle_waiters.append(waiter)
         session.watch_idle(waiter)
-        timer = loop.call_at(until, wake_future, waiter)
-        self._idle_count += 1
+        timer = loop.call_at(until, _wake, waiter, False)
         try:
             await waiter
         finally:
-            self._idle_count -= 1
             timer.cancel()
             session.watch_idle(None)
-            with contextlib.suppress(ValueError):
-                self._idle_waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._woken -= 1  # this worker takes its batch now, without awaiting
+            else:
+                with contextlib.suppress(ValueError):
+                    self._idle_waiters.remove(waiter)
         if session.broken:
             self._wake_idle()  # a job meant for this worker goes to another
             raise ConnectionLost("the server closed the idle connection")
 
     def _wake_idle(self) -> None:
-        """Wake one idle worker, if any, for a job just queued."""
+        """Wake one idle worker, if any, for the queue."""
         while self._idle_waiters:
             waiter = self._idle_waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
+                self._woken += 1
                 return
 
     async def _run_batch(self, worker: WorkerStats, session: Session, batch: list[Job]) -> None:
@@ -400,26 +420,70 @@ class Dispatcher:
         self._running += len(batch)
         self._batches[worker.id] = batch
         started = time.perf_counter()
+        self._expect_back(worker.id, batch)
         try:
             await self._execute(session, batch)
         except ConnectionLost:
             for job in batch:
                 job.fail(Unavailable("the database connection was lost during the query"))
+            self._hand_over_queue()
             raise
         except BaseException:
             for job in batch:
                 job.fail(Unavailable("the query was interrupted"))
+            self._hand_over_queue()
             await session.interrupt()  # stopped mid-batch: the server must stop too
             raise
         finally:
+            self._back(worker.id)
             del self._batches[worker.id]
             self._running -= len(batch)
+            self._learn_costs(batch)
             elapsed = time.perf_counter() - started
-            self._job_cost_s += (elapsed / len(batch) - self._job_cost_s) / 8  # EWMA
             worker.busy_s += elapsed
             worker.jobs += len(batch)
             worker.batches += 1
             worker.errors += sum(1 for job in batch if _failed(job))
+
+    def _expect_back(self, worker_id: int, batch: list[Job]) -> None:
+        """Count a batch of cheap jobs as on its way back to the queue, for `BATCH_BUDGET_S`.
+
+        Past that, the jobs queued behind it go to idle connections.
+        """
+        if all(job.cheap for job in batch):
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(BATCH_BUDGET_S, self._batch_overdue, worker_id)
+            self._cheap_batches[worker_id] = timer
+
+    def _back(self, worker_id: int) -> None:
+        timer = self._cheap_batches.pop(worker_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _learn_costs(self, batch: list[Job]) -> None:
+        """Remember how long each single-statement job took on its connection."""
+        costs = self._costs
+        for job in batch:
+            if job.cost_s is None or len(job.statements) != 1 or isinstance(job, StreamJob):
+                continue
+            sql = job.statements[0].sql
+            known = costs.get(sql)
+            if known is None:
+                if len(costs) >= COSTS_REMEMBERED:
+                    costs.clear()
+                costs[sql] = job.cost_s
+            else:
+                costs[sql] = known + (job.cost_s - known) / 4  # a moving average
+
+    def _batch_overdue(self, worker_id: int) -> None:
+        """A batch of cheap jobs is late: idle connections take the queue meanwhile."""
+        del self._cheap_batches[worker_id]
+        self._hand_over_queue()
+
+    def _hand_over_queue(self) -> None:
+        """Wake enough idle workers for the queue: this one is late, or leaving."""
+        for _ in range(math.ceil(len(self._queue) / self._settings.max_batch)):
+            self._wake_idle()
 
     @staticmethod
     async def _execute(session: Session, batch: list[Job]) -> None:
@@ -435,8 +499,13 @@ class Dispatcher:
             self._fail_queued(Unavailable("the database is unavailable"))
 
     def _fail_queued(self, error: Unavailable) -> None:
-        while (job := self._take()) is not None:
-            job.fail(error)
+        while self._queue:
+            self._queue.popleft().fail(error)
+
+
+def _wake(waiter: asyncio.Future[bool], woken: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(woken)
 
 
 def _failed(job: Job) -> bool:

@@ -61,10 +61,15 @@ class Job:
     `read_only` runs the job in a READ ONLY transaction (PostgreSQL enforces it).
     `transaction` runs several statements all or nothing; `isolation` names its
     isolation level. `deadline` is on the event loop's clock.
+
+    The dispatcher marks a job `cheap` when its statement recently ran
+    quickly; `cost_s` is how long it held its connection, once run.
     """
 
     __slots__ = (
         "_on_abandon",
+        "cheap",
+        "cost_s",
         "deadline",
         "enqueued_at",
         "future",
@@ -100,6 +105,8 @@ class Job:
         self.state = JobState.QUEUED
         self.enqueued_at = loop.time()
         self._on_abandon: Callable[[], None] | None = None
+        self.cheap = False
+        self.cost_s: float | None = None
 
     @property
     def done(self) -> bool:

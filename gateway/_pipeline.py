@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,7 @@ class Session:
         #: a read-only job's transaction is still open: the next segment ends it
         self._txn_open = False
         self._waiter: asyncio.Future[None] | None = None
-        self._idle: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[bool] | None = None
         self._watching = False
         #: set when the server closed the connection while it was idle
         self.broken = False
@@ -167,10 +168,15 @@ class Session:
         self._cancelled = []
         await self._flush()
         deferred: list[tuple[_Plan, list[PGresult]]] = []
+        mark = time.perf_counter()
         for plan in plans:
             raw = await self._read(plan)
             if raw is not None:
                 deferred.append((plan, raw))
+            # how long the connection was held by this job: results that came
+            # in one packet with the previous job's cost (nearly) nothing
+            now = time.perf_counter()
+            plan.job.cost_s, mark = now - mark, now
         if trailer:
             res = await self._result()
             await self._sync()
@@ -495,7 +501,8 @@ class Session:
             if not self._alive():
                 self.broken = True
                 self.unwatch()
-                wake_future(self._idle)
+                if not self._idle.done():
+                    self._idle.set_result(False)
         else:
             self.unwatch()
 
@@ -508,8 +515,9 @@ class Session:
         except psycopg.Error:
             return False
 
-    def watch_idle(self, waiter: asyncio.Future[None] | None) -> None:
-        """While idle, wake `waiter` if the server closes the connection (sets `broken`)."""
+    def watch_idle(self, waiter: asyncio.Future[bool] | None) -> None:
+        """While idle, wake `waiter` (with False) if the server closes the connection
+        (sets `broken`)."""
         self._idle = waiter
         if waiter is not None:
             self._watch()

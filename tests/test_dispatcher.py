@@ -77,3 +77,54 @@ async def test_every_future_resolves_once_under_mixed_outcomes(gateway_factory: 
         while (stats := await (await client.get("/v1/stats")).json())["running"]:
             await asyncio.sleep(0.05)
     assert stats["queue"]["depth"] == 0
+
+
+async def _stats(client: Any) -> Any:
+    return await (await client.get("/v1/stats")).json()
+
+
+def _totals(stats: Any) -> tuple[int, int]:
+    return (
+        sum(c["jobs"] for c in stats["connections"]),
+        sum(c["batches"] for c in stats["connections"]),
+    )
+
+
+async def test_a_quick_statement_rides_round_trips_already_under_way(
+    gateway_factory: Any,
+) -> None:
+    """Concurrent clients of a statement known to be quick share round trips."""
+    client = await gateway_factory(pool_size=8)
+    sql = "select $1::int AS i"
+    for i in range(5):  # the dispatcher learns that this statement is quick
+        assert (await query(client, sql, i))[0] == 200
+    jobs_before, batches_before = _totals(await _stats(client))
+
+    async def loop(n: int) -> list[int]:
+        return [(await query(client, sql, n * 100 + k))[1]["rows"][0]["i"] for k in range(40)]
+
+    answers = await asyncio.gather(*(loop(n) for n in range(16)))
+    assert answers == [[n * 100 + k for k in range(40)] for n in range(16)]
+    jobs, batches = _totals(await _stats(client))
+    # one round trip per connection would carry about 16 / 8 = 2 jobs
+    assert (jobs - jobs_before) / (batches - batches_before) >= 4
+
+
+async def test_quick_jobs_do_not_wait_behind_a_slow_one_that_looked_quick(
+    gateway_factory: Any,
+) -> None:
+    """A statement learnt as quick that turns out slow does not hold up the queue."""
+    client = await gateway_factory(pool_size=4)
+    sql = "select pg_sleep($1::float8), $2::int AS i"
+    for i in range(5):
+        assert (await query(client, sql, 0, i))[0] == 200
+    slow = asyncio.ensure_future(query(client, sql, 1.0, -1))
+    await asyncio.sleep(0.05)  # the slow one is running, its batch counted as quick
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    quick = await asyncio.gather(*(query(client, sql, 0, i) for i in range(10)))
+    elapsed = loop.time() - started
+    assert [body["rows"][0]["i"] for _, body in quick] == list(range(10))
+    assert elapsed < 0.5, elapsed  # they went to idle connections, not behind the sleep
+    status, body = await slow
+    assert (status, body["rows"][0]["i"]) == (200, -1)
