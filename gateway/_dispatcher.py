@@ -52,6 +52,8 @@ BATCH_BUDGET_S = 0.010
 #: statements whose cost is remembered; past this the memory starts afresh
 #: (a forgotten statement is unknown, so it is spread: never wrong, only slower)
 COSTS_REMEMBERED = 4096
+#: a timer may fire this much early (uvloop counts in milliseconds)
+EXPIRY_SLACK_S = 0.001
 #: on close, after the grace period: how long cancelled queries get to come back
 #: before their workers are stopped outright
 CANCEL_WAIT_S = 2.0
@@ -93,6 +95,7 @@ class Dispatcher:
         self._pool = pool
         self._codec = codec
         self._settings = settings
+        self._loop = asyncio.get_running_loop()
         # Jobs whose clients wait for them, queued or in a batch, are bounded by
         # `_capacity`: one running job per connection plus ``queue_size`` waiting.
         # Batches take jobs off the queue, so its own size bounds nothing.
@@ -200,18 +203,27 @@ class Dispatcher:
             Timeout: the job's deadline passed; a running query is cancelled.
             QueryError: PostgreSQL failed the statement.
         """
-        await self._admit(job)
+        if self._closing or not self._connected.is_set():
+            await self._wait_connected(job)
+        self._admit(job)
+        # One timer per job for the queue timeout and the deadline, and the
+        # future awaited as it is: no shield, no timeout context per request.
+        # A cancelled request cancels the future; `abandon` still stops its query.
+        job.expiry = self._loop.call_at(self._first_expiry(job), self._expire, job)
         try:
-            return await self._wait(job)
+            return await job.future
         except asyncio.CancelledError:
             job.abandon()  # the client went away
             raise
+        finally:
+            job.expiry.cancel()
 
-    async def _admit(self, job: Job) -> None:
-        if self._closing:
-            raise Unavailable("the gateway is shutting down")
-        if not self._connected.is_set():
-            await self._wait_connected(job)
+    def _admit(self, job: Job) -> None:
+        """Queue `job`, waking a connection worker unless one is on its way anyway.
+
+        Raises:
+            Overloaded: as many jobs as the gateway holds are waiting already.
+        """
         if self._pending >= self._capacity:
             raise Overloaded("the gateway's queue is full; retry shortly")
         if len(self._queue) >= self._capacity:
@@ -220,9 +232,23 @@ class Dispatcher:
         job.future.add_done_callback(self._settled)
         job.cheap = self._is_cheap(job)
         self._queue.append(job)
-        job.enqueued_at = asyncio.get_running_loop().time()
+        job.enqueued_at = self._loop.time()
         if not job.cheap or self._needs_connection():
             self._wake_idle()
+
+    def _first_expiry(self, job: Job) -> float:
+        return min(job.enqueued_at + self._settings.queue_timeout_ms / 1000, job.deadline)
+
+    def _expire(self, job: Job) -> None:
+        """The job's queue timeout or deadline came: refuse it, or re-arm for the deadline."""
+        if job.done:
+            return
+        if self._loop.time() >= job.deadline - EXPIRY_SLACK_S:
+            job.abandon(Timeout("the request's deadline passed"))  # cancels a running query
+        elif job.state is JobState.QUEUED:
+            job.abandon(Overloaded("the job waited too long in the gateway's queue"))
+        else:  # running when its queue time ran out: the deadline still holds
+            job.expiry = self._loop.call_at(job.deadline, self._expire, job)
 
     def _is_cheap(self, job: Job) -> bool:
         """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""
@@ -242,6 +268,8 @@ class Dispatcher:
             Unavailable: no connection came up in time (or before the job's
                 deadline), too many requests wait already, or the gateway closed.
         """
+        if self._closing:
+            raise Unavailable("the gateway is shutting down")
         if self._connecting >= self._capacity:  # memory stays bounded during an outage
             raise Unavailable("no database connection is available")
         loop = asyncio.get_running_loop()
@@ -267,22 +295,6 @@ class Dispatcher:
         self._queue.extend(waiting)
         if waiting:
             self._wake_idle()
-
-    async def _wait(self, job: Job) -> list[StatementResult]:
-        queue_deadline = job.enqueued_at + self._settings.queue_timeout_ms / 1000
-        if queue_deadline < job.deadline:
-            try:
-                async with asyncio.timeout_at(queue_deadline):
-                    return await asyncio.shield(job.future)
-            except TimeoutError:
-                if job.state is JobState.QUEUED:
-                    job.abandon(Overloaded("the job waited too long in the gateway's queue"))
-        try:
-            async with asyncio.timeout_at(job.deadline):
-                return await asyncio.shield(job.future)
-        except TimeoutError:
-            job.abandon(Timeout("the request's deadline passed"))
-            return await job.future
 
     def stats(self) -> dict[str, Any]:
         """Queue depth and every worker's load, for ``/v1/stats``."""

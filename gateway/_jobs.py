@@ -63,7 +63,8 @@ class Job:
     isolation level. `deadline` is on the event loop's clock.
 
     The dispatcher marks a job `cheap` when its statement recently ran
-    quickly; `cost_s` is how long it held its connection, once run.
+    quickly, and arms its `expiry` timer; `cost_s` is how long it held its
+    connection, once run.
     """
 
     __slots__ = (
@@ -72,6 +73,7 @@ class Job:
         "cost_s",
         "deadline",
         "enqueued_at",
+        "expiry",
         "future",
         "isolation",
         "max_rows",
@@ -92,8 +94,10 @@ class Job:
         shape: str = "objects",
         transaction: bool = False,
         isolation: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         self.statements = statements
         self.read_only = read_only
         self.deadline = deadline
@@ -107,6 +111,7 @@ class Job:
         self._on_abandon: Callable[[], None] | None = None
         self.cheap = False
         self.cost_s: float | None = None
+        self.expiry: asyncio.TimerHandle | None = None
 
     @property
     def done(self) -> bool:
@@ -142,13 +147,16 @@ class Job:
         A queued job is then skipped; a running one has its query cancelled on
         the server by its connection worker.
         """
-        was_running = self.state is JobState.RUNNING
-        if not self._finish():
+        if self.state is JobState.DONE:
             return
-        if error is None:
-            self.future.cancel()
-        else:
-            self.future.set_exception(error)
+        was_running = self.state is JobState.RUNNING
+        self.state = JobState.DONE
+        # the future may be cancelled already: by the task that awaited it
+        if not self.future.done():
+            if error is None:
+                self.future.cancel()
+            else:
+                self.future.set_exception(error)
         callback, self._on_abandon = self._on_abandon, None
         if was_running and callback is not None:
             callback()

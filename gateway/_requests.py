@@ -196,6 +196,7 @@ def make_job(
         shape=options.shape,
         transaction=transaction,
         isolation=isolation,
+        loop=loop,
     )
 
 
