@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -64,6 +65,11 @@ _TAG_COUNT = re.compile(rb"(?: \d+)+$")
 _USER_CANCEL = "canceling statement due to user request"
 #: how long a cancel request may take; the server-side statement_timeout backs it up
 CANCEL_TIMEOUT_S = 5.0
+#: result shapes a session remembers the columns of; past this it starts afresh
+DESCRIPTIONS_REMEMBERED = 1024
+
+#: a result's columns, and how to make one row of it in the job's shape
+_Description = tuple[list[Column], Callable[[Any], Any]]
 
 
 class ConnectionLost(Exception):
@@ -87,10 +93,15 @@ class _Plan:
 
 def begin_command(job: Job) -> bytes:
     """The BEGIN that opens `job`'s transaction."""
+    return _begin_command(job.isolation, job.read_only)
+
+
+@functools.lru_cache(maxsize=16)
+def _begin_command(isolation: str | None, read_only: bool) -> bytes:
     parts = ["BEGIN"]
-    if job.isolation:
-        parts.append(f"ISOLATION LEVEL {job.isolation.upper()}")
-    parts.append("READ ONLY" if job.read_only else "READ WRITE")
+    if isolation:
+        parts.append(f"ISOLATION LEVEL {isolation.upper()}")
+    parts.append("READ ONLY" if read_only else "READ WRITE")
     return " ".join(parts).encode()
 
 
@@ -116,6 +127,8 @@ class Session:
         self._cap_ms = statement_timeout_ms
         self._prepared: set[bytes] = set()
         self._pending_prepares: set[bytes] = set()
+        #: (shape, column names, column type oids) -> description, for known types
+        self._descriptions: dict[tuple[Any, ...], _Description] = {}
         self._dirty = False
         #: a read-only job's transaction is still open: the next segment ends it
         self._txn_open = False
@@ -329,14 +342,40 @@ class Session:
         self, plan: _Plan, errors: list[PGresult], raw: list[PGresult]
     ) -> list[PGresult] | None:
         """Resolve the job from its results; return them instead if types are unknown."""
-        error = next((r for r in [*errors, *raw] if r.status == ExecStatus.FATAL_ERROR), None)
-        if error is not None:
-            self._fail(plan, error, first=error is (errors or raw)[0])
-            return None
-        if any(not self._codec.is_known(r.ftype(i)) for r in raw for i in range(r.nfields)):
-            return raw
+        for group in (errors, raw):
+            for res in group:
+                if res.status == ExecStatus.FATAL_ERROR:
+                    self._fail(plan, res, first=res is (errors or raw)[0])
+                    return None
+        shape = plan.job.shape
+        for res in raw:
+            if self._describe(res, shape) is None:
+                return raw
         self._deliver(plan.job, raw)
         return None
+
+    def _describe(self, res: PGresult, shape: str) -> _Description | None:
+        """`res`'s columns and row maker; None while one of its types is unknown.
+
+        Remembered by column names and types: a statement run again costs no
+        decoding of names and no lookups of type names.
+        """
+        fields = range(res.nfields)
+        key = (shape, tuple(map(res.fname, fields)), tuple(map(res.ftype, fields)))
+        found = self._descriptions.get(key)
+        if found is not None:
+            return found
+        names, oids = key[1], key[2]
+        if not all(self._codec.is_known(oid) for oid in oids):
+            return None
+        columns = [
+            Column((name or b"").decode(), self._codec.type_name(oid), oid)
+            for name, oid in zip(names, oids, strict=True)
+        ]
+        if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:
+            self._descriptions.clear()
+        found = self._descriptions[key] = (columns, _row_maker(shape, columns))
+        return found
 
     def _prepared_result(self, name: bytes, res: PGresult) -> None:
         self._pending_prepares.discard(name)
@@ -384,26 +423,21 @@ class Session:
     def _convert(self, res: PGresult, job: Job) -> StatementResult:
         if res.status == ExecStatus.EMPTY_QUERY:
             raise BadRequest("the statement is empty")
-        tag = res.command_status or b""
-        columns = [
-            Column(
-                (res.fname(i) or b"").decode(),
-                self._codec.type_name(res.ftype(i)),
-                res.ftype(i),
-            )
-            for i in range(res.nfields)
-        ]
+        described = self._describe(res, job.shape)
+        if described is None:  # learnt after all: a type dropped meanwhile is text
+            raise ConnectionLost("a result type is still unknown after learning it")
+        columns, make_row = described
         rows: list[Any] = []
         truncated = False
         if res.status == ExecStatus.TUPLES_OK:
             take = min(res.ntuples, job.max_rows)
             truncated = res.ntuples > take
             self._tx.set_pgresult(res)
-            rows = self._tx.load_rows(0, take, _row_maker(job.shape, columns))
+            rows = self._tx.load_rows(0, take, make_row)
         return StatementResult(
             columns=columns,
             rows=rows,
-            command=_TAG_COUNT.sub(b"", tag).decode(),
+            command=_command(res.command_status),
             row_count=res.command_tuples,
             truncated=truncated,
         )
@@ -641,6 +675,12 @@ def _query_error(res: PGresult) -> GatewayError:
         hint=_field(res, DiagnosticField.MESSAGE_HINT),
         position=int(position) if position else None,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _command(tag: bytes | None) -> str:
+    """The command of a command tag, without its row counts (``INSERT 0 1``: ``INSERT``)."""
+    return _TAG_COUNT.sub(b"", tag or b"").decode()
 
 
 def _row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:

@@ -48,7 +48,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 def _result_body(result: StatementResult) -> dict[str, Any]:
     return {
-        "columns": [c.to_dict() for c in result.columns],
+        "columns": result.columns,  # dataclasses: orjson writes them as objects
         "rows": result.rows,
         "row_count": result.row_count if result.row_count is not None else len(result.rows),
         "command": result.command,
