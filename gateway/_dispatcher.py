@@ -186,6 +186,11 @@ class Dispatcher:
                     await asyncio.sleep(SETTLE_POLL_S)
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the dispatcher runs on: jobs' deadlines are on its clock."""
+        return self._loop
+
+    @property
     def ready(self) -> bool:
         """True while at least one worker holds a working connection, until closing."""
         return self._connected.is_set() and not self._closing
@@ -360,10 +365,9 @@ class Dispatcher:
         Raises:
             ConnectionLost: the idle connection was closed by the server.
         """
-        loop = asyncio.get_running_loop()
-        lease_end = loop.time() + idle_s
+        lease_end = self._loop.time() + idle_s
         while not self._queue:
-            if loop.time() >= lease_end:
+            if self._loop.time() >= lease_end:
                 return None
             await self._wait_idle(session, lease_end)
         queue = self._queue
@@ -398,11 +402,10 @@ class Dispatcher:
         Raises:
             ConnectionLost: the server closed the idle connection.
         """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
+        waiter: asyncio.Future[bool] = self._loop.create_future()
         self._idle_waiters.append(waiter)
         session.watch_idle(waiter)
-        timer = loop.call_at(until, _wake, waiter, False)
+        timer = self._loop.call_at(until, _wake, waiter, False)
         try:
             await waiter
         finally:
@@ -463,8 +466,7 @@ class Dispatcher:
         Past that, the jobs queued behind it go to idle connections.
         """
         if all(job.cheap for job in batch):
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(BATCH_BUDGET_S, self._batch_overdue, worker_id)
+            timer = self._loop.call_later(BATCH_BUDGET_S, self._batch_overdue, worker_id)
             self._cheap_batches[worker_id] = timer
 
     def _back(self, worker_id: int) -> None:

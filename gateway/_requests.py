@@ -185,9 +185,13 @@ def make_job(
     read_only: bool,
     transaction: bool = False,
     isolation: str | None = None,
+    loop: asyncio.AbstractEventLoop,
 ) -> Job:
-    """A job whose deadline is `options.timeout_ms` from now."""
-    loop = asyncio.get_running_loop()
+    """A job whose deadline is `options.timeout_ms` from now on `loop`'s clock.
+
+    The caller passes the running loop it holds: asking asyncio for it costs
+    a getpid() system call per request.
+    """
     return Job(
         statements,
         read_only=read_only,

@@ -86,7 +86,8 @@ async def _run_one(
     if fmt.streamed:
         return await _stream_one(request, fmt, job_args)
     started = time.perf_counter()
-    results = await request.app[DISPATCHER].run(make_job(**job_args))
+    dispatcher = request.app[DISPATCHER]
+    results = await dispatcher.run(make_job(**job_args, loop=dispatcher.loop))
     body = _result_body(results[0])
     body["elapsed_ms"] = _elapsed_ms(started)
     return json_response(body)
@@ -183,14 +184,16 @@ async def post_transaction(request: web.Request) -> web.Response:
     if settings.raw_sql == "read-only" and not read_only:
         raise Forbidden("raw SQL is read-only on this gateway; send read_only: true")
     started = time.perf_counter()
+    dispatcher = request.app[DISPATCHER]
     job = make_job(
         statements,
         parse_options(body, settings),
         read_only=read_only,
         transaction=True,
         isolation=parse_isolation(body.get("isolation")),
+        loop=dispatcher.loop,
     )
-    results = await request.app[DISPATCHER].run(job)
+    results = await dispatcher.run(job)
     return json_response(
         {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
     )
