@@ -101,7 +101,7 @@ class Dispatcher:
         # Batches take jobs off the queue, so its own size bounds nothing.
         self._queue: collections.deque[Job] = collections.deque()
         self._capacity = settings.pool_size + settings.queue_size
-        self._pending = 0  # admitted jobs not resolved yet
+        self._pending = 0  # admitted jobs whose requests still wait for them
         self._workers = [WorkerStats(i) for i in range(settings.pool_size)]
         self._sessions: dict[int, Session] = {}
         self._batches: dict[int, list[Job]] = {}
@@ -210,7 +210,7 @@ class Dispatcher:
         """
         if self._closing or not self._connected.is_set():
             await self._wait_connected(job)
-        self._admit(job)
+        self._admit(job)  # counted in `_pending` until this returns
         # One timer per job for the queue timeout and the deadline, and the
         # future awaited as it is: no shield, no timeout context per request.
         # A cancelled request cancels the future; `abandon` still stops its query.
@@ -222,6 +222,7 @@ class Dispatcher:
             raise
         finally:
             job.expiry.cancel()
+            self._pending -= 1
 
     def _admit(self, job: Job) -> None:
         """Queue `job`, waking a connection worker unless one is on its way anyway.
@@ -234,7 +235,6 @@ class Dispatcher:
         if len(self._queue) >= self._capacity:
             self._drop_abandoned()  # they no longer count, but still take memory
         self._pending += 1
-        job.future.add_done_callback(self._settled)
         job.cheap = self._is_cheap(job)
         self._queue.append(job)
         job.enqueued_at = self._loop.time()
@@ -289,9 +289,6 @@ class Dispatcher:
             self._connecting -= 1
         if self._closing:
             raise Unavailable("the gateway is shutting down")
-
-    def _settled(self, _future: asyncio.Future[list[StatementResult]]) -> None:
-        self._pending -= 1
 
     def _drop_abandoned(self) -> None:
         """Take jobs whose clients gave up off the queue, keeping the others' order."""
