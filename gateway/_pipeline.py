@@ -31,7 +31,7 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -81,7 +81,7 @@ class _Plan:
     """What was sent for one job, so its results can be read back in order."""
 
     job: Job
-    prepares: list[bytes] = field(default_factory=list)
+    prepares: tuple[bytes, ...] = ()
     setup: int = 0
     commit: bool = False
     cleanup: int = 0
@@ -249,7 +249,7 @@ class Session:
             if name and name not in self._prepared and name not in self._pending_prepares:
                 self._pg.send_prepare(name, st.sql)
                 self._pending_prepares.add(name)
-                plan.prepares.append(name)
+                plan.prepares += (name,)
 
     def _send_begin(self, job: Job, plan: _Plan, now: float) -> None:
         pg = self._pg

@@ -7,7 +7,7 @@ fixes the job's deadline and limits, and hands a `Job` to the dispatcher.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +71,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return value
 
 
-def check_keys(body: Mapping[str, Any], allowed: set[str], where: str = "body") -> None:
+def check_keys(body: Mapping[str, Any], allowed: Set[str], where: str = "body") -> None:
     """Raises BadRequest naming the first key of `body` not in `allowed`."""
     for key in body:
         if key not in allowed:

@@ -35,11 +35,15 @@ from ._requests import (
     raw_statement,
     read_json_object,
 )
+from ._settings import Settings
 from ._streaming import OutputFormat, negotiate
 
 routes = web.RouteTableDef()
 
-_OPTION_KEYS = {"timeout_ms", "max_rows", "shape"}
+_OPTION_KEYS = frozenset({"timeout_ms", "max_rows", "shape"})
+_QUERY_KEYS = _OPTION_KEYS | {"sql", "params"}
+_TRANSACTION_KEYS = _OPTION_KEYS | {"statements", "isolation", "read_only"}
+_NAMED_QUERY_KEYS = _OPTION_KEYS | {"params"}
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -66,7 +70,9 @@ def _output_format(request: web.Request) -> OutputFormat:
     Raises:
         NotAcceptable: it asks for a format we do not produce.
     """
-    return negotiate(request.query.get("format"), request.headers.get("Accept"))
+    # the query string is parsed only when there is one: most requests have none
+    fmt = request.query.get("format") if request.query_string else None
+    return negotiate(fmt, request.headers.get("Accept"))
 
 
 def _json_only(request: web.Request) -> None:
@@ -141,13 +147,13 @@ def _end_incomplete(request: web.Request, *_: object, abort: bool = False) -> No
         transport.close()
 
 
-async def _raw_sql_body(request: web.Request) -> dict[str, Any]:
+async def _raw_sql_body(request: web.Request, settings: Settings) -> dict[str, Any]:
     """The JSON body of a raw SQL request.
 
     Raises:
         RawSqlDisabled: raw SQL is off on this gateway.
     """
-    if request.app[SETTINGS].raw_sql == "off":
+    if settings.raw_sql == "off":
         raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
     return await read_json_object(request)
 
@@ -157,8 +163,8 @@ async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
     settings = request.app[SETTINGS]
     fmt = _output_format(request)
-    body = await _raw_sql_body(request)
-    check_keys(body, {"sql", "params"} | _OPTION_KEYS)
+    body = await _raw_sql_body(request, settings)
+    check_keys(body, _QUERY_KEYS)
     statement = raw_statement({k: body[k] for k in ("sql", "params") if k in body}, "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
     read_only = settings.raw_sql == "read-only"
@@ -172,8 +178,8 @@ async def post_transaction(request: web.Request) -> web.Response:
     """Run several raw statements all or nothing, on one connection."""
     settings = request.app[SETTINGS]
     _json_only(request)
-    body = await _raw_sql_body(request)
-    check_keys(body, {"statements", "isolation", "read_only"} | _OPTION_KEYS)
+    body = await _raw_sql_body(request, settings)
+    check_keys(body, _TRANSACTION_KEYS)
     items = body.get("statements")
     if not isinstance(items, list) or not items:
         raise BadRequest("statements must be a non-empty list")
@@ -228,7 +234,7 @@ async def post_named_query(request: web.Request) -> web.StreamResponse:
     fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
     body = await read_json_object(request)
-    check_keys(body, {"params"} | _OPTION_KEYS)
+    check_keys(body, _NAMED_QUERY_KEYS)
     values = body.get("params") or {}
     if not isinstance(values, dict):
         raise BadRequest("params must be an object of name: value")
