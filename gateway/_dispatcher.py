@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ._encoding import Codec
 from ._errors import Overloaded, Timeout, Unavailable
-from ._jobs import Job, JobState, Statement, StatementResult
+from ._jobs import Job, Statement, StatementResult
 from ._pipeline import ConnectionLost, Session
 from ._settings import Settings
 from ._stream_exec import run_stream
@@ -52,8 +52,8 @@ BATCH_BUDGET_S = 0.010
 #: statements whose cost is remembered; past this the memory starts afresh
 #: (a forgotten statement is unknown, so it is spread: never wrong, only slower)
 COSTS_REMEMBERED = 4096
-#: a timer may fire this much early (uvloop counts in milliseconds)
-EXPIRY_SLACK_S = 0.001
+#: while jobs are pending, queue timeouts and deadlines are checked this often
+EXPIRY_SWEEP_S = 0.005
 #: on close, after the grace period: how long cancelled queries get to come back
 #: before their workers are stopped outright
 CANCEL_WAIT_S = 2.0
@@ -118,6 +118,7 @@ class Dispatcher:
         self._cheap_batches: dict[int, asyncio.TimerHandle] = {}
         #: seconds each statement recently took on its connection (moving averages)
         self._costs: dict[bytes, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -155,6 +156,9 @@ class Dispatcher:
         await self.drain(grace)
         await self._stop_workers()
         self._tasks = []
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _stop_workers(self) -> None:
         """Cancel the workers, as often as it takes.
@@ -211,17 +215,15 @@ class Dispatcher:
         if self._closing or not self._connected.is_set():
             await self._wait_connected(job)
         self._admit(job)  # counted in `_pending` until this returns
-        # One timer per job for the queue timeout and the deadline, and the
-        # future awaited as it is: no shield, no timeout context per request.
-        # A cancelled request cancels the future; `abandon` still stops its query.
-        job.expiry = self._loop.call_at(self._first_expiry(job), self._expire, job)
+        # The future is awaited as it is: no shield, no timer, no timeout context
+        # per request (`_sweep` enforces the deadlines). A cancelled request
+        # cancels the future; `abandon` still stops its query.
         try:
             return await job.future
         except asyncio.CancelledError:
             job.abandon()  # the client went away
             raise
         finally:
-            job.expiry.cancel()
             self._pending -= 1
 
     def _admit(self, job: Job) -> None:
@@ -240,20 +242,35 @@ class Dispatcher:
         job.enqueued_at = self._loop.time()
         if not job.cheap or self._needs_connection():
             self._wake_idle()
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(EXPIRY_SWEEP_S, self._sweep)
 
-    def _first_expiry(self, job: Job) -> float:
-        return min(job.enqueued_at + self._settings.queue_timeout_ms / 1000, job.deadline)
+    def _sweep(self) -> None:
+        """Refuse the jobs past their queue timeout or deadline, every `EXPIRY_SWEEP_S`.
 
-    def _expire(self, job: Job) -> None:
-        """The job's queue timeout or deadline came: refuse it, or re-arm for the deadline."""
-        if job.done:
+        One timer for all pending jobs instead of one per job: a request costs
+        no timer, and a deadline is met within `EXPIRY_SWEEP_S`. Abandoning a
+        running job cancels its query.
+        """
+        self._sweeper = None
+        now = self._loop.time()
+        queue_s = self._settings.queue_timeout_ms / 1000
+        for job in self._queue:
+            self._expire(job, now, queue_s)
+        for batch in self._batches.values():
+            for job in batch:
+                self._expire(job, now, None)
+        if self._pending:
+            self._sweeper = self._loop.call_later(EXPIRY_SWEEP_S, self._sweep)
+
+    @staticmethod
+    def _expire(job: Job, now: float, queue_s: float | None) -> None:
+        if job.future.done():  # answered, abandoned, or a stream under way
             return
-        if self._loop.time() >= job.deadline - EXPIRY_SLACK_S:
-            job.abandon(Timeout("the request's deadline passed"))  # cancels a running query
-        elif job.state is JobState.QUEUED:
+        if now >= job.deadline:
+            job.abandon(Timeout("the request's deadline passed"))
+        elif queue_s is not None and now >= job.enqueued_at + queue_s:
             job.abandon(Overloaded("the job waited too long in the gateway's queue"))
-        else:  # running when its queue time ran out: the deadline still holds
-            job.expiry = self._loop.call_at(job.deadline, self._expire, job)
 
     def _is_cheap(self, job: Job) -> bool:
         """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""

@@ -63,8 +63,7 @@ class Job:
     isolation level. `deadline` is on the event loop's clock.
 
     The dispatcher marks a job `cheap` when its statement recently ran
-    quickly, and arms its `expiry` timer; `cost_s` is how long it held its
-    connection, once run.
+    quickly; `cost_s` is how long it held its connection, once run.
     """
 
     __slots__ = (
@@ -73,7 +72,6 @@ class Job:
         "cost_s",
         "deadline",
         "enqueued_at",
-        "expiry",
         "future",
         "isolation",
         "max_rows",
@@ -111,7 +109,6 @@ class Job:
         self._on_abandon: Callable[[], None] | None = None
         self.cheap = False
         self.cost_s: float | None = None
-        self.expiry: asyncio.TimerHandle | None = None
 
     @property
     def done(self) -> bool:
