@@ -115,7 +115,8 @@ class Dispatcher:
         #: workers woken for the queue that have not taken their batch yet
         self._woken = 0
         #: workers running a batch of cheap jobs, due back at the queue soon
-        self._cheap_batches: dict[int, asyncio.TimerHandle] = {}
+        #: (worker id: when its batch started); `_sweep` drops the late ones
+        self._cheap_batches: dict[int, float] = {}
         #: seconds each statement recently took on its connection (moving averages)
         self._costs: dict[bytes, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -246,7 +247,8 @@ class Dispatcher:
             self._sweeper = self._loop.call_later(EXPIRY_SWEEP_S, self._sweep)
 
     def _sweep(self) -> None:
-        """Refuse the jobs past their queue timeout or deadline, every `EXPIRY_SWEEP_S`.
+        """Refuse the jobs past their queue timeout or deadline, every `EXPIRY_SWEEP_S`;
+        hand the queue over from late batches of cheap jobs.
 
         One timer for all pending jobs instead of one per job: a request costs
         no timer, and a deadline is met within `EXPIRY_SWEEP_S`. Abandoning a
@@ -254,6 +256,8 @@ class Dispatcher:
         """
         self._sweeper = None
         now = self._loop.time()
+        if self._cheap_batches:
+            self._drop_late_batches(now)
         queue_s = self._settings.queue_timeout_ms / 1000
         for job in self._queue:
             self._expire(job, now, queue_s)
@@ -480,13 +484,10 @@ class Dispatcher:
         Past that, the jobs queued behind it go to idle connections.
         """
         if all(job.cheap for job in batch):
-            timer = self._loop.call_later(BATCH_BUDGET_S, self._batch_overdue, worker_id)
-            self._cheap_batches[worker_id] = timer
+            self._cheap_batches[worker_id] = self._loop.time()
 
     def _back(self, worker_id: int) -> None:
-        timer = self._cheap_batches.pop(worker_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._cheap_batches.pop(worker_id, None)
 
     def _learn_costs(self, batch: list[Job]) -> None:
         """Remember how long each single-statement job took on its connection."""
@@ -503,10 +504,13 @@ class Dispatcher:
             else:
                 costs[sql] = known + (job.cost_s - known) / 4  # a moving average
 
-    def _batch_overdue(self, worker_id: int) -> None:
-        """A batch of cheap jobs is late: idle connections take the queue meanwhile."""
-        del self._cheap_batches[worker_id]
-        self._hand_over_queue()
+    def _drop_late_batches(self, now: float) -> None:
+        """Batches of cheap jobs late by `BATCH_BUDGET_S`: idle connections take the queue."""
+        late = [w for w, started in self._cheap_batches.items() if now - started > BATCH_BUDGET_S]
+        for worker_id in late:
+            del self._cheap_batches[worker_id]
+        if late:
+            self._hand_over_queue()
 
     def _hand_over_queue(self) -> None:
         """Wake enough idle workers for the queue: this one is late, or leaving."""
