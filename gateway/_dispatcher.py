@@ -117,8 +117,9 @@ class Dispatcher:
         #: workers running a batch of cheap jobs, due back at the queue soon
         #: (worker id: when its batch started); `_sweep` drops the late ones
         self._cheap_batches: dict[int, float] = {}
-        #: seconds each statement recently took on its connection (moving averages)
-        self._costs: dict[bytes, float] = {}
+        #: seconds each statement recently took on its connection (moving averages),
+        #: by the hash of its text: an entry stays small however long the statement
+        self._costs: dict[int, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -280,7 +281,7 @@ class Dispatcher:
         """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""
         if len(job.statements) != 1 or isinstance(job, StreamJob):
             return False
-        return self._costs.get(job.statements[0].sql, CHEAP_JOB_S + 1) <= CHEAP_JOB_S
+        return self._costs.get(hash(job.statements[0].sql), CHEAP_JOB_S + 1) <= CHEAP_JOB_S
 
     def _needs_connection(self) -> bool:
         """True unless connections already on their way to the queue will take it all."""
@@ -495,14 +496,14 @@ class Dispatcher:
         for job in batch:
             if job.cost_s is None or len(job.statements) != 1 or isinstance(job, StreamJob):
                 continue
-            sql = job.statements[0].sql
-            known = costs.get(sql)
+            key = hash(job.statements[0].sql)  # a collision could only misplace a job
+            known = costs.get(key)
             if known is None:
                 if len(costs) >= COSTS_REMEMBERED:
                     costs.clear()
-                costs[sql] = job.cost_s
+                costs[key] = job.cost_s
             else:
-                costs[sql] = known + (job.cost_s - known) / 4  # a moving average
+                costs[key] = known + (job.cost_s - known) / 4  # a moving average
 
     def _drop_late_batches(self, now: float) -> None:
         """Batches of cheap jobs late by `BATCH_BUDGET_S`: idle connections take the queue."""

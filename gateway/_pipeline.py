@@ -67,6 +67,8 @@ _USER_CANCEL = "canceling statement due to user request"
 CANCEL_TIMEOUT_S = 5.0
 #: result shapes a session remembers the columns of; past this it starts afresh
 DESCRIPTIONS_REMEMBERED = 1024
+#: wider results are described afresh each time, so the memory stays small
+DESCRIBED_COLUMNS_MAX = 64
 
 #: a result's columns, and how to make one row of it in the job's shape
 _Description = tuple[list[Column], Callable[[Any], Any]]
@@ -372,9 +374,11 @@ class Session:
             Column((name or b"").decode(), self._codec.type_name(oid), oid)
             for name, oid in zip(names, oids, strict=True)
         ]
-        if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:
-            self._descriptions.clear()
-        found = self._descriptions[key] = (columns, _row_maker(shape, columns))
+        found = (columns, _row_maker(shape, columns))
+        if len(columns) <= DESCRIBED_COLUMNS_MAX:
+            if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:
+                self._descriptions.clear()
+            self._descriptions[key] = found
         return found
 
     def _prepared_result(self, name: bytes, res: PGresult) -> None:

@@ -20,6 +20,24 @@ async def test_query_adds_one(client: GatewayClient) -> None:
     assert body["elapsed_ms"] >= 0
 
 
+async def test_columns_follow_the_result_as_it_changes(client: GatewayClient) -> None:
+    """Column metadata is remembered per result shape: the same shape again, another
+    shape of the same statement, and a result too wide to remember all answer right."""
+    for _ in range(2):
+        status, body = await query(client, "select $1::int AS a, 'x' AS b", 1)
+        assert status == 200, body
+        assert [c["name"] for c in body["columns"]] == ["a", "b"]
+        assert body["rows"] == [{"a": 1, "b": "x"}]
+    status, body = await query(client, "select $1::int AS a, 'x' AS b", 2, shape="arrays")
+    assert (status, body["rows"]) == (200, [[2, "x"]])
+    wide = "select " + ", ".join(f"{i} AS c{i}" for i in range(100))
+    for _ in range(2):
+        status, body = await query(client, wide)
+        assert status == 200, body
+        assert [c["name"] for c in body["columns"]] == [f"c{i}" for i in range(100)]
+        assert body["rows"] == [{f"c{i}": i for i in range(100)}]
+
+
 async def test_shape_arrays(client: GatewayClient) -> None:
     status, body = await query(client, "select 1 AS a, 'x' AS b", shape="arrays")
     assert status == 200
