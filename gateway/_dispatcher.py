@@ -118,7 +118,7 @@ class Dispatcher:
         #: (worker id: when its batch started); `_sweep` drops the late ones
         self._cheap_batches: dict[int, float] = {}
         #: seconds each statement recently took on its connection (moving averages),
-        #: by the hash of its text: an entry stays small however long the statement
+        #: by `_cost_key`: an entry stays small however long the statement
         self._costs: dict[int, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -279,9 +279,8 @@ class Dispatcher:
 
     def _is_cheap(self, job: Job) -> bool:
         """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""
-        if len(job.statements) != 1 or isinstance(job, StreamJob):
-            return False
-        return self._costs.get(hash(job.statements[0].sql), CHEAP_JOB_S + 1) <= CHEAP_JOB_S
+        key = _cost_key(job)
+        return key is not None and self._costs.get(key, CHEAP_JOB_S + 1) <= CHEAP_JOB_S
 
     def _needs_connection(self) -> bool:
         """True unless connections already on their way to the queue will take it all."""
@@ -494,9 +493,9 @@ class Dispatcher:
         """Remember how long each single-statement job took on its connection."""
         costs = self._costs
         for job in batch:
-            if job.cost_s is None or len(job.statements) != 1 or isinstance(job, StreamJob):
+            key = _cost_key(job)
+            if key is None or job.cost_s is None:
                 continue
-            key = hash(job.statements[0].sql)  # a collision could only misplace a job
             known = costs.get(key)
             if known is None:
                 if len(costs) >= COSTS_REMEMBERED:
@@ -534,6 +533,23 @@ class Dispatcher:
     def _fail_queued(self, error: Unavailable) -> None:
         while self._queue:
             self._queue.popleft().fail(error)
+
+
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+
+
+def _cost_key(job: Job) -> int | None:
+    """What the cost of `job` is learnt and looked up by; None: not learnt (a
+    transaction, a stream).
+
+    The hash of the statement's text with every digit read as 0, so a statement
+    that spells its values out (``WHERE id = 123``) is known by its shape, not
+    by each value. A collision or a value that changes the cost can only place
+    a job on a busy connection; a batch that is then late hands the queue over.
+    """
+    if len(job.statements) != 1 or isinstance(job, StreamJob):
+        return None
+    return hash(job.statements[0].sql.translate(_DIGITS_AS_ZERO))
 
 
 def _wake(waiter: asyncio.Future[bool], woken: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from support import assert_error, query
 
 
@@ -90,18 +91,28 @@ def _totals(stats: Any) -> tuple[int, int]:
     )
 
 
+@pytest.mark.parametrize("spelled_out", [False, True], ids=["parameter", "literal"])
 async def test_a_quick_statement_rides_round_trips_already_under_way(
-    gateway_factory: Any,
+    gateway_factory: Any, spelled_out: bool
 ) -> None:
-    """Concurrent clients of a statement known to be quick share round trips."""
+    """Concurrent clients of a statement known to be quick share round trips, also
+    when each spells its value out in the SQL text instead of sending a parameter."""
     client = await gateway_factory(pool_size=8)
-    sql = "select $1::int AS i"
+
+    async def one(i: int) -> int:
+        if spelled_out:
+            status, body = await query(client, f"select {i}::int AS i")
+        else:
+            status, body = await query(client, "select $1::int AS i", i)
+        assert status == 200, body
+        return int(body["rows"][0]["i"])
+
     for i in range(5):  # the dispatcher learns that this statement is quick
-        assert (await query(client, sql, i))[0] == 200
+        assert await one(i) == i
     jobs_before, batches_before = _totals(await _stats(client))
 
     async def loop(n: int) -> list[int]:
-        return [(await query(client, sql, n * 100 + k))[1]["rows"][0]["i"] for k in range(40)]
+        return [await one(n * 100 + k) for k in range(40)]
 
     answers = await asyncio.gather(*(loop(n) for n in range(16)))
     assert answers == [[n * 100 + k for k in range(40)] for n in range(16)]
