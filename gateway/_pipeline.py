@@ -200,7 +200,8 @@ class Session:
         if deferred:
             await self._learn_types(deferred)
             for plan, raw in deferred:
-                self._deliver(plan.job, raw)
+                if not self._deliver(plan.job, raw):  # learnt as text when not found
+                    plan.job.fail(GatewayError("a result type could not be learnt"))
         if self._pg.transaction_status != TransactionStatus.IDLE:
             await self._housekeeping(_ROLLBACK)  # a cleanup was cancelled (see _should_retry)
         if self._dirty:
@@ -349,12 +350,7 @@ class Session:
                 if res.status == ExecStatus.FATAL_ERROR:
                     self._fail(plan, res, first=res is (errors or raw)[0])
                     return None
-        shape = plan.job.shape
-        for res in raw:
-            if self._describe(res, shape) is None:
-                return raw
-        self._deliver(plan.job, raw)
-        return None
+        return None if self._deliver(plan.job, raw) else raw
 
     def _describe(self, res: PGresult, shape: str) -> _Description | None:
         """`res`'s columns and row maker; None while one of its types is unknown.
@@ -414,22 +410,35 @@ class Session:
             return not job.transaction and len(job.statements) == 1
         return False
 
-    def _deliver(self, job: Job, raw: list[PGresult]) -> None:
+    def _deliver(self, job: Job, raw: list[PGresult]) -> bool:
+        """Resolve `job` from its statements' results; False, with nothing done,
+        while one of their types is unknown."""
         if job.done:
-            return
+            return True
+        results = []
         try:
-            results = [self._convert(res, job) for res in raw]
+            for res in raw:
+                converted = self._convert(res, job)
+                if converted is None:
+                    return False
+                results.append(converted)
         except GatewayError as exc:
             job.fail(exc)
         else:
             job.resolve(results)
+        return True
 
-    def _convert(self, res: PGresult, job: Job) -> StatementResult:
+    def _convert(self, res: PGresult, job: Job) -> StatementResult | None:
+        """`res` as the job asked for it; None while one of its types is unknown.
+
+        Raises:
+            BadRequest: the statement was empty.
+        """
         if res.status == ExecStatus.EMPTY_QUERY:
             raise BadRequest("the statement is empty")
         described = self._describe(res, job.shape)
-        if described is None:  # learnt after all: a type dropped meanwhile is text
-            raise ConnectionLost("a result type is still unknown after learning it")
+        if described is None:
+            return None
         columns, make_row = described
         rows: list[Any] = []
         truncated = False
