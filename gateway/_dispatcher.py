@@ -279,7 +279,7 @@ class Dispatcher:
 
     def _is_cheap(self, job: Job) -> bool:
         """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""
-        key = _cost_key(job)
+        key = job.cost_key = _cost_key(job)
         return key is not None and self._costs.get(key, CHEAP_JOB_S + 1) <= CHEAP_JOB_S
 
     def _needs_connection(self) -> bool:
@@ -493,7 +493,7 @@ class Dispatcher:
         """Remember how long each single-statement job took on its connection."""
         costs = self._costs
         for job in batch:
-            key = _cost_key(job)
+            key = job.cost_key
             if key is None or job.cost_s is None:
                 continue
             known = costs.get(key)

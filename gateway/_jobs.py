@@ -62,13 +62,15 @@ class Job:
     `transaction` runs several statements all or nothing; `isolation` names its
     isolation level. `deadline` is on the event loop's clock.
 
-    The dispatcher marks a job `cheap` when its statement recently ran
-    quickly; `cost_s` is how long it held its connection, once run.
+    The dispatcher marks a job `cheap` when its statement (known by
+    `cost_key`) recently ran quickly; `cost_s` is how long it held its
+    connection, once run.
     """
 
     __slots__ = (
         "_on_abandon",
         "cheap",
+        "cost_key",
         "cost_s",
         "deadline",
         "enqueued_at",
@@ -108,6 +110,7 @@ class Job:
         self.enqueued_at = loop.time()
         self._on_abandon: Callable[[], None] | None = None
         self.cheap = False
+        self.cost_key: int | None = None
         self.cost_s: float | None = None
 
     @property

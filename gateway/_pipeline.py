@@ -70,6 +70,13 @@ DESCRIPTIONS_REMEMBERED = 1024
 #: wider results are described afresh each time, so the memory stays small
 DESCRIBED_COLUMNS_MAX = 64
 
+# ExecStatus members as plain constants: an enum attribute costs a lookup per result
+_COMMAND_OK = ExecStatus.COMMAND_OK
+_TUPLES_OK = ExecStatus.TUPLES_OK
+_FATAL_ERROR = ExecStatus.FATAL_ERROR
+_PIPELINE_SYNC = ExecStatus.PIPELINE_SYNC
+_COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH})
+
 #: a result's columns, and how to make one row of it in the job's shape
 _Description = tuple[list[Column], Callable[[Any], Any]]
 
@@ -313,7 +320,10 @@ class Session:
         finally:
             self._head = None
             self._cancel_wanted = False
-        await self._sync()
+        if self._pg.is_busy():
+            await self._sync()
+        else:
+            self._take_sync()
         outcome = self._settle(plan, errors, raw)
         for _ in range(plan.cleanup):
             await self._result()
@@ -322,24 +332,23 @@ class Session:
         return outcome
 
     async def _read_segment(self, plan: _Plan) -> tuple[list[PGresult], list[PGresult]]:
-        """The results of a job's first segment: (setup and commit, statements)."""
-        errors: list[PGresult] = []
-        if plan.rollback_first:
-            errors.append(await self._result())
-        for name in plan.prepares:
-            res = await self._result()
+        """The results of a job's first segment: (setup and commit, statements).
+
+        Results libpq holds already (most of a batch's) are taken without a
+        coroutine each.
+        """
+        pg = self._pg
+        before = plan.rollback_first + len(plan.prepares) + plan.setup
+        statements = len(plan.job.statements)
+        results = []
+        for _ in range(before + statements + plan.commit):
+            results.append(await self._result() if pg.is_busy() else self._take_result())
+        for name, res in zip(plan.prepares, results[plan.rollback_first :], strict=False):
             self._prepared_result(name, res)
-            errors.append(res)
-        for _ in range(plan.setup):
-            errors.append(await self._result())
-        raw: list[PGresult] = []
-        for _ in plan.job.statements:
-            res = await self._result()
-            raw.append(res)
+        raw = results[before : before + statements]
+        for res in raw:
             self._note_session_state(res)
-        if plan.commit:
-            errors.append(await self._result())
-        return errors, raw
+        return results[:before] + results[before + statements :], raw
 
     def _settle(
         self, plan: _Plan, errors: list[PGresult], raw: list[PGresult]
@@ -347,7 +356,7 @@ class Session:
         """Resolve the job from its results; return them instead if types are unknown."""
         for group in (errors, raw):
             for res in group:
-                if res.status == ExecStatus.FATAL_ERROR:
+                if res.status == _FATAL_ERROR:
                     self._fail(plan, res, first=res is (errors or raw)[0])
                     return None
         return None if self._deliver(plan.job, raw) else raw
@@ -379,7 +388,7 @@ class Session:
 
     def _prepared_result(self, name: bytes, res: PGresult) -> None:
         self._pending_prepares.discard(name)
-        if res.status == ExecStatus.COMMAND_OK:
+        if res.status == _COMMAND_OK:
             self._prepared.add(name)
 
     def _fail(self, plan: _Plan, res: PGresult, *, first: bool) -> None:
@@ -442,7 +451,7 @@ class Session:
         columns, make_row = described
         rows: list[Any] = []
         truncated = False
-        if res.status == ExecStatus.TUPLES_OK:
+        if res.status == _TUPLES_OK:
             take = min(res.ntuples, job.max_rows)
             truncated = res.ntuples > take
             self._tx.set_pgresult(res)
@@ -462,26 +471,36 @@ class Session:
 
     async def _result(self) -> PGresult:
         """The one result of a query in the pipeline, consuming the NULL after it."""
-        pg = self._pg
-        # Results usually arrive together: read what libpq holds without awaiting.
-        if pg.is_busy():
+        if self._pg.is_busy():
             await self._until_ready()
+        return self._take_result()
+
+    def _take_result(self) -> PGresult:
+        """`_result` once libpq holds the result (it is not busy).
+
+        Raises:
+            ConnectionLost: the protocol went out of step, or a COPY began.
+        """
+        pg = self._pg
         res = pg.get_result()
         if res is None:
             raise ConnectionLost("protocol out of step: no result where one was due")
-        if res.status in (ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH):
+        if res.status in _COPY:
             raise ConnectionLost("COPY is not supported here; use format=csv instead")
-        if pg.is_busy():
-            await self._until_ready()
-        if pg.get_result() is not None:
+        # in pipeline mode libpq is idle after a query's result: its NULL is there at once
+        if pg.is_busy() or pg.get_result() is not None:
             raise ConnectionLost("protocol out of step: more results than statements")
         return res
 
     async def _sync(self) -> None:
         if self._pg.is_busy():
             await self._until_ready()
+        self._take_sync()
+
+    def _take_sync(self) -> None:
+        """`_sync` once libpq holds the Sync's result (it is not busy)."""
         res = self._pg.get_result()
-        if res is None or res.status != ExecStatus.PIPELINE_SYNC:
+        if res is None or res.status != _PIPELINE_SYNC:
             raise ConnectionLost("protocol out of step: no Sync where one was due")
 
     async def _next(self) -> PGresult | None:
