@@ -53,14 +53,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         TooLarge: the Content-Length announces a body over the limit; (from
             aiohttp, mapped by the middleware) a body read turns out too big.
     """
-    if request.content_type not in ("application/json",) and not (
-        request.content_type.startswith("application/") and request.content_type.endswith("+json")
-    ):
+    if not _is_json(request):
         raise UnsupportedMediaType(
             f"send the body as application/json, not {request.content_type or 'nothing'}"
         )
     limit = request.client_max_size
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         # at once: waiting for a body we will refuse anyway would let a client
         # that announces more than it sends hold the request open
         raise TooLarge(f"the body may hold at most {limit} bytes")
@@ -69,6 +68,22 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest("the request body must be a JSON object")
     return value
+
+
+def _is_json(request: web.Request) -> bool:
+    """Whether the body is declared JSON: ``application/json`` or ``application/*+json``.
+
+    The header as nearly every client sends it is recognised as it is:
+    aiohttp's parsing of a Content-Type costs more than the rest of a
+    request's validation.
+    """
+    raw = request.headers.get("Content-Type")
+    if raw == "application/json" or (raw is not None and raw.startswith("application/json;")):
+        return True
+    media = request.content_type
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 def check_keys(body: Mapping[str, Any], allowed: Set[str], where: str = "body") -> None:
