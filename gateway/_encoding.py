@@ -281,7 +281,7 @@ def param_to_text(value: Any) -> bytes | None:
         if "\x00" in value:
             raise BadRequest("parameters cannot contain NUL (\\u0000) characters")
         return value.encode()
-    if isinstance(value, int | float):
+    if isinstance(value, (int, float)):  # a tuple: no union object built per call
         return repr(value).encode()
     if isinstance(value, dict):
         return orjson.dumps(_exact_json(value))

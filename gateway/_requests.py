@@ -29,6 +29,7 @@ ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
 RESERVED_QUERY_KEYS = frozenset({"format", "shape", "timeout_ms", "max_rows"})
 #: the protocol's limit: a Bind message counts its parameters in 16 bits
 MAX_PARAMS = 65535
+_STATEMENT_KEYS = frozenset({"sql", "params"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +143,20 @@ def raw_statement(item: Any, where: str) -> Statement:
     """
     if not isinstance(item, dict):
         raise BadRequest(f"{where} must be an object with sql and params")
-    check_keys(item, {"sql", "params"}, where)
-    sql = item.get("sql")
+    check_keys(item, _STATEMENT_KEYS, where)
+    return sql_statement(item.get("sql"), item.get("params"), where)
+
+
+def sql_statement(sql: Any, params: Any, where: str) -> Statement:
+    """`sql` and its `params` (None: none) from the body as a `Statement`.
+
+    Raises:
+        BadRequest: as `raw_statement`.
+    """
     if not isinstance(sql, str) or not sql.strip():
         raise BadRequest(f"{where}.sql must be a non-empty string")
     if "\x00" in sql:
         raise BadRequest(f"{where}.sql cannot contain NUL characters")
-    params = item.get("params", [])
     if params is None:
         params = []
     if not isinstance(params, list):

@@ -34,6 +34,7 @@ from ._requests import (
     parse_options,
     raw_statement,
     read_json_object,
+    sql_statement,
 )
 from ._settings import Settings
 from ._streaming import OutputFormat, negotiate
@@ -165,7 +166,7 @@ async def post_query(request: web.Request) -> web.StreamResponse:
     fmt = _output_format(request)
     body = await _raw_sql_body(request, settings)
     check_keys(body, _QUERY_KEYS)
-    statement = raw_statement({k: body[k] for k in ("sql", "params") if k in body}, "body")
+    statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
     read_only = settings.raw_sql == "read-only"
     return await _run_one(
