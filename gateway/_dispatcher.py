@@ -3,7 +3,8 @@
 `Dispatcher.run(job)` queues a job and waits for its future; whichever
 connection worker is free takes the next jobs (pipelining all that are
 queued, up to ``max_batch``), so load spreads across connections by itself.
-A full queue is refused at once; a job never waits past its deadline.
+A full queue is refused at once; a job is refused (and its query cancelled)
+within `EXPIRY_SWEEP_S` of its deadline.
 
 Cheap jobs are coalesced. The dispatcher learns how long each statement takes
 on the connection; a job whose statement is known to be quick does not wake an
