@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from ._costs import StatementCosts
 from ._encoding import Codec
 from ._errors import Overloaded, Timeout, Unavailable
 from ._jobs import Job, Statement, StatementResult
@@ -45,14 +46,8 @@ log = logging.getLogger("gateway.dispatcher")
 #: check it and recycle it after ``max_lifetime``
 LEASE_S = 30.0
 
-#: a statement whose recent runs each took at most this long is cheap: its jobs
-#: are coalesced into the round trips of connections already at work
-CHEAP_JOB_S = 0.005
 #: a batch of cheap jobs not back after this long hands the queue to idle connections
 BATCH_BUDGET_S = 0.010
-#: statements whose cost is remembered; past this the memory starts afresh
-#: (a forgotten statement is unknown, so it is spread: never wrong, only slower)
-COSTS_REMEMBERED = 4096
 #: while jobs are pending, queue timeouts and deadlines are checked this often
 EXPIRY_SWEEP_S = 0.005
 #: on close, after the grace period: how long cancelled queries get to come back
@@ -118,9 +113,8 @@ class Dispatcher:
         #: workers running a batch of cheap jobs, due back at the queue soon
         #: (worker id: when its batch started); `_sweep` drops the late ones
         self._cheap_batches: dict[int, float] = {}
-        #: seconds each statement recently took on its connection (moving averages),
-        #: by `_cost_key`: an entry stays small however long the statement
-        self._costs: dict[int, float] = {}
+        #: which statements are quick, learnt from the batches run
+        self._costs = StatementCosts()
         self._sweeper: asyncio.TimerHandle | None = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -221,10 +215,13 @@ class Dispatcher:
         # The future is awaited as it is: no shield, no timer, no timeout context
         # per request (`_sweep` enforces the deadlines). A cancelled request
         # cancels the future; `abandon` still stops its query.
+        future = job.future
         try:
-            return await job.future
+            return await future
         except asyncio.CancelledError:
             job.abandon()  # the client went away
+            if future.done() and not future.cancelled():
+                future.exception()  # failed as the client left: retrieved, not logged
             raise
         finally:
             self._pending -= 1
@@ -240,7 +237,7 @@ class Dispatcher:
         if len(self._queue) >= self._capacity:
             self._drop_abandoned()  # they no longer count, but still take memory
         self._pending += 1
-        job.cheap = self._is_cheap(job)
+        job.cheap = self._costs.is_cheap(job)
         self._queue.append(job)
         job.enqueued_at = self._loop.time()
         if not job.cheap or self._needs_connection():
@@ -277,11 +274,6 @@ class Dispatcher:
             job.abandon(Timeout("the request's deadline passed"))
         elif queue_s is not None and now >= job.enqueued_at + queue_s:
             job.abandon(Overloaded("the job waited too long in the gateway's queue"))
-
-    def _is_cheap(self, job: Job) -> bool:
-        """Whether `job`'s statement recently ran in under `CHEAP_JOB_S` (unknown: no)."""
-        key = job.cost_key = _cost_key(job)
-        return key is not None and self._costs.get(key, CHEAP_JOB_S + 1) <= CHEAP_JOB_S
 
     def _needs_connection(self) -> bool:
         """True unless connections already on their way to the queue will take it all."""
@@ -472,7 +464,7 @@ class Dispatcher:
             self._back(worker.id)
             del self._batches[worker.id]
             self._running -= len(batch)
-            self._learn_costs(batch)
+            self._costs.learn(batch)
             elapsed = time.perf_counter() - started
             worker.busy_s += elapsed
             worker.jobs += len(batch)
@@ -489,21 +481,6 @@ class Dispatcher:
 
     def _back(self, worker_id: int) -> None:
         self._cheap_batches.pop(worker_id, None)
-
-    def _learn_costs(self, batch: list[Job]) -> None:
-        """Remember how long each single-statement job took on its connection."""
-        costs = self._costs
-        for job in batch:
-            key = job.cost_key
-            if key is None or job.cost_s is None:
-                continue
-            known = costs.get(key)
-            if known is None:
-                if len(costs) >= COSTS_REMEMBERED:
-                    costs.clear()
-                costs[key] = job.cost_s
-            else:
-                costs[key] = known + (job.cost_s - known) / 4  # a moving average
 
     def _drop_late_batches(self, now: float) -> None:
         """Batches of cheap jobs late by `BATCH_BUDGET_S`: idle connections take the queue."""
@@ -534,23 +511,6 @@ class Dispatcher:
     def _fail_queued(self, error: Unavailable) -> None:
         while self._queue:
             self._queue.popleft().fail(error)
-
-
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-
-
-def _cost_key(job: Job) -> int | None:
-    """What the cost of `job` is learnt and looked up by; None: not learnt (a
-    transaction, a stream).
-
-    The hash of the statement's text with every digit read as 0, so a statement
-    that spells its values out (``WHERE id = 123``) is known by its shape, not
-    by each value. A collision or a value that changes the cost can only place
-    a job on a busy connection; a batch that is then late hands the queue over.
-    """
-    if len(job.statements) != 1 or isinstance(job, StreamJob):
-        return None
-    return hash(job.statements[0].sql.translate(_DIGITS_AS_ZERO))
 
 
 def _wake(waiter: asyncio.Future[bool], woken: bool) -> None:
