@@ -28,22 +28,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.adapt import Transformer
 from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGresult
 
 from ._encoding import TYPE_QUERY, Codec
-from ._errors import BadRequest, GatewayError, Timeout, query_error
-from ._jobs import Column, Job, StatementResult
+from ._errors import GatewayError, Timeout, query_error
+from ._jobs import Job
 from ._libpq import pipeline_sync
+from ._results import ResultConverter
 
 _COMMIT = b"COMMIT"
 _ROLLBACK = b"ROLLBACK"
@@ -61,24 +59,14 @@ _TIMEOUT_SLACK_MS = 500
 _SESSION_TAGS = frozenset(
     b"SET RESET PREPARE DEALLOCATE LISTEN UNLISTEN LOAD DISCARD DECLARE".split()
 )
-_TAG_COUNT = re.compile(rb"(?: \d+)+$")
 _USER_CANCEL = "canceling statement due to user request"
 #: how long a cancel request may take; the server-side statement_timeout backs it up
 CANCEL_TIMEOUT_S = 5.0
-#: result shapes a session remembers the columns of; past this it starts afresh
-DESCRIPTIONS_REMEMBERED = 1024
-#: wider results are described afresh each time, so the memory stays small
-DESCRIBED_COLUMNS_MAX = 64
-
 # ExecStatus members as plain constants: an enum attribute costs a lookup per result
 _COMMAND_OK = ExecStatus.COMMAND_OK
-_TUPLES_OK = ExecStatus.TUPLES_OK
 _FATAL_ERROR = ExecStatus.FATAL_ERROR
 _PIPELINE_SYNC = ExecStatus.PIPELINE_SYNC
 _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH})
-
-#: a result's columns, and how to make one row of it in the job's shape
-_Description = tuple[list[Column], Callable[[Any], Any]]
 
 
 class ConnectionLost(Exception):
@@ -132,12 +120,10 @@ class Session:
         self._conn = conn
         self._pg = conn.pgconn
         self._codec = codec
-        self._tx = Transformer(codec.adapters)
+        self._results = ResultConverter(codec)
         self._cap_ms = statement_timeout_ms
         self._prepared: set[bytes] = set()
         self._pending_prepares: set[bytes] = set()
-        #: (shape, column names, column type oids) -> description, for known types
-        self._descriptions: dict[tuple[Any, ...], _Description] = {}
         self._dirty = False
         #: a read-only job's transaction is still open: the next segment ends it
         self._txn_open = False
@@ -361,31 +347,6 @@ class Session:
                     return None
         return None if self._deliver(plan.job, raw) else raw
 
-    def _describe(self, res: PGresult, shape: str) -> _Description | None:
-        """`res`'s columns and row maker; None while one of its types is unknown.
-
-        Remembered by column names and types: a statement run again costs no
-        decoding of names and no lookups of type names.
-        """
-        fields = range(res.nfields)
-        key = (shape, tuple(map(res.fname, fields)), tuple(map(res.ftype, fields)))
-        found = self._descriptions.get(key)
-        if found is not None:
-            return found
-        names, oids = key[1], key[2]
-        if not all(self._codec.is_known(oid) for oid in oids):
-            return None
-        columns = [
-            Column((name or b"").decode(), self._codec.type_name(oid), oid)
-            for name, oid in zip(names, oids, strict=True)
-        ]
-        found = (columns, _row_maker(shape, columns))
-        if len(columns) <= DESCRIBED_COLUMNS_MAX:
-            if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:
-                self._descriptions.clear()
-            self._descriptions[key] = found
-        return found
-
     def _prepared_result(self, name: bytes, res: PGresult) -> None:
         self._pending_prepares.discard(name)
         if res.status == _COMMAND_OK:
@@ -427,7 +388,7 @@ class Session:
         results = []
         try:
             for res in raw:
-                converted = self._convert(res, job)
+                converted = self._results.convert(res, job)
                 if converted is None:
                     return False
                 results.append(converted)
@@ -436,33 +397,6 @@ class Session:
         else:
             job.resolve(results)
         return True
-
-    def _convert(self, res: PGresult, job: Job) -> StatementResult | None:
-        """`res` as the job asked for it; None while one of its types is unknown.
-
-        Raises:
-            BadRequest: the statement was empty.
-        """
-        if res.status == ExecStatus.EMPTY_QUERY:
-            raise BadRequest("the statement is empty")
-        described = self._describe(res, job.shape)
-        if described is None:
-            return None
-        columns, make_row = described
-        rows: list[Any] = []
-        truncated = False
-        if res.status == _TUPLES_OK:
-            take = min(res.ntuples, job.max_rows)
-            truncated = res.ntuples > take
-            self._tx.set_pgresult(res)
-            rows = self._tx.load_rows(0, take, make_row)
-        return StatementResult(
-            columns=columns,
-            rows=rows,
-            command=_command(res.command_status),
-            row_count=res.command_tuples,
-            truncated=truncated,
-        )
 
     def _note_session_state(self, res: PGresult) -> None:
         tag = res.command_status or b""
@@ -707,20 +641,3 @@ def _query_error(res: PGresult) -> GatewayError:
         hint=_field(res, DiagnosticField.MESSAGE_HINT),
         position=int(position) if position else None,
     )
-
-
-@functools.lru_cache(maxsize=64)
-def _command(tag: bytes | None) -> str:
-    """The command of a command tag, without its row counts (``INSERT 0 1``: ``INSERT``)."""
-    return _TAG_COUNT.sub(b"", tag or b"").decode()
-
-
-def _row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:
-    if shape == "arrays":
-        return list
-    names = [c.name for c in columns]
-
-    def make(values: Any) -> dict[str, Any]:
-        return dict(zip(names, values, strict=True))
-
-    return make

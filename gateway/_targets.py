@@ -33,6 +33,7 @@ from ._encoding import TYPE_QUERY, Codec
 from ._errors import DiagnosticError
 from ._jobs import Column
 from ._pool import session_options
+from ._results import command_name
 from ._settings import Settings
 
 __all__ = [
@@ -186,12 +187,11 @@ class DirectTarget:
             Column((result.fname(i) or b"").decode(), self._codec.type_name(oid), oid)
             for i, oid in enumerate(oids)
         ]
-        tag = (result.command_status or b"").decode()
         return Outcome(
             columns=columns,
             rows=rows,
             texts=texts,
-            command=_command(tag),
+            command=command_name(result.command_status),
             row_count=result.command_tuples,
             truncated=False,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -212,14 +212,6 @@ class DirectTarget:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
-
-
-def _command(tag: str) -> str:
-    """The command tag without its counts (``INSERT 0 3`` → ``INSERT``), as the gateway."""
-    words = tag.split()
-    while words and words[-1].isdigit():
-        words.pop()
-    return " ".join(words)
 
 
 def _oneline(exc: BaseException) -> str:

@@ -1,0 +1,111 @@
+"""PostgreSQL results as the gateway answers them: columns, rows in a shape, command.
+
+A `ResultConverter` belongs to one connection. It remembers the description
+of each result shape it meets (column names and types, and how to build a row
+in the job's shape), so a statement run again costs neither the decoding of
+its column names nor the lookups of its type names.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+from psycopg.adapt import Transformer
+from psycopg.pq import ExecStatus
+from psycopg.pq.abc import PGresult
+
+from ._encoding import Codec
+from ._errors import BadRequest
+from ._jobs import Column, Job, StatementResult
+
+#: result shapes a connection remembers the columns of; past this it starts afresh
+DESCRIPTIONS_REMEMBERED = 1024
+#: wider results are described afresh each time, so the memory stays small
+DESCRIBED_COLUMNS_MAX = 64
+
+#: a result's columns, and how to make one row of it in the job's shape
+Description = tuple[list[Column], Callable[[Any], Any]]
+
+_TAG_COUNT = re.compile(rb"(?: \d+)+$")
+_TUPLES_OK = ExecStatus.TUPLES_OK  # a plain constant: an enum lookup per result costs
+_EMPTY_QUERY = ExecStatus.EMPTY_QUERY
+
+
+@functools.lru_cache(maxsize=64)
+def command_name(tag: bytes | None) -> str:
+    """The command of a command tag, without its row counts (``INSERT 0 1``: ``INSERT``)."""
+    return _TAG_COUNT.sub(b"", tag or b"").decode()
+
+
+def row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:
+    """How to build a row of `columns` from its values: a list, or a dict by name."""
+    if shape == "arrays":
+        return list
+    names = [c.name for c in columns]
+
+    def make(values: Any) -> dict[str, Any]:
+        return dict(zip(names, values, strict=True))
+
+    return make
+
+
+class ResultConverter:
+    """One connection's results as `StatementResult`s, with the codec's loaders."""
+
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+        self._tx = Transformer(codec.adapters)
+        #: (shape, column names, column type oids) -> description, for known types
+        self._descriptions: dict[tuple[Any, ...], Description] = {}
+
+    def convert(self, res: PGresult, job: Job) -> StatementResult | None:
+        """`res` as `job` asked for it (shape, row limit); None while one of its
+        types is unknown to the codec.
+
+        Raises:
+            BadRequest: the statement was empty.
+        """
+        if res.status == _EMPTY_QUERY:
+            raise BadRequest("the statement is empty")
+        described = self.describe(res, job.shape)
+        if described is None:
+            return None
+        columns, make_row = described
+        rows: list[Any] = []
+        truncated = False
+        if res.status == _TUPLES_OK:
+            take = min(res.ntuples, job.max_rows)
+            truncated = res.ntuples > take
+            self._tx.set_pgresult(res)
+            rows = self._tx.load_rows(0, take, make_row)
+        return StatementResult(
+            columns=columns,
+            rows=rows,
+            command=command_name(res.command_status),
+            row_count=res.command_tuples,
+            truncated=truncated,
+        )
+
+    def describe(self, res: PGresult, shape: str) -> Description | None:
+        """`res`'s columns and row maker; None while one of its types is unknown."""
+        fields = range(res.nfields)
+        key = (shape, tuple(map(res.fname, fields)), tuple(map(res.ftype, fields)))
+        found = self._descriptions.get(key)
+        if found is not None:
+            return found
+        names, oids = key[1], key[2]
+        if not all(self._codec.is_known(oid) for oid in oids):
+            return None
+        columns = [
+            Column((name or b"").decode(), self._codec.type_name(oid), oid)
+            for name, oid in zip(names, oids, strict=True)
+        ]
+        found = (columns, row_maker(shape, columns))
+        if len(columns) <= DESCRIBED_COLUMNS_MAX:
+            if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:
+                self._descriptions.clear()
+            self._descriptions[key] = found
+        return found
