@@ -63,6 +63,11 @@ class TypeName:
     oid: int
 
 
+#: pseudo-types a result column can have, with PostgreSQL's fixed oids; psycopg's
+#: registry leaves them out, and learning one defers its job to the end of its batch
+_PSEUDO_TYPES = {2278: "void", 705: "unknown", 2275: "cstring"}
+
+
 class Codec:
     """The loaders and type names for results, shared by every connection.
 
@@ -88,6 +93,7 @@ class Codec:
         for info in postgres.types:
             if info.array_oid:
                 register_array(info, self.adapters)
+        self._names.update(_PSEUDO_TYPES)  # text, as the fallback loader reads them
 
     def _register_scalar(self, info: TypeInfo) -> None:
         if info.name in _NATIVE_LOADERS:

@@ -133,3 +133,25 @@ async def test_an_abandoned_running_job_is_cancelled_on_the_server(session: Sess
 async def test_the_connection_is_idle_after_every_batch(session: Session) -> None:
     await run(session, job("select 1/0"), job("begin"), job("select 1"))
     assert session._pg.transaction_status == pq.TransactionStatus.IDLE
+
+
+async def test_a_quick_job_is_answered_before_a_slow_one_behind_it(session: Session) -> None:
+    """Each job of a batch is answered as its own results arrive, also when its
+    result holds a type of no column seen before (here ``void``, on a fresh codec)."""
+    loop = asyncio.get_running_loop()
+
+    def sleep(seconds: float) -> Job:
+        sql = f"SELECT pg_sleep({seconds}) AS slept, {seconds}::text AS s".encode()
+        return Job([Statement(sql)], read_only=True, deadline=loop.time() + 30, max_rows=1)
+
+    quick, slow = sleep(0.1), sleep(1.5)
+    for job in (quick, slow):
+        assert job.start(lambda job=job: session.abandoned(job))  # type: ignore[misc]
+    started = loop.time()
+    batch = asyncio.ensure_future(session.run([quick, slow]))
+    results = await asyncio.wait_for(asyncio.shield(quick.future), 1.0)
+    assert loop.time() - started < 1.0 and not slow.future.done()
+    assert results[0].rows == [{"slept": "", "s": "0.1"}]
+    assert [c.type for c in results[0].columns] == ["void", "text"]
+    await batch
+    assert (await slow.future)[0].rows == [{"slept": "", "s": "1.5"}]
