@@ -45,7 +45,8 @@ from gateway._server import install_uvloop  # pgqg's own event loop choice
 KINDS = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
-Query = Callable[[str, list[Any]], Awaitable[list[dict[str, Any]]]]
+Rows = list[dict[str, Any]]
+Query = Callable[[str, list[Any]], Awaitable[Rows]]
 
 #: what the static baseline answers: a row of the point select's shape
 STATIC_ROW: dict[str, Any] = {"aid": 1, "abalance": 0}
@@ -109,15 +110,36 @@ def connect_app(dsn: str, pool_size: int) -> web.Application:
     return app
 
 
+def _pooled_app(
+    open_pool: Callable[[], Awaitable[Any]], fetch: Callable[[Any, str, list[Any]], Awaitable[Rows]]
+) -> web.Application:
+    """An app whose pool is opened by `open_pool` at start-up (closed at cleanup)
+    and whose handler runs each query with ``fetch(pool, sql, params)``."""
+    holder: dict[str, Any] = {}
+
+    async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+        holder["pool"] = await open_pool()
+        try:
+            yield
+        finally:
+            await holder["pool"].close()
+
+    async def run(sql: str, params: list[Any]) -> Rows:
+        return await fetch(holder["pool"], sql, params)
+
+    app = web.Application()
+    app.cleanup_ctx.append(pool_ctx)
+    app.router.add_post("/v1/query", _query_handler(run))
+    return app
+
+
 def psycopg_pool_app(dsn: str, pool_size: int) -> web.Application:
     """The obvious hand-written gateway: psycopg_pool, one connection per request."""
     from psycopg import AsyncConnection, AsyncRawCursor
     from psycopg.rows import dict_row
     from psycopg_pool import AsyncConnectionPool
 
-    holder: dict[str, AsyncConnectionPool[AsyncConnection[dict[str, Any]]]] = {}
-
-    async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def open_pool() -> AsyncConnectionPool[AsyncConnection[dict[str, Any]]]:
         pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             dsn,
             min_size=pool_size,
@@ -128,21 +150,14 @@ def psycopg_pool_app(dsn: str, pool_size: int) -> web.Application:
             kwargs={"autocommit": True, "row_factory": dict_row, "cursor_factory": AsyncRawCursor},
         )
         await pool.open(wait=True)
-        holder["pool"] = pool
-        try:
-            yield
-        finally:
-            await pool.close()
+        return pool
 
-    async def run(sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        async with holder["pool"].connection() as conn:
+    async def fetch(pool: Any, sql: str, params: list[Any]) -> Rows:
+        async with pool.connection() as conn:
             cur = await conn.execute(sql, params)
-            return await cur.fetchall()
+            return await cur.fetchall()  # type: ignore[no-any-return]
 
-    app = web.Application()
-    app.cleanup_ctx.append(pool_ctx)
-    app.router.add_post("/v1/query", _query_handler(run))
-    return app
+    return _pooled_app(open_pool, fetch)
 
 
 def asyncpg_app(dsn: str, pool_size: int, *, reset: bool = True) -> web.Application:
@@ -154,29 +169,18 @@ def asyncpg_app(dsn: str, pool_size: int, *, reset: bool = True) -> web.Applicat
     """
     import asyncpg  # type: ignore[import-untyped]
 
-    holder: dict[str, Any] = {}
-
     async def no_reset(conn: Any) -> None:
         return None
 
-    async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(
+    async def open_pool() -> Any:
+        return await asyncpg.create_pool(
             dsn, min_size=pool_size, max_size=pool_size, reset=None if reset else no_reset
         )
-        holder["pool"] = pool
-        try:
-            yield
-        finally:
-            await pool.close()
 
-    async def run(sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        records = await holder["pool"].fetch(sql, *params)
-        return [dict(r) for r in records]
+    async def fetch(pool: Any, sql: str, params: list[Any]) -> Rows:
+        return [dict(r) for r in await pool.fetch(sql, *params)]
 
-    app = web.Application()
-    app.cleanup_ctx.append(pool_ctx)
-    app.router.add_post("/v1/query", _query_handler(run))
-    return app
+    return _pooled_app(open_pool, fetch)
 
 
 def asyncpg_noreset_app(dsn: str, pool_size: int) -> web.Application:

@@ -526,16 +526,9 @@ class Bench:
         a = self.args
         server = self.start(self.make_server(PGQG, a.pool_size))
         self.measure(PGQG, connections=32, duration=a.warmup)
-        rows = []
-        for c in CONCURRENCY_SWEEP:
-            res = self.measure(PGQG, connections=c, duration=a.sweep_duration, server=server)
-            res["connections"], res["pool_size"] = c, a.pool_size
-            self.log(
-                f"sweep clients {c:>4}: {res['rps']:>9.0f} req/s, "
-                f"{res['jobs_per_round_trip']} jobs/round trip"
-                + ("" if res["valid"] else "  INVALID (errors)")
-            )
-            rows.append(res)
+        rows = [
+            self.sweep_point(server, c, a.pool_size, f"clients {c:>4}") for c in CONCURRENCY_SWEEP
+        ]
         self.stop(PGQG)
         return rows
 
@@ -545,18 +538,24 @@ class Bench:
         for p in POOL_SWEEP:
             server = self.start(self.make_server(PGQG, p))
             self.measure(PGQG, connections=a.connections, duration=a.warmup)
-            res = self.measure(
-                PGQG, connections=a.connections, duration=a.sweep_duration, server=server
-            )
-            res["connections"], res["pool_size"] = a.connections, p
-            self.log(
-                f"sweep pool {p:>2}: {res['rps']:>9.0f} req/s, "
-                f"{res['jobs_per_round_trip']} jobs/round trip"
-                + ("" if res["valid"] else "  INVALID (errors)")
-            )
-            rows.append(res)
+            rows.append(self.sweep_point(server, a.connections, p, f"pool {p:>2}"))
             self.stop(PGQG)
         return rows
+
+    def sweep_point(
+        self, server: Server, connections: int, pool_size: int, label: str
+    ) -> dict[str, Any]:
+        """One measurement of a sweep, annotated and logged."""
+        res = self.measure(
+            PGQG, connections=connections, duration=self.args.sweep_duration, server=server
+        )
+        res["connections"], res["pool_size"] = connections, pool_size
+        self.log(
+            f"sweep {label}: {res['rps']:>9.0f} req/s, "
+            f"{res['jobs_per_round_trip']} jobs/round trip"
+            + ("" if res["valid"] else "  INVALID (errors)")
+        )
+        return res
 
     def profile(self) -> dict[str, Any]:
         """py-spy samples pgqg under the comparison's load (a separate run)."""

@@ -437,11 +437,6 @@ class Session:
         if res is None or res.status != _PIPELINE_SYNC:
             raise ConnectionLost("protocol out of step: no Sync where one was due")
 
-    async def _next(self) -> PGresult | None:
-        if self._pg.is_busy():
-            await self._until_ready()
-        return self._pg.get_result()
-
     async def _until_ready(self) -> None:
         """Wait until libpq holds a whole result (or the end of one)."""
         pg = self._pg
