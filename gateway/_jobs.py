@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ._errors import GatewayError
 
 Row = Any  # a list (shape "arrays") or a dict (shape "objects")
@@ -24,9 +26,13 @@ class JobState(enum.Enum):
     DONE = "done"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Statement:
-    """One SQL statement with its parameters already in PostgreSQL text form."""
+    """One SQL statement with its parameters already in PostgreSQL text form.
+
+    Not frozen, though never changed: one is made per request, and a frozen
+    dataclass takes three times as long to build.
+    """
 
     sql: bytes
     params: list[bytes | None] = field(default_factory=list)
@@ -53,6 +59,8 @@ class StatementResult:
     command: str
     row_count: int | None
     truncated: bool = False
+    #: `columns` as JSON, when known (a connection's `ResultConverter` keeps it per shape)
+    columns_json: orjson.Fragment | None = None
 
 
 class Job:
@@ -107,7 +115,7 @@ class Job:
         self.isolation = isolation
         self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
         self.state = JobState.QUEUED
-        self.enqueued_at = loop.time()
+        self.enqueued_at = 0.0  # set by the dispatcher as it queues the job
         self._on_abandon: Callable[[], None] | None = None
         self.cheap = False
         self.cost_key: int | None = None

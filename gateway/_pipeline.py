@@ -294,57 +294,48 @@ class Session:
 
         The job is settled as soon as its own segment is read, before its
         cleanup: a write whose COMMIT succeeded is reported done even if the
-        connection breaks right after.
+        connection breaks right after. Results libpq holds already (most of a
+        batch's) are taken without a coroutine each.
         """
         job = plan.job
+        pg = self._pg
         self._head = job
         # abandoned while waiting behind other jobs of the batch: cancelled if
         # we have to wait for it, that is while the server may still run it
         self._cancel_wanted = job.done
+        before = plan.rollback_first + len(plan.prepares) + plan.setup
+        results = []
         try:
-            errors, raw = await self._read_segment(plan)
+            for _ in range(before + len(job.statements) + plan.commit):
+                results.append(await self._result() if pg.is_busy() else self._take_result())
         finally:
             self._head = None
             self._cancel_wanted = False
-        if self._pg.is_busy():
+        if pg.is_busy():
             await self._sync()
         else:
             self._take_sync()
-        outcome = self._settle(plan, errors, raw)
+        outcome = self._settle(plan, results, before)
         for _ in range(plan.cleanup):
             await self._result()
         if plan.cleanup:
             await self._sync()
         return outcome
 
-    async def _read_segment(self, plan: _Plan) -> tuple[list[PGresult], list[PGresult]]:
-        """The results of a job's first segment: (setup and commit, statements).
-
-        Results libpq holds already (most of a batch's) are taken without a
-        coroutine each.
-        """
-        pg = self._pg
-        before = plan.rollback_first + len(plan.prepares) + plan.setup
-        statements = len(plan.job.statements)
-        results = []
-        for _ in range(before + statements + plan.commit):
-            results.append(await self._result() if pg.is_busy() else self._take_result())
-        for name, res in zip(plan.prepares, results[plan.rollback_first :], strict=False):
-            self._prepared_result(name, res)
-        raw = results[before : before + statements]
+    def _settle(self, plan: _Plan, results: list[PGresult], before: int) -> list[PGresult] | None:
+        """Resolve the job from its segment's results, the statements' from `before` on;
+        return the statements' results instead while one of their types is unknown."""
+        if plan.prepares:
+            for name, res in zip(plan.prepares, results[plan.rollback_first :], strict=False):
+                self._prepared_result(name, res)
+        raw = results[before : before + len(plan.job.statements)]
         for res in raw:
             self._note_session_state(res)
-        return results[:before] + results[before + statements :], raw
-
-    def _settle(
-        self, plan: _Plan, errors: list[PGresult], raw: list[PGresult]
-    ) -> list[PGresult] | None:
-        """Resolve the job from its results; return them instead if types are unknown."""
-        for group in (errors, raw):
-            for res in group:
-                if res.status == _FATAL_ERROR:
-                    self._fail(plan, res, first=res is (errors or raw)[0])
-                    return None
+        # after an error PostgreSQL skips the rest of the segment: one error at most
+        for res in results:
+            if res.status == _FATAL_ERROR:
+                self._fail(plan, res, first=res is results[0])
+                return None
         return None if self._deliver(plan.job, raw) else raw
 
     def _prepared_result(self, name: bytes, res: PGresult) -> None:

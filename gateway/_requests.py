@@ -7,6 +7,7 @@ fixes the job's deadline and limits, and hands a `Job` to the dispatcher.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ RESERVED_QUERY_KEYS = frozenset({"format", "shape", "timeout_ms", "max_rows"})
 #: the protocol's limit: a Bind message counts its parameters in 16 bits
 MAX_PARAMS = 65535
 _STATEMENT_KEYS = frozenset({"sql", "params"})
+#: SQL texts whose check is remembered, and the longest remembered (memory stays small)
+SQL_CHECKS_REMEMBERED = 1024
+SQL_CHECKS_MAX_CHARS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,12 @@ def parse_options(
     Raises:
         BadRequest: an option has the wrong type or value.
     """
+    if "timeout_ms" not in source and "max_rows" not in source and "shape" not in source:
+        return _default_options(
+            settings.statement_timeout_ms,
+            settings.max_rows,
+            (settings.stream_max_rows or None) if streamed else None,
+        )
     timeout_ms = settings.statement_timeout_ms
     if source.get("timeout_ms") is not None:
         timeout_ms = min(_int_option(source["timeout_ms"], "timeout_ms", minimum=1), timeout_ms)
@@ -131,6 +141,12 @@ def parse_options(
         limits = [n for n in (asked, settings.stream_max_rows or None) if n is not None]
         row_limit = min(limits, default=None)
     return Options(timeout_ms, max_rows, shape, row_limit)
+
+
+@functools.lru_cache(maxsize=16)
+def _default_options(timeout_ms: int, max_rows: int, row_limit: int | None) -> Options:
+    """The options of a request that sets none: most requests (built once)."""
+    return Options(timeout_ms, max_rows, "objects", row_limit)
 
 
 def raw_statement(item: Any, where: str) -> Statement:
@@ -153,22 +169,41 @@ def sql_statement(sql: Any, params: Any, where: str) -> Statement:
     Raises:
         BadRequest: as `raw_statement`.
     """
-    if not isinstance(sql, str) or not sql.strip():
+    if not isinstance(sql, str):
         raise BadRequest(f"{where}.sql must be a non-empty string")
-    if "\x00" in sql:
-        raise BadRequest(f"{where}.sql cannot contain NUL characters")
+    # most requests repeat a few statements: each text is checked once
+    text = _sql_text(sql) if len(sql) <= SQL_CHECKS_MAX_CHARS else _check_sql(sql)
+    if isinstance(text, str):
+        raise BadRequest(f"{where}.sql{text}")
     if params is None:
         params = []
     if not isinstance(params, list):
         raise BadRequest(f"{where}.params must be a list (PostgreSQL's $1, $2, …)")
     if len(params) > MAX_PARAMS:
         raise BadRequest(f"{where}.params: at most {MAX_PARAMS} parameters")
-    refuse_client_copy(sql, where)
-    return Statement(sql.encode(), params_to_text(params))
+    return Statement(text, params_to_text(params))
 
 
-def refuse_client_copy(sql: str, where: str) -> None:
-    """Raises BadRequest for ``COPY … FROM STDIN`` / ``TO STDOUT``.
+def _check_sql(sql: str) -> bytes | str:
+    """`sql` encoded for the protocol, or why it is refused (the end of a sentence)."""
+    if not sql.strip():
+        return " must be a non-empty string"
+    if "\x00" in sql:
+        return " cannot contain NUL characters"
+    copy = client_copy(sql)
+    if copy is not None:
+        return (
+            f": COPY {copy} is not available over HTTP;"
+            " use a query (and format=csv) to read, INSERT to write"
+        )
+    return sql.encode()
+
+
+_sql_text = functools.lru_cache(maxsize=SQL_CHECKS_REMEMBERED)(_check_sql)
+
+
+def client_copy(sql: str) -> str | None:
+    """``FROM STDIN`` or ``TO STDOUT`` when `sql` holds a COPY from or to the client.
 
     This is protocol safety, not access control (PostgreSQL enforces
     read-only): the client side of a COPY is the gateway, and in a pipeline
@@ -177,18 +212,15 @@ def refuse_client_copy(sql: str, where: str) -> None:
     PostgreSQL's own parser); what does not parse is left for the server to refuse.
     """
     if "copy" not in sql.lower():
-        return
+        return None
     try:
         statements = parse_sql(sql)
     except ParseError:
-        return
+        return None
     for raw in statements:
         if isinstance(raw.stmt, ast.CopyStmt) and raw.stmt.filename is None:
-            direction = "FROM STDIN" if raw.stmt.is_from else "TO STDOUT"
-            raise BadRequest(
-                f"{where}.sql: COPY {direction} is not available over HTTP;"
-                " use a query (and format=csv) to read, INSERT to write"
-            )
+            return "FROM STDIN" if raw.stmt.is_from else "TO STDOUT"
+    return None
 
 
 def named_statement(

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
@@ -26,8 +27,9 @@ DESCRIPTIONS_REMEMBERED = 1024
 #: wider results are described afresh each time, so the memory stays small
 DESCRIBED_COLUMNS_MAX = 64
 
-#: a result's columns, and how to make one row of it in the job's shape
-Description = tuple[list[Column], Callable[[Any], Any]]
+#: a result's columns, how to make one row of it in the job's shape, and the
+#: columns as JSON (an answer embeds them as they are)
+Description = tuple[list[Column], Callable[[Any], Any], orjson.Fragment]
 
 _TAG_COUNT = re.compile(rb"(?: \d+)+$")
 _TUPLES_OK = ExecStatus.TUPLES_OK  # a plain constant: an enum lookup per result costs
@@ -73,7 +75,7 @@ class ResultConverter:
         described = self.describe(res, job.shape)
         if described is None:
             return None
-        columns, make_row = described
+        columns, make_row, columns_json = described
         rows: list[Any] = []
         truncated = False
         if res.status == _TUPLES_OK:
@@ -87,6 +89,7 @@ class ResultConverter:
             command=command_name(res.command_status),
             row_count=res.command_tuples,
             truncated=truncated,
+            columns_json=columns_json,
         )
 
     def describe(self, res: PGresult, shape: str) -> Description | None:
@@ -103,7 +106,7 @@ class ResultConverter:
             Column((name or b"").decode(), self._codec.type_name(oid), oid)
             for name, oid in zip(names, oids, strict=True)
         ]
-        found = (columns, row_maker(shape, columns))
+        found = (columns, row_maker(shape, columns), orjson.Fragment(orjson.dumps(columns)))
         if len(columns) <= DESCRIBED_COLUMNS_MAX:
             if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:
                 self._descriptions.clear()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import GatewayClient, query
 
 from gateway import BadRequest, loads_exact, param_to_text
-from gateway._encoding import JSONNumber
+from gateway._encoding import JSONNumber, _loads_decoded
 
 
 @pytest.mark.parametrize(
@@ -82,6 +85,74 @@ def test_loads_exact_keeps_number_text() -> None:
         loads_exact(b"[NaN]")
     with pytest.raises(BadRequest):
         loads_exact(b"[" * 100000 + b"]" * 100000)
+
+
+def _pairs_json(value: Any) -> str:
+    """Compact JSON of `value`, where a list of pairs is an object (keys may repeat)."""
+    if isinstance(value, tuple):
+        return "{" + ",".join(f"{json.dumps(k)}:{_pairs_json(v)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_pairs_json(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _tagged(value: Any) -> Any:
+    """`value` with every leaf's type, so 1 and 1.0 or a str and a JSONNumber differ."""
+    if isinstance(value, dict):
+        return ("dict", [(k, _tagged(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [_tagged(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def _outcome(parse: Any, body: bytes) -> Any:
+    try:
+        return _tagged(parse(body))
+    except BadRequest as exc:
+        return ("refused", str(exc))
+
+
+_KEYS = st.sampled_from(["sql", "params", "a", "é", "a\"b"])
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+_JSON_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.lists(st.tuples(_KEYS, inner), max_size=4).map(tuple),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_JSON_VALUES)
+def test_compact_json_parses_as_the_exact_decoder_does(value: Any) -> None:
+    # compact bodies take orjson when it gives the same value: repeated keys,
+    # fractions, huge integers and escapes must come out as the exact path has them
+    body = _pairs_json(value).encode()
+    assert _outcome(loads_exact, body) == _outcome(_loads_decoded, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":1,"a":2}',
+        b'{"a":[{"b":1,"b":1}]}',
+        b'{"a":0.10000000000000000555}',
+        b'{"a":1e400}',
+        b'{"a":12345678901234567890123}',
+        b'{"a":"\\u00e9\\ud83d\\ude00"}',
+        b'{"a":"\\ud800"}',
+        b'{"a":-0}',
+        b'{"a":"x\\u0000"}',
+    ],
+)
+def test_compact_json_edge_cases_parse_as_the_exact_decoder_does(body: bytes) -> None:
+    assert _outcome(loads_exact, body) == _outcome(_loads_decoded, body)
 
 
 def test_param_to_text() -> None:

@@ -79,6 +79,13 @@ CASES = [
     q(b'{"sql": "select 1", "sqll": "x"}', id="extra-field"),
     q(b'{"sql": "select 1", "sql": "select 2"}', id="duplicate-key"),
     q(b'{"sql": "select $1::int", "params": [{"a": 1, "a": 2}]}', id="duplicate-nested"),
+    # compact JSON, as browsers send it, takes a faster parser: the same answers
+    q(b'{"sql":"select 1","sql":"delete from review"}', id="compact-duplicate-key"),
+    q(b'{"sql":"select $1::int","params":[{"a":1,"a":2}]}', id="compact-duplicate-nested"),
+    q(b'{"sql":"select 1\\u0000"}', id="compact-nul-in-sql"),
+    q(b'{"sql":"copy book from stdin"}', id="compact-copy-from-stdin"),
+    q(b'{"sql":" "}', id="compact-blank-sql"),
+    q(b'{"sql":"select 1","params":[1],"x":1}', id="compact-unknown-field"),
     q(b'{"sql": "select $1::int"}', 400, "query_error", id="param-missing"),
     q(b'{"sql": "select 1", "params": [1, 2]}', 400, "query_error", id="param-extra"),
     q(

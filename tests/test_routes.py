@@ -138,6 +138,25 @@ async def test_bad_bodies_are_400(client: GatewayClient, body: bytes, code: str)
     assert status == 200
 
 
+async def test_a_refused_statement_is_named_where_it_stands(client: GatewayClient) -> None:
+    # each SQL text is checked once, but every refusal names its own place
+    bad = "select 1\x00"
+    for statements, where in [
+        ([bad], "statements[0].sql"),
+        (["select 1", bad], "statements[1].sql"),
+    ]:
+        resp = await client.post(
+            "/v1/transaction",
+            json={"statements": [{"sql": sql} for sql in statements], "read_only": True},
+        )
+        assert resp.status == 400
+        body = await resp.json()
+        assert_error(body, "bad_request")
+        assert body["error"]["message"].startswith(where), body
+    resp = await client.post("/v1/query", json={"sql": bad})
+    assert (await resp.json())["error"]["message"].startswith("body.sql")
+
+
 async def test_wrong_content_type_is_415(client: GatewayClient) -> None:
     resp = await client.post("/v1/query", data=b'{"sql": "select 1"}')
     assert resp.status == 415
