@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -392,7 +391,8 @@ class Dispatcher:
             limit = self._slow_share()
             while len(batch) < limit and queue and not isinstance(queue[0], StreamJob):
                 batch.append(queue.popleft())
-        return [job for job in batch if job.start(functools.partial(session.abandoned, job))]
+        abandoned = session.abandoned
+        return [job for job in batch if job.start(abandoned)]
 
     def _slow_share(self) -> int:
         """How many jobs a worker takes when they are not known to be cheap.

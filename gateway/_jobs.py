@@ -116,7 +116,7 @@ class Job:
         self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
         self.state = JobState.QUEUED
         self.enqueued_at = 0.0  # set by the dispatcher as it queues the job
-        self._on_abandon: Callable[[], None] | None = None
+        self._on_abandon: Callable[[Job], None] | None = None
         self.cheap = False
         self.cost_key: int | None = None
         self.cost_s: float | None = None
@@ -125,11 +125,11 @@ class Job:
     def done(self) -> bool:
         return self.state is JobState.DONE
 
-    def start(self, on_abandon: Callable[[], None]) -> bool:
+    def start(self, on_abandon: Callable[[Job], None]) -> bool:
         """Mark the job running; False when it was already resolved (skip it).
 
-        `on_abandon` is called if the job is failed or cancelled while running,
-        so its connection worker can cancel the query on the server.
+        `on_abandon` is called with the job if it is failed or cancelled while
+        running, so its connection worker can cancel the query on the server.
         """
         if self.state is not JobState.QUEUED:
             return False
@@ -167,7 +167,7 @@ class Job:
                 self.future.set_exception(error)
         callback, self._on_abandon = self._on_abandon, None
         if was_running and callback is not None:
-            callback()
+            callback(self)
 
     def _finish(self) -> bool:
         if self.state is JobState.DONE:

@@ -28,7 +28,7 @@ def job(sql: str, *params: Any, read_only: bool = True, timeout: float = 10.0) -
 
 async def run(session: Session, *jobs: Job) -> list[Any]:
     for j in jobs:
-        assert j.start(lambda: None)
+        assert j.start(lambda _job: None)
     await session.run(list(jobs))
     outcomes: list[Any] = []
     for j in jobs:
@@ -118,7 +118,7 @@ async def test_an_abandoned_running_job_is_cancelled_on_the_server(session: Sess
     slow = job("select pg_sleep(5)")
     after = job("select 2 AS b")
     for j in (slow, after):
-        j.start(lambda j=j: session.abandoned(j))
+        j.start(session.abandoned)
     loop = asyncio.get_running_loop()
     started = loop.time()
     running = asyncio.ensure_future(session.run([slow, after]))
@@ -146,7 +146,7 @@ async def test_a_quick_job_is_answered_before_a_slow_one_behind_it(session: Sess
 
     quick, slow = sleep(0.1), sleep(1.5)
     for job in (quick, slow):
-        assert job.start(lambda job=job: session.abandoned(job))  # type: ignore[misc]
+        assert job.start(session.abandoned)
     started = loop.time()
     batch = asyncio.ensure_future(session.run([quick, slow]))
     results = await asyncio.wait_for(asyncio.shield(quick.future), 1.0)
