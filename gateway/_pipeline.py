@@ -69,6 +69,14 @@ _PIPELINE_SYNC = ExecStatus.PIPELINE_SYNC
 _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH})
 
 
+@functools.lru_cache(maxsize=64)
+def _leaves_session_state(tag: bytes | None) -> bool:
+    """Whether a statement with command tag `tag` may leave state in the session
+    (a temporary table is created with the tag ``CREATE TABLE``)."""
+    tag = tag or b""
+    return tag.split(b" ", 1)[0] in _SESSION_TAGS or tag == b"CREATE TABLE"
+
+
 class ConnectionLost(Exception):
     """The connection broke; the caller fails the jobs not yet resolved."""
 
@@ -175,16 +183,7 @@ class Session:
         trailer = self._send_trailer()
         self._cancelled = []
         await self._flush()
-        deferred: list[tuple[_Plan, list[PGresult]]] = []
-        mark = time.perf_counter()
-        for plan in plans:
-            raw = await self._read(plan)
-            if raw is not None:
-                deferred.append((plan, raw))
-            # how long the connection was held by this job: results that came
-            # in one packet with the previous job's cost (nearly) nothing
-            now = time.perf_counter()
-            plan.job.cost_s, mark = now - mark, now
+        deferred = await self._read_batch(plans)
         if trailer:
             res = await self._result()
             await self._sync()
@@ -289,38 +288,47 @@ class Session:
 
     # --- reading -------------------------------------------------------------------
 
-    async def _read(self, plan: _Plan) -> list[PGresult] | None:
-        """Read one job's results; resolve it, or return its results if types are unknown.
+    async def _read_batch(self, plans: list[_Plan]) -> list[tuple[_Plan, list[PGresult]]]:
+        """Read the jobs' results in order, resolving each job as soon as its own
+        segment is read; return the jobs held (with their statements' results)
+        while one of their types is unknown.
 
-        The job is settled as soon as its own segment is read, before its
-        cleanup: a write whose COMMIT succeeded is reported done even if the
-        connection breaks right after. Results libpq holds already (most of a
-        batch's) are taken without a coroutine each.
+        A job is settled before its cleanup: a write whose COMMIT succeeded is
+        reported done even if the connection breaks right after. Results libpq
+        holds already (most of a batch's) are taken without a coroutine each.
         """
-        job = plan.job
         pg = self._pg
-        self._head = job
-        # abandoned while waiting behind other jobs of the batch: cancelled if
-        # we have to wait for it, that is while the server may still run it
-        self._cancel_wanted = job.done
-        before = plan.rollback_first + len(plan.prepares) + plan.setup
-        results = []
-        try:
-            for _ in range(before + len(job.statements) + plan.commit):
-                results.append(await self._result() if pg.is_busy() else self._take_result())
-        finally:
-            self._head = None
-            self._cancel_wanted = False
-        if pg.is_busy():
-            await self._sync()
-        else:
-            self._take_sync()
-        outcome = self._settle(plan, results, before)
-        for _ in range(plan.cleanup):
-            await self._result()
-        if plan.cleanup:
-            await self._sync()
-        return outcome
+        deferred = []
+        mark = time.perf_counter()
+        for plan in plans:
+            job = self._head = plan.job
+            # abandoned while waiting behind other jobs of the batch: cancelled if
+            # we have to wait for it, that is while the server may still run it
+            self._cancel_wanted = job.done
+            before = plan.rollback_first + len(plan.prepares) + plan.setup
+            results = []
+            try:
+                for _ in range(before + len(job.statements) + plan.commit):
+                    results.append(await self._result() if pg.is_busy() else self._take_result())
+            finally:
+                self._head = None
+                self._cancel_wanted = False
+            if pg.is_busy():
+                await self._sync()
+            else:
+                self._take_sync()
+            raw = self._settle(plan, results, before)
+            if raw is not None:
+                deferred.append((plan, raw))
+            for _ in range(plan.cleanup):
+                await self._result()
+            if plan.cleanup:
+                await self._sync()
+            # how long the connection was held by this job: results that came
+            # in one packet with the previous job's cost (nearly) nothing
+            now = time.perf_counter()
+            job.cost_s, mark = now - mark, now
+        return deferred
 
     def _settle(self, plan: _Plan, results: list[PGresult], before: int) -> list[PGresult] | None:
         """Resolve the job from its segment's results, the statements' from `before` on;
@@ -390,8 +398,7 @@ class Session:
         return True
 
     def _note_session_state(self, res: PGresult) -> None:
-        tag = res.command_status or b""
-        if tag.split(b" ", 1)[0] in _SESSION_TAGS or tag == b"CREATE TABLE":
+        if _leaves_session_state(res.command_status):
             self._dirty = True
 
     async def _result(self) -> PGresult:

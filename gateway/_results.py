@@ -60,7 +60,7 @@ class ResultConverter:
     def __init__(self, codec: Codec) -> None:
         self._codec = codec
         self._tx = Transformer(codec.adapters)
-        #: (shape, column names, column type oids) -> description, for known types
+        #: (shape, *column names, *column type oids) -> description, for known types
         self._descriptions: dict[tuple[Any, ...], Description] = {}
 
     def convert(self, res: PGresult, job: Job) -> StatementResult | None:
@@ -90,11 +90,12 @@ class ResultConverter:
     def describe(self, res: PGresult, shape: str) -> Description | None:
         """`res`'s columns and row maker; None while one of its types is unknown."""
         fields = range(res.nfields)
-        key = (shape, tuple(map(res.fname, fields)), tuple(map(res.ftype, fields)))
+        # one flat tuple: the names, then the type oids
+        key = (shape, *map(res.fname, fields), *map(res.ftype, fields))
         found = self._descriptions.get(key)
         if found is not None:
             return found
-        names, oids = key[1], key[2]
+        names, oids = list(map(res.fname, fields)), list(map(res.ftype, fields))
         if not all(self._codec.is_known(oid) for oid in oids):
             return None
         columns = [

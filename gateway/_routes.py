@@ -22,10 +22,11 @@ from ._errors import (
     RawSqlDisabled,
     Unavailable,
 )
-from ._jobs import StatementResult
+from ._jobs import Statement, StatementResult
 from ._openapi import openapi_document
 from ._requests import (
     RESERVED_QUERY_KEYS,
+    Options,
     check_keys,
     make_job,
     make_stream_job,
@@ -74,7 +75,7 @@ def _output_format(request: web.Request) -> OutputFormat:
         NotAcceptable: it asks for a format we do not produce.
     """
     # the query string is parsed only when there is one: most requests have none
-    fmt = request.query.get("format") if request.query_string else None
+    fmt = request.query.get("format") if "?" in request.raw_path else None
     return negotiate(fmt, request.headers.get("Accept"))
 
 
@@ -90,20 +91,32 @@ def _json_only(request: web.Request) -> None:
 
 
 async def _run_one(
-    request: web.Request, fmt: OutputFormat, job_args: dict[str, Any]
+    request: web.Request,
+    fmt: OutputFormat,
+    statement: Statement,
+    options: Options,
+    *,
+    read_only: bool,
 ) -> web.StreamResponse:
+    """Run one statement; answer its result as JSON, or stream its rows."""
     if fmt.streamed:
-        return await _stream_one(request, fmt, job_args)
+        return await _stream_one(request, fmt, statement, options, read_only=read_only)
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
-    results = await dispatcher.run(make_job(**job_args, loop=dispatcher.loop))
+    job = make_job([statement], options, read_only=read_only, loop=dispatcher.loop)
+    results = await dispatcher.run(job)
     body = _result_body(results[0])
     body["elapsed_ms"] = _elapsed_ms(started)
     return json_response(body)
 
 
 async def _stream_one(
-    request: web.Request, fmt: OutputFormat, job_args: dict[str, Any]
+    request: web.Request,
+    fmt: OutputFormat,
+    statement: Statement,
+    options: Options,
+    *,
+    read_only: bool,
 ) -> web.StreamResponse:
     """Stream one statement's rows as NDJSON or CSV (see `gateway._streaming`).
 
@@ -111,8 +124,7 @@ async def _stream_one(
         GatewayError: the statement failed before its first row (an ordinary
             error response); a failure after it ends the stream instead.
     """
-    (statement,) = job_args["statements"]
-    job = make_stream_job(statement, job_args["options"], fmt, read_only=job_args["read_only"])
+    job = make_stream_job(statement, options, fmt, read_only=read_only)
     await request.app[DISPATCHER].run(job)  # returns once the first rows are ready
     content_type = fmt.media_type + ("; charset=utf-8" if fmt is OutputFormat.CSV else "")
     response = web.StreamResponse(headers={"Content-Type": content_type})
@@ -167,9 +179,7 @@ async def post_query(request: web.Request) -> web.StreamResponse:
     statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
     read_only = settings.raw_sql == "read-only"
-    return await _run_one(
-        request, fmt, {"statements": [statement], "options": options, "read_only": read_only}
-    )
+    return await _run_one(request, fmt, statement, options, read_only=read_only)
 
 
 @routes.post("/v1/transaction")
@@ -223,9 +233,7 @@ async def get_named_query(request: web.Request) -> web.StreamResponse:
     values = {k: v for k, v in request.query.items() if k not in RESERVED_QUERY_KEYS}
     statement = named_statement(query, values, from_query_string=True)
     options = parse_options(request.query, request.app[SETTINGS], streamed=fmt.streamed)
-    return await _run_one(
-        request, fmt, {"statements": [statement], "options": options, "read_only": True}
-    )
+    return await _run_one(request, fmt, statement, options, read_only=True)
 
 
 @routes.post("/v1/queries/{name}")
@@ -240,11 +248,7 @@ async def post_named_query(request: web.Request) -> web.StreamResponse:
         raise BadRequest("params must be an object of name: value")
     statement = named_statement(query, values, from_query_string=False)
     options = parse_options(body, request.app[SETTINGS], streamed=fmt.streamed)
-    return await _run_one(
-        request,
-        fmt,
-        {"statements": [statement], "options": options, "read_only": query.read_only},
-    )
+    return await _run_one(request, fmt, statement, options, read_only=query.read_only)
 
 
 @routes.get("/healthz")

@@ -88,7 +88,19 @@ def negotiate(format_param: str | None, accept: str | None) -> OutputFormat:
             raise NotAcceptable(
                 f"format {format_param!r} is not available; use json, ndjson or csv"
             ) from None
-    if not accept or not accept.strip():
+    if not accept:
+        return OutputFormat.JSON
+    return _accepted_format(accept)
+
+
+@functools.lru_cache(maxsize=64)
+def _accepted_format(accept: str) -> OutputFormat:
+    """The best format an ``Accept`` header allows (clients send the same few headers).
+
+    Raises:
+        NotAcceptable: it allows none we give.
+    """
+    if not accept.strip():
         return OutputFormat.JSON
     best: tuple[float, OutputFormat] | None = None
     for media_range, quality in _parse_accept(accept):
