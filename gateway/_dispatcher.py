@@ -1,8 +1,9 @@
 """The dispatcher: a bounded queue of jobs and one connection worker per connection.
 
-`Dispatcher.run(job)` queues a job and waits for its future; whichever
-connection worker is free takes the next jobs (pipelining all that are
-queued, up to ``max_batch``), so load spreads across connections by itself.
+`Dispatcher.run(job)` queues a job and waits for its future; a free
+connection worker takes the next jobs (pipelining all that are queued, up to
+``max_batch``), so load spreads across connections by itself. Of several idle
+workers, the one idle the shortest time is woken (PgBouncer's LIFO reuse).
 A full queue is refused at once; a job is refused (and its query cancelled)
 within `EXPIRY_SWEEP_S` of its deadline.
 
@@ -432,9 +433,14 @@ class Dispatcher:
             raise ConnectionLost("the server closed the idle connection")
 
     def _wake_idle(self) -> None:
-        """Wake one idle worker, if any, for the queue."""
+        """Wake one idle worker, if any, for the queue: the one idle the shortest time.
+
+        Last in, first out, as PgBouncer reuses server connections: the
+        connections that do the work stay few and warm (their backends' caches,
+        their processes on a CPU), and the others idle until load needs them.
+        """
         while self._idle_waiters:
-            waiter = self._idle_waiters.popleft()
+            waiter = self._idle_waiters.pop()
             if not waiter.done():
                 waiter.set_result(True)
                 self._woken += 1

@@ -28,6 +28,22 @@ async def test_500_concurrent_requests_on_4_connections(gateway_factory: Any) ->
     assert stats["queue"]["depth"] == 0
 
 
+async def test_requests_one_at_a_time_reuse_one_connection(gateway_factory: Any) -> None:
+    # last in, first out, as PgBouncer does: the connection idle the shortest
+    # time takes the next job, so light load keeps one connection warm and the
+    # others idle (where the pool can retire them)
+    client = await gateway_factory(pool_size=4)
+    await asyncio.gather(*(query(client, "select pg_sleep(0.05)") for _ in range(8)))
+    stats = await (await client.get("/v1/stats")).json()
+    assert all(c["connected"] for c in stats["connections"])  # all four are up
+    pids = set()
+    for _ in range(20):
+        status, body = await query(client, "select pg_backend_pid() AS pid")
+        assert status == 200
+        pids.add(body["rows"][0]["pid"])
+    assert len(pids) == 1, pids
+
+
 async def test_full_queue_is_refused_at_once(gateway_factory: Any) -> None:
     client = await gateway_factory(pool_size=1, queue_size=2)
     slow = [
