@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -168,6 +169,23 @@ async def test_oversized_body_is_413(gateway_factory: Any) -> None:
     resp = await client.post("/v1/query", json={"sql": "select '" + "x" * 10000 + "'"})
     assert resp.status == 413
     assert_error(await resp.json(), "too_large")
+
+    # sent in chunks, with no Content-Length to refuse it by: small enough to
+    # arrive whole before it is read, or so big that the stream pauses
+    for size in (10_000, 1_000_000):
+        body = b'{"sql": "select 1", "x": "' + b"a" * size + b'"}'
+
+        async def chunks(body: bytes = body) -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 1000):
+                yield body[i : i + 1000]
+
+        resp = await client.post(
+            "/v1/query", data=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert resp.status == 413, size
+        assert_error(await resp.json(), "too_large")
+    status, _ = await query(client, "select 1")
+    assert status == 200
 
 
 async def test_unknown_path_and_method(client: GatewayClient) -> None:
