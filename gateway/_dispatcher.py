@@ -475,7 +475,7 @@ class Dispatcher:
             worker.busy_s += elapsed
             worker.jobs += len(batch)
             worker.batches += 1
-            worker.errors += sum(1 for job in batch if _failed(job))
+            worker.errors += sum(job.failed for job in batch)
 
     def _expect_back(self, worker_id: int, batch: list[Job]) -> None:
         """Count a batch of cheap jobs as on its way back to the queue, for `BATCH_BUDGET_S`.
@@ -522,11 +522,6 @@ class Dispatcher:
 def _wake(waiter: asyncio.Future[bool], woken: bool) -> None:
     if not waiter.done():
         waiter.set_result(woken)
-
-
-def _failed(job: Job) -> bool:
-    fut = job.future
-    return fut.done() and not fut.cancelled() and fut.exception() is not None
 
 
 def probe_job(deadline: float) -> Job:

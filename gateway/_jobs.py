@@ -82,6 +82,7 @@ class Job:
         "cost_s",
         "deadline",
         "enqueued_at",
+        "failed",
         "future",
         "isolation",
         "max_rows",
@@ -120,6 +121,8 @@ class Job:
         self.cheap = False
         self.cost_key: int | None = None
         self.cost_s: float | None = None
+        #: the job ended with an error (not a result, not a cancellation)
+        self.failed = False
 
     @property
     def done(self) -> bool:
@@ -148,6 +151,7 @@ class Job:
         self._on_abandon = None
         if self._finish():
             self.future.set_exception(error)
+            self.failed = True
 
     def abandon(self, error: GatewayError | None = None) -> None:
         """The client stops waiting: its deadline passed (`error`) or it went away.
@@ -165,6 +169,7 @@ class Job:
                 self.future.cancel()
             else:
                 self.future.set_exception(error)
+                self.failed = True
         callback, self._on_abandon = self._on_abandon, None
         if was_running and callback is not None:
             callback(self)

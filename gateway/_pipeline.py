@@ -86,13 +86,13 @@ class _Plan:
     """What was sent for one job, so its results can be read back in order."""
 
     job: Job
+    wrapped: bool = True
+    retrying: bool = False
     prepares: tuple[bytes, ...] = ()
     setup: int = 0
     commit: bool = False
     cleanup: int = 0
     rollback_first: bool = False
-    wrapped: bool = True
-    retrying: bool = False
     retry: bool = False
 
 
@@ -215,7 +215,7 @@ class Session:
 
     def _send(self, job: Job, now: float, *, wrapped: bool, retrying: bool) -> _Plan:
         pg = self._pg
-        plan = _Plan(job, wrapped=wrapped, retrying=retrying)
+        plan = _Plan(job, wrapped, retrying)  # positional: a third of the time
         if self._txn_open:
             # the previous read-only job's ROLLBACK opens this job's segment:
             # it cannot fail, and it saves that job a Sync of its own
