@@ -101,6 +101,33 @@ async def test_read_only_holds_inside_a_batch(session: Session, admin: Any, tabl
     assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
 
 
+async def test_no_select_in_a_batch_can_write(session: Session, admin: Any, table: str) -> None:
+    # whatever the job before it changed: each job's transaction begins READ ONLY afresh
+    await admin.execute(
+        f"create function {table}_writer() returns int language sql as "
+        f"$$ insert into {table} values (42, 'w') returning id $$"
+    )
+    writer = f"select {table}_writer()"
+    outcomes = await run(
+        session,
+        job("select 1"),
+        job(writer),
+        job("select set_config('transaction_read_only', 'off', false)"),
+        job(writer),
+        job("select set_config('default_transaction_read_only', 'off', false)"),
+        job(writer),
+        job("set transaction read write"),
+        job(writer),
+        job("set session characteristics as transaction read write"),
+        job(writer),
+    )
+    # too late once the SELECT took its snapshot: 25001
+    assert isinstance(outcomes[2], GatewayError) and outcomes[2].sqlstate == "25001"
+    for i in (1, 3, 5, 7, 9):
+        assert isinstance(outcomes[i], GatewayError) and outcomes[i].sqlstate == "25006", i
+    assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
+
+
 async def test_a_timeout_inside_a_batch_touches_only_its_job(session: Session) -> None:
     slow = job("select pg_sleep(5)", timeout=0.3)
     before = job("select 1 AS a")
