@@ -35,7 +35,7 @@ from ._costs import StatementCosts
 from ._encoding import Codec
 from ._errors import Overloaded, Timeout, Unavailable
 from ._jobs import Job, Statement, StatementResult
-from ._pipeline import ConnectionLost, Session
+from ._pipeline import ConnectionLost, Session, wake_future
 from ._settings import Settings
 from ._stream_exec import run_stream
 from ._stream_job import StreamJob
@@ -417,7 +417,7 @@ class Dispatcher:
         waiter: asyncio.Future[bool] = self._loop.create_future()
         self._idle_waiters.append(waiter)
         session.watch_idle(waiter)
-        timer = self._loop.call_at(until, _wake, waiter, False)
+        timer = self._loop.call_at(until, wake_future, waiter, False)
         try:
             await waiter
         finally:
@@ -517,11 +517,6 @@ class Dispatcher:
     def _fail_queued(self, error: Unavailable) -> None:
         while self._queue:
             self._queue.popleft().fail(error)
-
-
-def _wake(waiter: asyncio.Future[bool], woken: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(woken)
 
 
 def probe_job(deadline: float) -> Job:

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -75,6 +75,9 @@ def _leaves_session_state(tag: bytes | None) -> bool:
     (a temporary table is created with the tag ``CREATE TABLE``)."""
     tag = tag or b""
     return tag.split(b" ", 1)[0] in _SESSION_TAGS or tag == b"CREATE TABLE"
+
+
+T = TypeVar("T")
 
 
 class ConnectionLost(Exception):
@@ -455,7 +458,7 @@ class Session:
         self._waiter = fut
         if writable:
             fd = self._fd
-            self._loop.add_writer(fd, wake_future, fut)
+            self._loop.add_writer(fd, wake_future, fut, None)
         else:
             self._watch()
         try:
@@ -489,13 +492,12 @@ class Session:
         does not spin while the data waits to be read.
         """
         if self._waiter is not None:
-            wake_future(self._waiter)
+            wake_future(self._waiter, None)
         elif self._idle is not None:
             if not self._alive():
                 self.broken = True
                 self.unwatch()
-                if not self._idle.done():
-                    self._idle.set_result(False)
+                wake_future(self._idle, False)
         else:
             self.unwatch()
 
@@ -521,12 +523,12 @@ class Session:
         """Called when a running job is abandoned: cancel it if it is executing.
 
         A job still waiting behind others of its batch is cancelled when its
-        turn comes (see `_read`).
+        turn comes (see `_read_batch`).
         """
         if job is self._head:
             self._cancel_wanted = True
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
+            if self._waiter is not None:
+                wake_future(self._waiter, None)
 
     async def _request_cancel(self) -> None:
         """Cancel the head job's statement on the server, once per job.
@@ -611,10 +613,10 @@ class Session:
                 self._codec.learn([(oid, str(oid), 0, ",", 0)])
 
 
-def wake_future(fut: asyncio.Future[None]) -> None:
-    """Resolve `fut` with None unless it is done already."""
+def wake_future(fut: asyncio.Future[T], value: T) -> None:
+    """Resolve `fut` with `value` unless it is done already."""
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(value)
 
 
 def _field(res: PGresult, code: DiagnosticField) -> str | None:

@@ -67,16 +67,20 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if length is not None and length > limit:
         # at once: waiting for a body we will refuse anyway would let a client
         # that announces more than it sends hold the request open
-        raise TooLarge(f"the body may hold at most {limit} bytes")
+        raise _too_large(limit)
     body = _body_at_hand(request)
     if body is None:
-        body = await request.read()
+        body = await request.read()  # aiohttp refuses more than the limit as it reads
     elif len(body) > limit:
-        raise TooLarge(f"the body may hold at most {limit} bytes")
+        raise _too_large(limit)
     value = loads_exact(body)
     if not isinstance(value, dict):
         raise BadRequest("the request body must be a JSON object")
     return value
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the body may hold at most {limit} bytes")
 
 
 def _body_at_hand(request: web.Request) -> bytes | None:

@@ -42,6 +42,14 @@ def command_name(tag: bytes | None) -> str:
     return _TAG_COUNT.sub(b"", tag or b"").decode()
 
 
+def result_columns(res: PGresult, codec: Codec) -> list[Column]:
+    """`res`'s columns: names, and types as `codec` names them."""
+    return [
+        Column((res.fname(i) or b"").decode(), codec.type_name(res.ftype(i)), res.ftype(i))
+        for i in range(res.nfields)
+    ]
+
+
 def row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:
     """How to build a row of `columns` from its values: a list, or a dict by name."""
     if shape == "arrays":
@@ -70,7 +78,8 @@ class ResultConverter:
         Raises:
             BadRequest: the statement was empty.
         """
-        if res.status == _EMPTY_QUERY:
+        status = res.status
+        if status == _EMPTY_QUERY:
             raise BadRequest("the statement is empty")
         described = self.describe(res, job.shape)
         if described is None:
@@ -78,9 +87,10 @@ class ResultConverter:
         columns, make_row, columns_json = described
         rows: list[Any] = []
         truncated = False
-        if res.status == _TUPLES_OK:
-            take = min(res.ntuples, job.max_rows)
-            truncated = res.ntuples > take
+        if status == _TUPLES_OK:
+            count = res.ntuples
+            take = min(count, job.max_rows)
+            truncated = count > take
             self._tx.set_pgresult(res)
             rows = self._tx.load_rows(0, take, make_row)
         # positional: keywords cost a dataclass twice as long to build
@@ -95,13 +105,9 @@ class ResultConverter:
         found = self._descriptions.get(key)
         if found is not None:
             return found
-        names, oids = list(map(res.fname, fields)), list(map(res.ftype, fields))
-        if not all(self._codec.is_known(oid) for oid in oids):
+        if not all(self._codec.is_known(res.ftype(i)) for i in fields):
             return None
-        columns = [
-            Column((name or b"").decode(), self._codec.type_name(oid), oid)
-            for name, oid in zip(names, oids, strict=True)
-        ]
+        columns = result_columns(res, self._codec)
         found = (columns, row_maker(shape, columns), orjson.Fragment(orjson.dumps(columns)))
         if len(columns) <= DESCRIBED_COLUMNS_MAX:
             if len(self._descriptions) >= DESCRIPTIONS_REMEMBERED:

@@ -293,7 +293,7 @@ class _StreamRun:
         ready: asyncio.Future[None] = self._loop.create_future()
         fd = self._pg.socket
         self._session.unwatch()  # one reader per fd: the session's gives way to ours
-        self._loop.add_reader(fd, wake_future, ready)
+        self._loop.add_reader(fd, wake_future, ready, None)
         watched: set[asyncio.Future[None]] = {ready}
         if not self._stopping:
             watched.add(self._job.stopped)

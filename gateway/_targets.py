@@ -33,7 +33,7 @@ from ._encoding import TYPE_QUERY, Codec
 from ._errors import DiagnosticError
 from ._jobs import Column
 from ._pool import session_options
-from ._results import command_name
+from ._results import command_name, result_columns
 from ._settings import Settings
 
 __all__ = [
@@ -183,12 +183,8 @@ class DirectTarget:
             raise _failed(exc) from None
         except psycopg.Error as exc:
             raise _failed(exc) from None
-        columns = [
-            Column((result.fname(i) or b"").decode(), self._codec.type_name(oid), oid)
-            for i, oid in enumerate(oids)
-        ]
         return Outcome(
-            columns=columns,
+            columns=result_columns(result, self._codec),
             rows=rows,
             texts=texts,
             command=command_name(result.command_status),
