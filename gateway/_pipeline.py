@@ -2,9 +2,15 @@
 
 Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
 
-    read-only:  [ROLLBACK] [Parse] BEGIN READ ONLY; SAVEPOINT; [set_config(timeout)]; stmt…; Sync
+    read-only, one statement:
+                [ROLLBACK] [Parse] BEGIN READ ONLY; [set_config(timeout)]; stmt; Sync
+    read-only, several:
+                [ROLLBACK] [Parse] BEGIN READ ONLY; [set_config(timeout)]; (guard; stmt)…; Sync
+                ROLLBACK; cleanup; Sync
     read-write: [ROLLBACK] [Parse] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
-                ROLLBACK; RESET ALL; Sync
+                ROLLBACK; cleanup; Sync
+
+    cleanup:    RESET ALL; RESET ROLE; DISCARD TEMP
 
 A read-only job's transaction is ended by the ROLLBACK that opens the next
 segment (or a last ``ROLLBACK; Sync`` closing the batch): ROLLBACK cannot
@@ -12,10 +18,17 @@ fail, so the next job still starts clean, and a read-only job costs one Sync.
 
 An error inside the first segment makes PostgreSQL skip the rest of that
 segment only; the second segment's ROLLBACK then ends the failed transaction,
-so the next job starts clean. A read-only job never commits: its ROLLBACK also
-reverts any ``set_config``/``SET`` it ran, and its savepoint makes PostgreSQL
-refuse ``SET TRANSACTION READ WRITE``. A read-write job commits, and
-``RESET ALL`` afterwards reverts session settings it changed.
+so the next job starts clean. A lone read-only statement never commits: its
+ROLLBACK reverts any ``set_config``/``SET`` it ran, and a ``SET TRANSACTION
+READ WRITE`` (or ``COMMIT``) has no statement after it to use it.
+
+Several read-only statements could end the transaction themselves (``COMMIT``,
+``RELEASE``, ``COMMIT AND CHAIN``) and open a read-write one. So each is
+preceded by a guard, a SELECT that makes the current transaction READ ONLY and
+takes its snapshot: after it PostgreSQL refuses to make that transaction read
+write (25001), whatever ran before. Their cleanup segment then reverts what a
+transaction they committed left in the session. A read-write job commits, and
+its cleanup reverts the settings, role and temporary tables it left behind.
 
 This module drives `psycopg.pq` (libpq) directly because psycopg's public
 ``Pipeline.sync()`` waits for results, which would cost a round trip per job.
@@ -47,7 +60,11 @@ _COMMIT = b"COMMIT"
 _ROLLBACK = b"ROLLBACK"
 _RESET = b"RESET ALL"
 _DISCARD = b"DISCARD ALL"
-_SAVEPOINT = b"SAVEPOINT pgqg"
+#: before each statement of a read-only job with several: see the module's docstring
+_READ_ONLY_GUARD = b"SELECT pg_catalog.set_config('transaction_read_only', 'on', true)"
+#: a job's own cleanup segment, after its ROLLBACK (RESET ALL leaves the role alone).
+#: DISCARD ALL, which would do all of it, refuses to share a segment.
+_CLEANUP = (_RESET, b"RESET ROLE", b"DISCARD TEMP")
 _SET_TIMEOUT = b"SELECT pg_catalog.set_config('statement_timeout', $1, true)"
 
 #: a per-job server-side timeout is sent only when it is this much shorter than
@@ -91,6 +108,8 @@ class _Plan:
     job: Job
     wrapped: bool = True
     retrying: bool = False
+    #: each statement is preceded by `_READ_ONLY_GUARD`
+    guarded: bool = False
     prepares: tuple[bytes, ...] = ()
     setup: int = 0
     commit: bool = False
@@ -227,7 +246,10 @@ class Session:
         self._send_prepares(job, plan)
         if wrapped:
             self._send_begin(job, plan, now)
+        plan.guarded = guarded = wrapped and job.read_only and len(job.statements) > 1
         for st in job.statements:
+            if guarded:
+                pg.send_query_params(_READ_ONLY_GUARD, None)
             if st.prepared:
                 pg.send_query_prepared(st.prepared, st.params)
             else:
@@ -237,7 +259,7 @@ class Session:
             plan.commit = True
         pipeline_sync(pg)
         self._txn_open = wrapped
-        if not job.read_only:
+        if guarded or not job.read_only:
             self._send_cleanup(plan)
         return plan
 
@@ -253,25 +275,19 @@ class Session:
         pg = self._pg
         pg.send_query_params(begin_command(job), None)
         plan.setup = 1
-        if job.read_only and len(job.statements) > 1:
-            # Inside a subtransaction PostgreSQL refuses SET TRANSACTION READ
-            # WRITE, even before the first query takes a snapshot: so a later
-            # statement of the same transaction cannot write. A lone statement
-            # needs no guard: nothing follows it but the ROLLBACK.
-            pg.send_query_params(_SAVEPOINT, None)
-            plan.setup += 1
         remaining_ms = int((job.deadline - now) * 1000)
         if remaining_ms < self._cap_ms - _TIMEOUT_SLACK_MS:
             pg.send_query_params(_SET_TIMEOUT, [str(max(remaining_ms, 1)).encode()])
             plan.setup += 1
 
     def _send_cleanup(self, plan: _Plan) -> None:
-        """A read-write job's own segment: end the transaction, reset the session."""
+        """A job's own last segment: end the transaction, reset the session."""
         if self._txn_open:
             self._pg.send_query_params(_ROLLBACK, None)
             plan.cleanup += 1
-        self._pg.send_query_params(_RESET, None)
-        plan.cleanup += 1
+        for command in _CLEANUP:
+            self._pg.send_query_params(command, None)
+        plan.cleanup += len(_CLEANUP)
         pipeline_sync(self._pg)
         self._txn_open = False
 
@@ -311,7 +327,7 @@ class Session:
             before = plan.rollback_first + len(plan.prepares) + plan.setup
             results = []
             try:
-                for _ in range(before + len(job.statements) + plan.commit):
+                for _ in range(before + len(job.statements) * (1 + plan.guarded) + plan.commit):
                     results.append(await self._result() if pg.is_busy() else self._take_result())
             finally:
                 self._head = None
@@ -339,7 +355,10 @@ class Session:
         if plan.prepares:
             for name, res in zip(plan.prepares, results[plan.rollback_first :], strict=False):
                 self._prepared_result(name, res)
-        raw = results[before : before + len(plan.job.statements)]
+        if plan.guarded:  # each statement's result follows its guard's
+            raw = results[before + 1 : before + 2 * len(plan.job.statements) : 2]
+        else:
+            raw = results[before : before + len(plan.job.statements)]
         for res in raw:
             self._note_session_state(res)
         # after an error PostgreSQL skips the rest of the segment: one error at most

@@ -4,9 +4,9 @@ A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
     describe:  [Parse] Describe; Sync          column types, taught to the codec if new
-    execute:   BEGIN …; [SAVEPOINT]; set_config(statement_timeout, 0, local); Flush;
+    execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
                statement (libpq chunked-rows mode); [COMMIT]; Sync
-               ROLLBACK; [RESET ALL]; Sync
+               ROLLBACK; [cleanup]; Sync
 
 The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
 by PostgreSQL, nothing left behind). Instead of ``statement_timeout``, which
@@ -40,10 +40,9 @@ from psycopg.pq.abc import PGresult
 from ._errors import BadRequest, GatewayError, Timeout
 from ._jobs import Column, Statement
 from ._pipeline import (
+    _CLEANUP,
     _COMMIT,
-    _RESET,
     _ROLLBACK,
-    _SAVEPOINT,
     ConnectionLost,
     Session,
     _query_error,
@@ -105,7 +104,7 @@ class _StreamRun:
         if not self._job.read_only:
             self._note_error(await self._one_result())
         await self._session._sync()
-        for _ in range(1 if self._job.read_only else 2):
+        for _ in range(1 if self._job.read_only else 1 + len(_CLEANUP)):
             await self._session._result()
         await self._session._sync()
         if self._cancelled:
@@ -164,8 +163,6 @@ class _StreamRun:
     def _send(self, statement: Statement) -> None:
         pg, job = self._pg, self._job
         pg.send_query_params(begin_command(job), None)
-        if job.read_only:
-            pg.send_query_params(_SAVEPOINT, None)
         pg.send_query_params(_NO_TIMEOUT, None)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
@@ -178,12 +175,13 @@ class _StreamRun:
         pg.pipeline_sync()
         pg.send_query_params(_ROLLBACK, None)
         if not job.read_only:
-            pg.send_query_params(_RESET, None)
+            for command in _CLEANUP:
+                pg.send_query_params(command, None)
         pg.pipeline_sync()
 
     async def _read_setup(self) -> bool:
         """Read BEGIN and what follows it up to the statement; False if one failed."""
-        setup = 3 if self._job.read_only else 2
+        setup = 2  # BEGIN, set_config
         results = [await self._one_result() for _ in range(setup)]
         for res in results:
             self._note_error(res)

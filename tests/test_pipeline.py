@@ -128,6 +128,60 @@ async def test_no_select_in_a_batch_can_write(session: Session, admin: Any, tabl
     assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
 
 
+def transaction_job(*sqls: str, read_only: bool) -> Job:
+    loop = asyncio.get_running_loop()
+    return Job(
+        [Statement(sql.encode()) for sql in sqls],
+        read_only=read_only,
+        transaction=True,
+        deadline=loop.time() + 10.0,
+        max_rows=1000,
+    )
+
+
+async def test_no_session_state_reaches_the_next_job_of_a_batch(
+    session: Session, admin: Any, table: str
+) -> None:
+    # The batch's last DISCARD ALL comes too late for the jobs behind the one
+    # that left state: each job's own cleanup segment must undo it.
+    role = f"{table}_role"
+    await admin.execute(f"create role {role}")
+    await admin.execute(f"grant {role} to current_user")
+    try:
+        outcomes = await run(
+            session,
+            job("create temp table scratch (i int)", read_only=False),
+            job("select count(*) AS n from scratch"),
+            transaction_job(
+                "select set_config('search_path', 'evil', false)", "commit", read_only=True
+            ),
+            job("show search_path"),
+            job(f"set role {role}", read_only=False),
+            job("select current_user = session_user AS same"),
+        )
+    finally:
+        await admin.execute(f"drop role {role}")
+    assert isinstance(outcomes[1], GatewayError) and outcomes[1].sqlstate == "42P01"
+    assert outcomes[3] == [{"search_path": '"$user", public'}]
+    assert outcomes[5] == [{"same": True}]
+
+
+async def test_a_read_only_transaction_cannot_commit_a_write_in_a_batch(
+    session: Session, admin: Any, table: str
+) -> None:
+    escape = transaction_job(
+        "commit",
+        "set transaction read write",
+        f"insert into {table} values (1, 'x')",
+        "commit",
+        read_only=True,
+    )
+    outcomes = await run(session, job("select 1 AS a"), escape, job("select 2 AS b"))
+    assert isinstance(outcomes[1], GatewayError) and outcomes[1].sqlstate == "25001"
+    assert (outcomes[0], outcomes[2]) == ([{"a": 1}], [{"b": 2}])
+    assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
+
+
 async def test_a_timeout_inside_a_batch_touches_only_its_job(session: Session) -> None:
     slow = job("select pg_sleep(5)", timeout=0.3)
     before = job("select 1 AS a")

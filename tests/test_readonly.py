@@ -99,6 +99,60 @@ async def test_commit_then_insert_in_one_request(
     assert await count(admin, table) == 0
 
 
+@pytest.mark.parametrize(
+    "escape",
+    [
+        ["savepoint mine", "release savepoint mine", "set transaction read write"],
+        ["savepoint mine", "rollback", "set transaction read write"],
+        ["commit", "set transaction read write"],
+        ["rollback", "set transaction read write"],
+        ["commit", "begin read write"],
+        ["commit and chain", "set transaction read write"],
+        ["commit", "set default_transaction_read_only = off"],
+        ["commit"],
+        ["rollback"],
+        ["end", "begin isolation level read committed read write"],
+    ],
+    ids=lambda steps: "; ".join(steps),
+)
+async def test_a_read_only_transaction_cannot_end_its_way_out(
+    one_conn: GatewayClient, admin: Any, table: str, escape: list[str]
+) -> None:
+    # Ending the transaction (or leaving its guard) inside a read-only request
+    # must not let a later statement of the same request write, nor commit
+    # anything: PostgreSQL refuses the write, whatever came before it.
+    steps = [*escape, f"insert into {table} values (1, 'x')", "commit"]
+    status, body = await transaction(one_conn, *[(sql, []) for sql in steps], read_only=True)
+    assert status in (400, 403), body
+    assert body["error"]["sqlstate"] in ("25001", "25006"), body
+    assert await count(admin, table) == 0
+    status, body = await query(one_conn, f"insert into {table} values (2, 'y')")
+    assert status == 403
+    assert await count(admin, table) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "probe", "expected"),
+    [
+        ("select set_config('search_path', 'evil', false)", "show search_path", '"$user", public'),
+        (
+            "select set_config('default_transaction_read_only', 'on', false)",
+            "show default_transaction_read_only",
+            "off",
+        ),
+        ("set role none", "select current_user = session_user AS same", True),
+    ],
+)
+async def test_a_committed_read_only_transaction_leaves_no_settings(
+    one_conn: GatewayClient, change: str, probe: str, expected: Any
+) -> None:
+    status, body = await transaction(one_conn, (change, []), ("commit", []), read_only=True)
+    assert status == 200, body
+    status, body = await query(one_conn, probe)
+    assert status == 200, body
+    assert next(iter(body["rows"][0].values())) == expected
+
+
 async def test_set_config_does_not_unlock_later_requests(
     one_conn: GatewayClient, admin: Any, table: str
 ) -> None:
