@@ -84,6 +84,7 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
             "keepalives_count": 3,
         },
         check=AsyncConnectionPool.check_connection,
+        reset=reset_connection,
         max_lifetime=settings.pool_max_lifetime_s,
         max_idle=settings.pool_max_lifetime_s,
         # Short rounds, each followed at once by another: an outage must end in
@@ -92,6 +93,18 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
         reconnect_failed=_reconnect_again,
         connection_class=AsyncConnection,
     )
+
+
+async def reset_connection(conn: AsyncConnection[Any]) -> None:
+    """Called by the pool on every connection handed back to it, so the next
+    lease starts clean: its statements prepared for named queries, and any
+    session state a job left untracked (a session advisory lock), are gone.
+
+    A connection worker hands its connection back every lease (30 s), so this
+    costs one round trip per connection per lease. Raises whatever psycopg
+    raises; the pool then discards the connection.
+    """
+    await conn.execute("DISCARD ALL")
 
 
 async def _reconnect_again(pool: AsyncConnectionPool[Any]) -> None:

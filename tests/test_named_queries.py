@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from support import GatewayClient, assert_error
@@ -108,3 +109,18 @@ async def test_named_queries_work_with_raw_sql_off(gateway_factory: Any, demo_ds
     client = await gateway_factory(dsn=demo_dsn, raw_sql="off")
     resp = await client.get("/v1/queries/book_by_id?id=1")
     assert resp.status == 200
+
+
+async def test_a_named_query_runs_after_its_connection_is_leased_again(
+    gateway_factory: Any, demo_dsn: str, monkeypatch: Any
+) -> None:
+    # A worker hands its connection back to the pool every lease and takes it
+    # (or another) again: the statement prepared on it in the last lease is still there.
+    from gateway import _dispatcher
+
+    monkeypatch.setattr(_dispatcher, "LEASE_S", 0.2)
+    client = await gateway_factory(dsn=demo_dsn, pool_size=1)
+    for _ in range(3):
+        resp = await client.get("/v1/queries/book_by_id", params={"id": "7"})
+        assert resp.status == 200, await resp.text()
+        await asyncio.sleep(0.5)
