@@ -118,7 +118,7 @@ class _StreamRun:
 
         By now the backend has taken the cancel (it was signalled before the
         rest was drained): a ROLLBACK it interrupted is run again, and a read-write
-        job's RESET ALL is redone by DISCARD ALL.
+        job's cleanup is redone by DISCARD ALL.
         """
         self._pg.send_query_params(_ROLLBACK, None)
         self._pg.pipeline_sync()
