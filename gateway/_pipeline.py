@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
-from psycopg.pq.abc import PGresult
+from psycopg.pq.abc import PGconn, PGresult
 
 from ._encoding import TYPE_QUERY, Codec
 from ._errors import GatewayError, Timeout, query_error
@@ -285,9 +285,7 @@ class Session:
         if self._txn_open:
             self._pg.send_query_params(_ROLLBACK, None)
             plan.cleanup += 1
-        for command in _CLEANUP:
-            self._pg.send_query_params(command, None)
-        plan.cleanup += len(_CLEANUP)
+        plan.cleanup += send_cleanup(self._pg)
         pipeline_sync(self._pg)
         self._txn_open = False
 
@@ -355,10 +353,8 @@ class Session:
         if plan.prepares:
             for name, res in zip(plan.prepares, results[plan.rollback_first :], strict=False):
                 self._prepared_result(name, res)
-        if plan.guarded:  # each statement's result follows its guard's
-            raw = results[before + 1 : before + 2 * len(plan.job.statements) : 2]
-        else:
-            raw = results[before : before + len(plan.job.statements)]
+        step = 1 + plan.guarded  # guarded, each statement's result follows its guard's
+        raw = results[before + step - 1 : before + step * len(plan.job.statements) : step]
         for res in raw:
             self._note_session_state(res)
         # after an error PostgreSQL skips the rest of the segment: one error at most
@@ -630,6 +626,13 @@ class Session:
         for oid in oids:
             if not self._codec.is_known(oid):
                 self._codec.learn([(oid, str(oid), 0, ",", 0)])
+
+
+def send_cleanup(pg: PGconn) -> int:
+    """Queue the commands that reset the session after a job; return how many."""
+    for command in _CLEANUP:
+        pg.send_query_params(command, None)
+    return len(_CLEANUP)
 
 
 def wake_future(fut: asyncio.Future[T], value: T) -> None:

@@ -47,6 +47,7 @@ from ._pipeline import (
     Session,
     _query_error,
     begin_command,
+    send_cleanup,
     wake_future,
 )
 from ._stream_job import StreamJob
@@ -175,8 +176,7 @@ class _StreamRun:
         pg.pipeline_sync()
         pg.send_query_params(_ROLLBACK, None)
         if not job.read_only:
-            for command in _CLEANUP:
-                pg.send_query_params(command, None)
+            send_cleanup(pg)
         pg.pipeline_sync()
 
     async def _read_setup(self) -> bool:
