@@ -520,5 +520,10 @@ class Dispatcher:
 
 
 def probe_job(deadline: float) -> Job:
-    """A trivial read-only job: ``/readyz`` proves a connection really answers."""
-    return Job([Statement(b"SELECT 1")], read_only=True, deadline=deadline, max_rows=1)
+    """A trivial read-only job: ``/readyz`` proves a connection really answers.
+
+    Its statement is the gateway's own, named like the catalog's: raw SQL would
+    stop a connection trusting its named statements (see `Session.send_prepare`).
+    """
+    statement = Statement(b"SELECT 1", prepared=b"pgqg:readyz")
+    return Job([statement], read_only=True, deadline=deadline, max_rows=1)

@@ -3,14 +3,15 @@
 Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
 
     read-only, one statement:
-                [ROLLBACK] [Parse] BEGIN READ ONLY; [set_config(timeout)]; stmt; Sync
+                [ROLLBACK] [prepare] BEGIN READ ONLY; [set_config(timeout)]; stmt; Sync
     read-only, several:
-                [ROLLBACK] [Parse] BEGIN READ ONLY; [set_config(timeout)]; (guard; stmt)…; Sync
+                [ROLLBACK] [prepare] BEGIN READ ONLY; [set_config(timeout)]; (guard; stmt)…; Sync
                 ROLLBACK; cleanup; Sync
-    read-write: [ROLLBACK] [Parse] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
+    read-write: [ROLLBACK] [prepare] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
                 ROLLBACK; cleanup; Sync
 
     cleanup:    RESET ALL; RESET ROLE; DISCARD TEMP
+    prepare:    [Close] Parse of a named statement not trusted yet (see `Session.send_prepare`)
 
 A read-only job's transaction is ended by the ROLLBACK that opens the next
 segment (or a last ``ROLLBACK; Sync`` closing the batch): ROLLBACK cannot
@@ -46,13 +47,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, pq
 from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGconn, PGresult
 
 from ._encoding import TYPE_QUERY, Codec
 from ._errors import GatewayError, Timeout, query_error
-from ._jobs import Job
+from ._jobs import Job, Statement
 from ._libpq import pipeline_sync
 from ._results import ResultConverter
 
@@ -85,6 +86,10 @@ _FATAL_ERROR = ExecStatus.FATAL_ERROR
 _PIPELINE_SYNC = ExecStatus.PIPELINE_SYNC
 _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH})
 
+#: libpq can close a named statement in a pipeline (PQsendClosePrepared, libpq 17).
+#: Without it a named query whose statement may have been tampered with runs unnamed.
+CLOSE_PREPARED = pq.version() >= 170000 and pq.__build_version__ >= 170000
+
 
 @functools.lru_cache(maxsize=64)
 def _leaves_session_state(tag: bytes | None) -> bool:
@@ -110,6 +115,7 @@ class _Plan:
     retrying: bool = False
     #: each statement is preceded by `_READ_ONLY_GUARD`
     guarded: bool = False
+    #: named statements prepared in this job's segment (Close and Parse, or Parse)
     prepares: tuple[bytes, ...] = ()
     setup: int = 0
     commit: bool = False
@@ -152,8 +158,12 @@ class Session:
         self._codec = codec
         self._results = ResultConverter(codec)
         self._cap_ms = statement_timeout_ms
+        #: named statements prepared since the last statement not from the catalog
         self._prepared: set[bytes] = set()
-        self._pending_prepares: set[bytes] = set()
+        #: a statement not from the catalog ran since the session began (or DISCARD ALL)
+        self._foreign = False
+        #: messages (and so results) that prepare one named statement: Close, Parse
+        self.prepare_messages = 2 if CLOSE_PREPARED else 1
         self._dirty = False
         #: a read-only job's transaction is still open: the next segment ends it
         self._txn_open = False
@@ -250,10 +260,7 @@ class Session:
         for st in job.statements:
             if guarded:
                 pg.send_query_params(_READ_ONLY_GUARD, None)
-            if st.prepared:
-                pg.send_query_prepared(st.prepared, st.params)
-            else:
-                pg.send_query_params(st.sql, st.params)
+            self.send_statement(st)
         if wrapped and not job.read_only:
             pg.send_query_params(_COMMIT, None)
             plan.commit = True
@@ -265,11 +272,46 @@ class Session:
 
     def _send_prepares(self, job: Job, plan: _Plan) -> None:
         for st in job.statements:
-            name = st.prepared
-            if name and name not in self._prepared and name not in self._pending_prepares:
-                self._pg.send_prepare(name, st.sql)
-                self._pending_prepares.add(name)
-                plan.prepares += (name,)
+            if st.prepared is not None and self.send_prepare(st):
+                plan.prepares += (st.prepared,)
+
+    # --- named statements: only the gateway's own SQL runs by their names ---------------
+    #
+    # Any statement not from the catalog can drop or replace a named statement,
+    # unseen: ``DO $$BEGIN EXECUTE 'DEALLOCATE pgqg_x'; EXECUTE 'PREPARE pgqg_x AS
+    # ...'; END$$`` is a read-only DO, and a prepared statement outlives ROLLBACK.
+    # So a name is trusted only while nothing but catalog SQL has run since the
+    # gateway prepared it; after that it is closed and prepared again (Close and
+    # Parse, in the segment of the job that needs it) before it is run.
+
+    def send_prepare(self, st: Statement) -> bool:
+        """Queue what makes `st`'s named statement the catalog's own; False when
+        nothing was queued (it is trusted already, or `st` has no name, or it
+        will run unnamed: see `send_statement`)."""
+        name = st.prepared
+        if name is None or name in self._prepared:
+            return False
+        if self.prepare_messages == 2:
+            # closing a name that does not exist is not an error
+            self._pg.send_close_prepared(name)
+        elif self._foreign:
+            return False  # it may exist, not as ours: Parse would fail; run it unnamed
+        self._pg.send_prepare(name, st.sql)
+        self._prepared.add(name)
+        return True
+
+    def send_statement(self, st: Statement) -> None:
+        """Queue `st`: by its name when that is trusted, else as its own text."""
+        name = st.prepared
+        if name is None:
+            self._pg.send_query_params(st.sql, st.params)
+            if self._prepared:
+                self._prepared.clear()
+            self._foreign = True
+        elif name in self._prepared:
+            self._pg.send_query_prepared(name, st.params)
+        else:
+            self._pg.send_query_params(st.sql, st.params)
 
     def _send_begin(self, job: Job, plan: _Plan, now: float) -> None:
         pg = self._pg
@@ -322,7 +364,7 @@ class Session:
             # abandoned while waiting behind other jobs of the batch: cancelled if
             # we have to wait for it, that is while the server may still run it
             self._cancel_wanted = job.done
-            before = plan.rollback_first + len(plan.prepares) + plan.setup
+            before = plan.rollback_first + len(plan.prepares) * self.prepare_messages + plan.setup
             results = []
             try:
                 for _ in range(before + len(job.statements) * (1 + plan.guarded) + plan.commit):
@@ -351,8 +393,7 @@ class Session:
         """Resolve the job from its segment's results, the statements' from `before` on;
         return the statements' results instead while one of their types is unknown."""
         if plan.prepares:
-            for name, res in zip(plan.prepares, results[plan.rollback_first :], strict=False):
-                self._prepared_result(name, res)
+            self._prepared_results(plan.prepares, results[plan.rollback_first :])
         step = 1 + plan.guarded  # guarded, each statement's result follows its guard's
         raw = results[before + step - 1 : before + step * len(plan.job.statements) : step]
         for res in raw:
@@ -364,10 +405,12 @@ class Session:
                 return None
         return None if self._deliver(plan.job, raw) else raw
 
-    def _prepared_result(self, name: bytes, res: PGresult) -> None:
-        self._pending_prepares.discard(name)
-        if res.status == _COMMAND_OK:
-            self._prepared.add(name)
+    def _prepared_results(self, names: tuple[bytes, ...], results: list[PGresult]) -> None:
+        """Forget the statements whose Parse (the last message of each) failed."""
+        step = self.prepare_messages
+        for name, res in zip(names, results[step - 1 :: step], strict=False):
+            if res.status != _COMMAND_OK:
+                self._prepared.discard(name)
 
     def _fail(self, plan: _Plan, res: PGresult, *, first: bool) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
@@ -593,6 +636,7 @@ class Session:
     async def _discard(self) -> None:
         await self._housekeeping(_DISCARD)
         self._prepared.clear()
+        self._foreign = False
         self._dirty = False
 
     async def _learn_types(self, deferred: list[tuple[_Plan, list[PGresult]]]) -> None:

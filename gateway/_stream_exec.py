@@ -3,7 +3,7 @@
 A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
-    describe:  [Parse] Describe; Sync          column types, taught to the codec if new
+    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new
     execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
                statement (libpq chunked-rows mode); [COMMIT]; Sync
                ROLLBACK; [cleanup]; Sync
@@ -134,21 +134,24 @@ class _StreamRun:
     async def _describe(self, statement: Statement) -> bool:
         """Parse and describe the statement; learn new column types. False if it failed."""
         session = self._session
-        name = statement.prepared or b""
-        prepare = not statement.prepared or name not in session._prepared
-        if prepare:
+        name = statement.prepared
+        prepares = (name,) if name is not None and session.send_prepare(statement) else ()
+        queued = len(prepares) * session.prepare_messages
+        if name is None or name not in session._prepared:  # raw, or a name run unnamed
+            name = b""
             self._pg.send_prepare(name, statement.sql)
+            queued = 1
         self._pg.send_describe_prepared(name)
         self._pg.pipeline_sync()
         await session._flush()
-        results = [await session._result() for _ in range(2 if prepare else 1)]
+        results = [await session._result() for _ in range(queued + 1)]
         await session._sync()
+        if prepares:
+            session._prepared_results(prepares, results)
         failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
         if failed is not None:
             self._job.fail(_query_error(failed))
             return False
-        if statement.prepared:
-            session._prepared.add(name)
         described = results[-1]
         unknown = {
             described.ftype(i)
@@ -167,10 +170,7 @@ class _StreamRun:
         pg.send_query_params(_NO_TIMEOUT, None)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
-        if statement.prepared:
-            pg.send_query_prepared(statement.prepared, statement.params)
-        else:
-            pg.send_query_params(statement.sql, statement.params)
+        self._session.send_statement(statement)
         if not job.read_only:
             pg.send_query_params(_COMMIT, None)
         pg.pipeline_sync()

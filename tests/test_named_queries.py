@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
+import pytest
 from support import GatewayClient, assert_error
 
 
@@ -124,3 +126,29 @@ async def test_a_named_query_runs_after_its_connection_is_leased_again(
         resp = await client.get("/v1/queries/book_by_id", params={"id": "7"})
         assert resp.status == 200, await resp.text()
         await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["close-parse", "run-unnamed"])
+async def test_raw_sql_cannot_make_a_named_query_answer_for_it(
+    gateway_factory: Any, demo_dsn: str, monkeypatch: Any, close: bool
+) -> None:
+    # A read-only raw statement replaces the named query's prepared statement on
+    # the one connection (DO hides it from the command tag, and it outlives the
+    # ROLLBACK): the named query, buffered or streamed, still runs the catalog's SQL.
+    from gateway import _pipeline
+
+    monkeypatch.setattr(_pipeline, "CLOSE_PREPARED", close)
+    client = await gateway_factory(dsn=demo_dsn, pool_size=1)
+    url = "/v1/queries/book_by_id?id=7"
+    real = (await (await client.get(url)).json())["rows"]
+    hijack = (
+        "DO $$BEGIN EXECUTE 'DEALLOCATE pgqg_book_by_id'; EXECUTE 'PREPARE"
+        " pgqg_book_by_id(int) AS SELECT ''forged''::text AS title, $1 AS id'; END$$"
+    )
+    for sql in (hijack, "DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$"):
+        resp = await client.post("/v1/query", json={"sql": sql})
+        assert resp.status == 200, await resp.text()
+        assert (await (await client.get(url)).json())["rows"] == real
+        await client.post("/v1/query", json={"sql": sql})
+        streamed = await (await client.get(url + "&format=ndjson")).text()
+        assert [orjson.loads(line) for line in streamed.splitlines()] == real

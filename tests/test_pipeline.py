@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import pq
 
 from gateway import GatewayError, Job, Statement, param_to_text
@@ -180,6 +181,34 @@ async def test_a_read_only_transaction_cannot_commit_a_write_in_a_batch(
     assert isinstance(outcomes[1], GatewayError) and outcomes[1].sqlstate == "25001"
     assert (outcomes[0], outcomes[2]) == ([{"a": 1}], [{"b": 2}])
     assert await (await admin.execute(f"select count(*) from {table}")).fetchone() == (0,)
+
+
+def named_job(n: int) -> Job:
+    loop = asyncio.get_running_loop()
+    statement = Statement(b"SELECT $1::int AS n", [param_to_text(n)], prepared=b"pgqg_probe")
+    return Job([statement], read_only=True, deadline=loop.time() + 10.0, max_rows=1000)
+
+
+#: a read-only statement that swaps the named statement for its own (DO hides
+#: the PREPARE from the command tag; a prepared statement outlives ROLLBACK)
+HIJACK = (
+    "DO $$BEGIN EXECUTE 'DEALLOCATE pgqg_probe';"
+    " EXECUTE 'PREPARE pgqg_probe(int) AS SELECT -1 AS n'; END$$"
+)
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["close-parse", "run-unnamed"])
+async def test_raw_sql_cannot_replace_a_named_statement(session: Session, close: bool) -> None:
+    # close-parse: libpq 17+ closes and prepares the name again in the job's own
+    # segment; run-unnamed: older libpq runs the catalog's text instead.
+    if not close:
+        session.prepare_messages = 1
+    same_batch = await run(session, named_job(1), job(HIJACK), named_job(2), named_job(3))
+    assert same_batch == [[{"n": 1}], [], [{"n": 2}], [{"n": 3}]]
+    assert await run(session, named_job(4)) == [[{"n": 4}]]  # the next round trip
+    dropped = "DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$"
+    assert await run(session, job(dropped), named_job(5)) == [[], [{"n": 5}]]
+    assert await run(session, named_job(6), named_job(7)) == [[{"n": 6}], [{"n": 7}]]
 
 
 async def test_a_timeout_inside_a_batch_touches_only_its_job(session: Session) -> None:
