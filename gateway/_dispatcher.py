@@ -42,8 +42,9 @@ from ._stream_job import StreamJob
 
 log = logging.getLogger("gateway.dispatcher")
 
-#: a worker hands its connection back to the pool this often, so the pool can
-#: check it and recycle it after ``max_lifetime``
+#: a worker hands its connection back to the pool this often (after the batch
+#: under way, busy or not), so the pool can reset it, check it and recycle it
+#: after ``max_lifetime``
 LEASE_S = 30.0
 
 #: a batch of cheap jobs not back after this long hands the queue to idle connections
@@ -358,6 +359,8 @@ class Dispatcher:
                 self._connected.clear()
 
     async def _serve(self, worker: WorkerStats, session: Session) -> None:
+        """Run batches until the lease ends, idle or busy: a queue that never
+        empties must not keep a connection from its reset and recycling."""
         loop = asyncio.get_running_loop()
         lease_end = loop.time() + LEASE_S
         while True:
@@ -365,6 +368,9 @@ class Dispatcher:
             if batch is None:
                 return
             await self._run_batch(worker, session, batch)
+            if loop.time() >= lease_end:
+                self._hand_over_queue()  # back in a moment, with a fresh lease
+                return
 
     async def _next_batch(self, session: Session, idle_s: float) -> list[Job] | None:
         """Jobs to run next: the first waited for, then more of the queue.
