@@ -167,6 +167,26 @@ async def test_no_session_state_reaches_the_next_job_of_a_batch(
     assert outcomes[5] == [{"same": True}]
 
 
+async def test_what_a_committed_job_started_by_do_is_gone_for_the_next(
+    session: Session,
+) -> None:
+    # A LISTEN or a cursor WITH HOLD lives on once its transaction commits; from
+    # a DO its command tag does not show it, so the job's own cleanup ends them.
+    def committed(sql: str, read_only: bool) -> Job:
+        return transaction_job(f"DO $$BEGIN EXECUTE '{sql}'; END$$", "commit", read_only=read_only)
+
+    listening = job("select count(*) AS n from pg_listening_channels()")
+    cursors = job("select count(*) AS n from pg_cursors where name = 'pgqg_cursor'")
+    outcomes = await run(
+        session,
+        committed("LISTEN pgqg_channel", read_only=True),
+        listening,
+        committed("DECLARE pgqg_cursor CURSOR WITH HOLD FOR SELECT 1", read_only=False),
+        cursors,
+    )
+    assert (outcomes[1], outcomes[3]) == ([{"n": "0"}], [{"n": "0"}])  # bigint: text
+
+
 async def test_a_read_only_transaction_cannot_commit_a_write_in_a_batch(
     session: Session, admin: Any, table: str
 ) -> None:
