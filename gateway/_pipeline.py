@@ -10,7 +10,8 @@ Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
     read-write: [ROLLBACK] [prepare] BEGIN READ WRITE; [set_config(timeout)]; stmt…; COMMIT; Sync
                 ROLLBACK; cleanup; Sync
 
-    cleanup:    RESET ALL; RESET ROLE; DISCARD TEMP; CLOSE ALL; UNLISTEN *
+    cleanup:    RESET ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;
+                DISCARD TEMP; CLOSE ALL; UNLISTEN *
     prepare:    [Close] Parse of a named statement not trusted yet (see `Session.send_prepare`)
 
 A read-only job's transaction is ended by the ROLLBACK that opens the next
@@ -64,9 +65,18 @@ _DISCARD = b"DISCARD ALL"
 #: before each statement of a read-only job with several: see the module's docstring
 _READ_ONLY_GUARD = b"SELECT pg_catalog.set_config('transaction_read_only', 'on', true)"
 #: a job's own cleanup segment, after its ROLLBACK: what a committed transaction can
-#: leave in the session (RESET ALL leaves the role alone). DISCARD ALL, which would
-#: do all of it, refuses to share a segment, and would drop the named statements.
-_CLEANUP = (_RESET, b"RESET ROLE", b"DISCARD TEMP", b"CLOSE ALL", b"UNLISTEN *")
+#: leave in the session. RESET ALL leaves the session user and the role alone; SET
+#: SESSION AUTHORIZATION DEFAULT resets both, RESET ROLE then restores a role set
+#: for the login role (ALTER ROLE … SET role). DISCARD ALL, which would do nearly
+#: all of it, refuses to share a segment, and would drop the named statements.
+_CLEANUP = (
+    _RESET,
+    b"SET SESSION AUTHORIZATION DEFAULT",
+    b"RESET ROLE",
+    b"DISCARD TEMP",
+    b"CLOSE ALL",
+    b"UNLISTEN *",
+)
 _SET_TIMEOUT = b"SELECT pg_catalog.set_config('statement_timeout', $1, true)"
 
 #: a per-job server-side timeout is sent only when it is this much shorter than

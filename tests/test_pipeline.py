@@ -159,12 +159,21 @@ async def test_no_session_state_reaches_the_next_job_of_a_batch(
             job("show search_path"),
             job(f"set role {role}", read_only=False),
             job("select current_user = session_user AS same"),
+            # as a superuser (the embedded cluster's), hidden from the command tag
+            transaction_job(
+                f"DO $$BEGIN EXECUTE 'SET SESSION AUTHORIZATION {role}'; END$$",
+                "commit",
+                read_only=True,
+            ),
+            job("select session_user::text AS who"),
         )
+        user = (await (await admin.execute("select session_user::text")).fetchone())[0]
     finally:
         await admin.execute(f"drop role {role}")
     assert isinstance(outcomes[1], GatewayError) and outcomes[1].sqlstate == "42P01"
     assert outcomes[3] == [{"search_path": '"$user", public'}]
     assert outcomes[5] == [{"same": True}]
+    assert outcomes[7] == [{"who": user}]
 
 
 async def test_what_a_committed_job_started_by_do_is_gone_for_the_next(
