@@ -34,6 +34,21 @@ async def wait_until_ready(client: GatewayClient, timeout: float = 20.0) -> None
             await asyncio.sleep(0.05)
 
 
+async def settled_stats(client: GatewayClient, timeout: float = 5.0) -> Any:
+    """``/v1/stats`` once no job runs and none is queued; fails after `timeout` seconds.
+
+    A job is answered as soon as its own results are read, while its connection
+    may still be reading the end of the round trip (the ROLLBACK that closes a
+    batch): for that moment the job still counts as running.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            stats = await (await client.get("/v1/stats")).json()
+            if not stats["running"] and not stats["queue"]["depth"]:
+                return stats
+            await asyncio.sleep(0.02)
+
+
 async def query(client: GatewayClient, sql: str, *params: Any, **options: Any) -> tuple[int, Any]:
     """POST /v1/query; returns (status, decoded JSON body)."""
     resp = await client.post("/v1/query", json={"sql": sql, "params": list(params), **options})

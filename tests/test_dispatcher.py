@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 import pytest
-from support import assert_error, query
+from support import assert_error, query, settled_stats
 
 
 async def test_500_concurrent_requests_on_4_connections(gateway_factory: Any) -> None:
@@ -93,10 +93,7 @@ async def test_every_future_resolves_once_under_mixed_outcomes(gateway_factory: 
     assert 200 in statuses and 400 in statuses and 504 in statuses
     assert (await query(client, "select 1"))[0] == 200
     # abandoned jobs still in a batch finish within their (cancelled) timeouts
-    async with asyncio.timeout(5):
-        while (stats := await (await client.get("/v1/stats")).json())["running"]:
-            await asyncio.sleep(0.05)
-    assert stats["queue"]["depth"] == 0
+    await settled_stats(client)
 
 
 async def _stats(client: Any) -> Any:

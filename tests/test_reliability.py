@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from support import GatewayClient, assert_error, query
+from support import GatewayClient, assert_error, query, settled_stats
 
 from gateway import Codec, Dispatcher, Job, Statement, Unavailable
 from gateway._pipeline import Session
@@ -509,8 +509,9 @@ async def test_close_stops_a_worker_whose_cancellation_was_lost(database_dsn: st
 
 
 async def pooled_backends_idle(client: GatewayClient, admin: Any) -> None:
-    """Every connection the gateway holds is idle (not in a transaction) on the server."""
-    stats = await (await client.get("/v1/stats")).json()
+    """Every connection the gateway holds is idle (not in a transaction) on the server,
+    once the gateway has finished its round trips."""
+    stats = await settled_stats(client)
     pids = [c["backend_pid"] for c in stats["connections"]]
     cur = await admin.execute("SELECT state FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
     assert [row[0] for row in await cur.fetchall()] == ["idle"] * len(pids)
