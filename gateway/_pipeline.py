@@ -283,8 +283,9 @@ class Session:
 
     def _send_prepares(self, job: Job, plan: _Plan) -> None:
         for st in job.statements:
-            if st.prepared is not None and self.send_prepare(st):
-                plan.prepares += (st.prepared,)
+            name = self.send_prepare(st)
+            if name is not None:
+                plan.prepares += (name,)
 
     # --- named statements: only the gateway's own SQL runs by their names ---------------
     #
@@ -295,31 +296,36 @@ class Session:
     # gateway prepared it; after that it is closed and prepared again (Close and
     # Parse, in the segment of the job that needs it) before it is run.
 
-    def send_prepare(self, st: Statement) -> bool:
-        """Queue what makes `st`'s named statement the catalog's own; False when
-        nothing was queued (it is trusted already, or `st` has no name, or it
-        will run unnamed: see `send_statement`)."""
+    def send_prepare(self, st: Statement) -> bytes | None:
+        """Queue what makes `st`'s named statement the catalog's own; return its
+        name, or None when nothing was queued (`st` has no name, it is trusted
+        already, or it will run unnamed: see `trusted_name`)."""
         name = st.prepared
         if name is None or name in self._prepared:
-            return False
+            return None
         if self.prepare_messages == 2:
             # closing a name that does not exist is not an error
             self._pg.send_close_prepared(name)
         elif self._foreign:
-            return False  # it may exist, not as ours: Parse would fail; run it unnamed
+            return None  # it may exist, not as ours: Parse would fail; run it unnamed
         self._pg.send_prepare(name, st.sql)
         self._prepared.add(name)
-        return True
+        return name
+
+    def trusted_name(self, st: Statement) -> bytes | None:
+        """The name `st` runs by; None: it runs as its own text (raw SQL, or a
+        named statement this connection does not trust and could not prepare)."""
+        name = st.prepared
+        return name if name is not None and name in self._prepared else None
 
     def send_statement(self, st: Statement) -> None:
         """Queue `st`: by its name when that is trusted, else as its own text."""
-        name = st.prepared
-        if name is None:
+        if st.prepared is None:
             self._pg.send_query_params(st.sql, st.params)
             if self._prepared:
                 self._prepared.clear()
             self._foreign = True
-        elif name in self._prepared:
+        elif (name := self.trusted_name(st)) is not None:
             self._pg.send_query_prepared(name, st.params)
         else:
             self._pg.send_query_params(st.sql, st.params)

@@ -134,10 +134,11 @@ class _StreamRun:
     async def _describe(self, statement: Statement) -> bool:
         """Parse and describe the statement; learn new column types. False if it failed."""
         session = self._session
-        name = statement.prepared
-        prepares = (name,) if name is not None and session.send_prepare(statement) else ()
+        prepared = session.send_prepare(statement)
+        prepares = () if prepared is None else (prepared,)
         queued = len(prepares) * session.prepare_messages
-        if name is None or name not in session._prepared:  # raw, or a name run unnamed
+        name = session.trusted_name(statement)
+        if name is None:  # raw, or a name run unnamed: describe its text
             name = b""
             self._pg.send_prepare(name, statement.sql)
             queued = 1
