@@ -109,10 +109,16 @@ def _totals(stats: Any) -> tuple[int, int]:
 
 @pytest.mark.parametrize("spelled_out", [False, True], ids=["parameter", "literal"])
 async def test_a_quick_statement_rides_round_trips_already_under_way(
-    gateway_factory: Any, spelled_out: bool
+    gateway_factory: Any, spelled_out: bool, monkeypatch: Any
 ) -> None:
     """Concurrent clients of a statement known to be quick share round trips, also
     when each spells its value out in the SQL text instead of sending a parameter."""
+    from gateway import _dispatcher
+
+    # A stall of a busy test machine longer than the batch budget hands the queue
+    # to idle connections, as it should (see the next tests); here it would only
+    # make the batches smaller, and this test flaky.
+    monkeypatch.setattr(_dispatcher, "BATCH_BUDGET_S", 1.0)
     client = await gateway_factory(pool_size=8)
 
     async def one(i: int) -> int:
@@ -135,6 +141,34 @@ async def test_a_quick_statement_rides_round_trips_already_under_way(
     jobs, batches = _totals(await _stats(client))
     # one round trip per connection would carry about 16 / 8 = 2 jobs
     assert (jobs - jobs_before) / (batches - batches_before) >= 4
+
+
+async def test_a_quick_job_waits_for_the_round_trip_under_way_not_an_idle_connection(
+    gateway_factory: Any, admin: Any, monkeypatch: Any
+) -> None:
+    """A job of a quick statement rides the next round trip of the connection
+    running quick jobs, though idle connections are there, within the batch budget."""
+    from gateway import _dispatcher
+
+    monkeypatch.setattr(_dispatcher, "BATCH_BUDGET_S", 5.0)
+    client = await gateway_factory(pool_size=4)
+    key = 918_000 + os.getpid() % 1000
+    sql = "select pg_advisory_xact_lock_shared($1::bigint)::text, $2::int AS i"
+    for i in range(5):  # learnt as quick
+        assert (await query(client, sql, key + 1, i))[0] == 200
+    await admin.execute("select pg_advisory_lock(%s)", [key])
+    try:
+        held = asyncio.ensure_future(query(client, sql, key, -1))  # blocks on the lock
+        await asyncio.sleep(0.2)
+        rider = asyncio.ensure_future(query(client, sql, key + 1, 1))
+        await asyncio.sleep(0.5)
+        assert not rider.done()  # queued behind the batch under way, not sent elsewhere
+    finally:
+        await admin.execute("select pg_advisory_unlock(%s)", [key])
+    assert [(s, b["rows"][0]["i"]) for s, b in await asyncio.gather(held, rider)] == [
+        (200, -1),
+        (200, 1),
+    ]
 
 
 async def test_quick_jobs_do_not_wait_behind_a_slow_one_that_looked_quick(
