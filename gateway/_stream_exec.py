@@ -40,7 +40,6 @@ from psycopg.pq.abc import PGresult
 from ._errors import BadRequest, GatewayError, Timeout
 from ._jobs import Column, Statement
 from ._pipeline import (
-    _CLEANUP,
     _COMMIT,
     _ROLLBACK,
     ConnectionLost,
@@ -97,7 +96,7 @@ class _StreamRun:
         statement = self._job.statements[0]
         if not await self._describe(statement) or self._job.stopped.done():
             return
-        self._send(statement)
+        closing = self._send(statement)
         await self._session._flush()
         if await self._read_setup():
             self._chunked_rows_mode()
@@ -105,7 +104,7 @@ class _StreamRun:
         if not self._job.read_only:
             self._note_error(await self._one_result())
         await self._session._sync()
-        for _ in range(1 if self._job.read_only else 1 + len(_CLEANUP)):
+        for _ in range(closing):
             await self._session._result()
         await self._session._sync()
         if self._cancelled:
@@ -165,7 +164,8 @@ class _StreamRun:
 
     # --- round trip 2: the rows ------------------------------------------------------------
 
-    def _send(self, statement: Statement) -> None:
+    def _send(self, statement: Statement) -> int:
+        """Queue the execute round trip; return how many results its closing segment has."""
         pg, job = self._pg, self._job
         pg.send_query_params(begin_command(job), None)
         pg.send_query_params(_NO_TIMEOUT, None)
@@ -176,9 +176,9 @@ class _StreamRun:
             pg.send_query_params(_COMMIT, None)
         pg.pipeline_sync()
         pg.send_query_params(_ROLLBACK, None)
-        if not job.read_only:
-            send_cleanup(pg)
+        closing = 1 if job.read_only else 1 + send_cleanup(pg)
         pg.pipeline_sync()
+        return closing
 
     async def _read_setup(self) -> bool:
         """Read BEGIN and what follows it up to the statement; False if one failed."""
