@@ -821,11 +821,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _targets(text: str) -> list[str]:
     """``--against``'s comma-separated names, in the baselines' order."""
+    known = (*BASELINES, PGBENCH)
     wanted = {PGBENCH if n.strip() == "pgbench" else n.strip() for n in text.split(",")}
-    unknown = wanted - {*BASELINES, PGBENCH}
-    if unknown or not wanted:
-        raise argparse.ArgumentTypeError(f"unknown target(s): {', '.join(sorted(unknown))}")
-    return [n for n in (*BASELINES, PGBENCH) if n in wanted]
+    if unknown := wanted.difference(known):  # an empty name is unknown too
+        names = ", ".join(map(repr, sorted(unknown)))
+        raise argparse.ArgumentTypeError(f"unknown target(s): {names}")
+    return [n for n in known if n in wanted]
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

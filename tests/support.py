@@ -34,6 +34,11 @@ async def wait_until_ready(client: GatewayClient, timeout: float = 20.0) -> None
             await asyncio.sleep(0.05)
 
 
+async def get_stats(client: GatewayClient) -> Any:
+    """``/v1/stats``, decoded."""
+    return await (await client.get("/v1/stats")).json()
+
+
 async def settled_stats(client: GatewayClient, timeout: float = 5.0) -> Any:
     """``/v1/stats`` once no job runs and none is queued; fails after `timeout` seconds.
 
@@ -43,9 +48,9 @@ async def settled_stats(client: GatewayClient, timeout: float = 5.0) -> Any:
     """
     async with asyncio.timeout(timeout):
         while True:
-            stats = await (await client.get("/v1/stats")).json()
-            if not stats["running"] and not stats["queue"]["depth"]:
-                return stats
+            now = await get_stats(client)
+            if not now["running"] and not now["queue"]["depth"]:
+                return now
             await asyncio.sleep(0.02)
 
 

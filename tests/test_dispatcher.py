@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 import pytest
-from support import assert_error, query, settled_stats
+from support import assert_error, get_stats, query, settled_stats
 
 
 async def test_500_concurrent_requests_on_4_connections(gateway_factory: Any) -> None:
@@ -96,10 +96,6 @@ async def test_every_future_resolves_once_under_mixed_outcomes(gateway_factory: 
     await settled_stats(client)
 
 
-async def _stats(client: Any) -> Any:
-    return await (await client.get("/v1/stats")).json()
-
-
 def _totals(stats: Any) -> tuple[int, int]:
     return (
         sum(c["jobs"] for c in stats["connections"]),
@@ -131,14 +127,14 @@ async def test_a_quick_statement_rides_round_trips_already_under_way(
 
     for i in range(5):  # the dispatcher learns that this statement is quick
         assert await one(i) == i
-    jobs_before, batches_before = _totals(await _stats(client))
+    jobs_before, batches_before = _totals(await get_stats(client))
 
     async def loop(n: int) -> list[int]:
         return [await one(n * 100 + k) for k in range(40)]
 
     answers = await asyncio.gather(*(loop(n) for n in range(16)))
     assert answers == [[n * 100 + k for k in range(40)] for n in range(16)]
-    jobs, batches = _totals(await _stats(client))
+    jobs, batches = _totals(await get_stats(client))
     # one round trip per connection would carry about 16 / 8 = 2 jobs
     assert (jobs - jobs_before) / (batches - batches_before) >= 4
 
