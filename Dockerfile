@@ -1,5 +1,15 @@
 # The gateway as a container: `docker compose up` (docker-compose.yml) runs it next to
 # PostgreSQL. Without PGQG_DSN it would start its embedded PostgreSQL instead.
+
+# Build stage: the full image has the C compiler and Python headers that mypyc's
+# compiled modules need (see gateway/_build.py); the runtime image gets only the wheel.
+FROM python:3.11 AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY gateway ./gateway
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,10 +18,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY gateway ./gateway
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels
 COPY sql ./sql
-RUN pip install .
 
 # The package is installed into site-packages; the SQL files stay here. Listen on every
 # interface so that the published port reaches the gateway.

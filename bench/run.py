@@ -56,6 +56,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_DIR))  # `gateway` from this checkout, whatever the cwd
 
+from gateway._build import compiled_modules, stale_modules  # noqa: E402
 from gateway._embedded import EmbeddedPostgres, postgres_bin_dir  # noqa: E402
 
 LUA_SCRIPT = BENCH_DIR / "wrk" / "point_select.lua"
@@ -705,7 +706,8 @@ def report(results: dict[str, Any]) -> str:
         f"Point select by primary key, {cfg['connections']} clients (wrk -t2), pool size "
         f"{cfg['pool_size']} for every pooled target, {cfg['rounds']} interleaved rounds of "
         f"{cfg['duration']:g} s, medians; {results['machine']['cpus']} CPUs "
-        f"({results['machine']['cpu_model']}), PostgreSQL {results['database']['server_version']}.",
+        f"({results['machine']['cpu_model']}), PostgreSQL {results['database']['server_version']}; "
+        f"pgqg {'compiled by mypyc' if results['pgqg_compiled'] else 'plain Python'}.",
         "",
         "| target | req/s (median) | min-max | p50 ms | p99 ms | CPU µs/req: server, postgres "
         "| others' CPU % (max) | pgqg ÷ target |",
@@ -838,6 +840,13 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
+    if stale := stale_modules():
+        print(
+            f"compiled modules older than their source: {', '.join(stale)};"
+            " run pip install -e . again to measure this checkout",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()
     bench = Bench(args)
@@ -847,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": machine(),
         "pgqg_env": {k: v for k, v in os.environ.items() if k.startswith("PGQG_")},
+        "pgqg_compiled": compiled_modules(),  # by mypyc at install; [] when plain Python
         "sql": POINT_SELECT,
     }
     try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from mypy_extensions import mypyc_attr
 from psycopg import adapters as default_adapters
 from psycopg import postgres
 from psycopg.abc import Buffer
@@ -194,6 +195,7 @@ LEFT JOIN pg_catalog.pg_type e ON e.typarray = t.oid"""
 # --- request JSON --------------------------------------------------------------
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of str
 class JSONNumber(str):
     """A JSON number with a fraction or exponent, kept as the client wrote it."""
 
