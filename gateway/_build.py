@@ -4,7 +4,8 @@ The request path (the handlers, validation, jobs, the pipeline, the encoders)
 is compiled to C by mypyc when the package is installed (``setup.py``); the
 rest stays Python. Compiled modules behave as their sources do, and serve the
 benchmark's point selects about 17 % faster. ``PGQG_COMPILE=0 pip install ...``
-installs them as plain Python.
+installs them as plain Python, and so does an install on a machine without a C
+compiler or Python's headers (`can_compile`), as aiohttp's and yarl's do.
 
 The dispatcher stays Python: compiled, a connection worker cancelled while
 idle under uvloop did not stop (mypyc 2.4; "invalid exception object" in the
@@ -20,6 +21,9 @@ against psycopg's, aiohttp's and the others' annotations.
 from __future__ import annotations
 
 import importlib.machinery
+import os
+import shutil
+import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,16 @@ COMPILED_MODULES = (
     "_libpq",
     "_results",
 )
+
+
+def can_compile() -> bool:
+    """Whether this machine has what compiling needs: a C compiler and ``Python.h``.
+
+    The compiler is ``$CC`` or the one Python was built with, as setuptools picks it.
+    """
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    return bool(compiler) and shutil.which(compiler[0]) is not None and headers.exists()
 
 
 def compiled_modules() -> list[str]:

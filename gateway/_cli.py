@@ -26,6 +26,7 @@ import psycopg.conninfo
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ._build import compiled_modules
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
 from ._server import serve
@@ -203,6 +204,8 @@ def _announce(
 
     def on_ready(_listen_url: str) -> None:
         click.echo(f"pgqg is serving on {url}")
+        if not compiled_modules():
+            click.echo("  the request path is plain Python, not compiled (see the README)")
         if demo:
             click.echo(f"  try:  curl '{url}/v1/queries/book_by_id?id=7'")
             click.echo(f"        pgqg query --url {url} 'select count(*) from book'")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway import _jobs
-from gateway._build import COMPILED_MODULES, compiled_modules, stale_modules
+from gateway._build import COMPILED_MODULES, can_compile, compiled_modules, stale_modules
 
 
 def test_the_request_path_is_compiled_whole_or_not_at_all() -> None:
@@ -42,3 +42,12 @@ def test_the_build_backend_installs_the_dependencies_mypyc_checks_against(
     for hook in ("wheel", "editable", "sdist"):
         assert getattr(_build, f"get_requires_for_build_{hook}")() == dependencies
     assert callable(_build.build_wheel) and callable(_build.build_editable)
+
+
+def test_a_machine_without_a_c_compiler_installs_plain_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if os.environ.get("CI") == "true":  # CI compiles: it has what that needs
+        assert can_compile()
+    monkeypatch.setenv("CC", "/nonexistent/cc -O2")
+    assert not can_compile()

@@ -21,7 +21,9 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import ClientFactory
 
-from gateway._cli import main
+import gateway._cli
+from gateway import load_settings
+from gateway._cli import _announce, main
 from gateway._demo import demo_state
 
 #: settings the machine may have that would change where commands go
@@ -485,3 +487,15 @@ def test_serve_fails_at_once_on_a_taken_port(database_dsn: str, tmp_path: Path) 
             assert result.exit_code == 1
             assert f"pgqg: cannot serve on 127.0.0.1:{port}:" in result.stderr
         assert not data_dir.exists()  # no embedded server was started for nothing
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_serve_says_when_the_request_path_is_not_compiled(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # an install without a C compiler falls back to plain Python: the operator is told
+    monkeypatch.setattr(gateway._cli, "compiled_modules", lambda: ["_routes"] if compiled else [])
+    _announce(load_settings(port=8123), demo=False)("http://127.0.0.1:8123")
+    out = capsys.readouterr().out
+    assert "pgqg is serving on http://127.0.0.1:8123" in out
+    assert ("plain Python" in out) is not compiled
