@@ -4,7 +4,6 @@
 machine without a C compiler; see ``gateway/_build.py`` for which modules and why.
 """
 
-import glob
 import os
 import runpy
 import sys
@@ -27,14 +26,13 @@ def ext_modules() -> list:
 
     paths = [os.path.join("gateway", name + ".py") for name in build["COMPILED_MODULES"]]
     # one shared library inside the package (not a top-level module of its own)
-    return mypycify(paths, opt_level="3", group_name="gateway._native")
+    return mypycify(paths, opt_level="3", group_name=build["NATIVE_GROUP"])
 
 
 def plain_python(build: dict) -> list:
     # an earlier build's extensions in a checkout would shadow the sources
-    for name in [*build["COMPILED_MODULES"], "_native__mypyc"]:
-        for path in glob.glob(os.path.join("gateway", name + ".*.so")):
-            os.remove(path)
+    for path in build["built_extensions"]():
+        path.unlink()
     return []
 
 

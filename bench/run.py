@@ -56,7 +56,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_DIR))  # `gateway` from this checkout, whatever the cwd
 
-from gateway._build import compiled_modules, stale_modules  # noqa: E402
+from gateway._build import compiled_modules, stale_build  # noqa: E402
 from gateway._embedded import EmbeddedPostgres, postgres_bin_dir  # noqa: E402
 
 LUA_SCRIPT = BENCH_DIR / "wrk" / "point_select.lua"
@@ -840,12 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
-    if stale := stale_modules():
-        print(
-            f"compiled modules older than their source: {', '.join(stale)};"
-            " run pip install -e . again to measure this checkout",
-            file=sys.stderr,
-        )
+    if stale := stale_build():
+        print(stale, file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()

@@ -28,6 +28,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+#: the shared library the compiled modules' code lives in, inside the package
+NATIVE_GROUP = "gateway._native"
+
 #: the modules mypyc compiles, in the order of a request's path through them
 COMPILED_MODULES = (
     "_routes",
@@ -73,6 +76,25 @@ def stale_modules() -> list[str]:
         if extension and source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
             stale.append(name)
     return stale
+
+
+def stale_build() -> str | None:
+    """What to tell whoever is about to test or measure an out-of-date build; None
+    when the build is current (or there is none)."""
+    stale = stale_modules()
+    if not stale:
+        return None
+    return (
+        f"compiled modules older than their source: {', '.join(stale)}; run"
+        " `pip install -e .` again (or install with PGQG_COMPILE=0)"
+    )
+
+
+def built_extensions() -> list[Path]:
+    """The extensions an earlier build left next to the sources (they shadow them)."""
+    shared = NATIVE_GROUP.rpartition(".")[2] + "__mypyc"  # mypyc's name for the group
+    found = (_extension_of(name) for name in (*COMPILED_MODULES, shared))
+    return [path for path in found if path is not None]
 
 
 def _extension_of(name: str) -> Path | None:

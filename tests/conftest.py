@@ -40,7 +40,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from support import GatewayClient, wait_until_ready
 
 from gateway import Codec, create_app, load_settings
-from gateway._build import stale_modules
+from gateway._build import stale_build
 from gateway._embedded import EmbeddedPostgres
 from gateway._pipeline import Session
 from gateway._pool import session_options
@@ -53,12 +53,8 @@ DOCKER_PING_TIMEOUT = 2.0
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test old code: an edited module compiled before the edit runs as it was."""
-    if stale := stale_modules():
-        pytest.exit(
-            f"compiled modules older than their source: {', '.join(stale)}; "
-            "run `pip install -e .` again (or install with PGQG_COMPILE=0)",
-            returncode=2,
-        )
+    if stale := stale_build():
+        pytest.exit(stale, returncode=2)
 
 
 def docker_answers(timeout: float = DOCKER_PING_TIMEOUT) -> bool:
