@@ -24,7 +24,7 @@ def ext_modules() -> list:
         return plain_python(build)
     from mypyc.build import mypycify
 
-    paths = [os.path.join("gateway", name + ".py") for name in build["COMPILED_MODULES"]]
+    paths = build["source_paths"]()
     # one shared library inside the package (not a top-level module of its own)
     return mypycify(paths, opt_level="3", group_name=build["NATIVE_GROUP"])
 

@@ -40,7 +40,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's `gateway`
 
-from gateway._server import install_uvloop  # pgqg's own event loop choice
+from gateway.web._server import install_uvloop  # pgqg's own event loop choice
 
 KINDS = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 

@@ -42,7 +42,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway._embedded import EmbeddedPostgres  # noqa: E402
+from gateway.embedded._postgres import EmbeddedPostgres  # noqa: E402
 
 QUERY = "select g, md5(g::text) from generate_series(1, {rows}) g"
 MB = 1024 * 1024

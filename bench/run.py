@@ -57,7 +57,7 @@ REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_DIR))  # `gateway` from this checkout, whatever the cwd
 
 from gateway._build import compiled_modules, stale_build  # noqa: E402
-from gateway._embedded import EmbeddedPostgres, postgres_bin_dir  # noqa: E402
+from gateway.embedded._postgres import EmbeddedPostgres, postgres_bin_dir  # noqa: E402
 
 LUA_SCRIPT = BENCH_DIR / "wrk" / "point_select.lua"
 RESULTS_DIR = BENCH_DIR / "results"

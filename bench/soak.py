@@ -47,7 +47,7 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway._embedded import EmbeddedPostgres  # noqa: E402
+from gateway.embedded._postgres import EmbeddedPostgres  # noqa: E402
 
 #: the first seconds are warm-up (imports, caches, the pool filling): not judged
 WARMUP_S = 10.0

@@ -5,10 +5,6 @@ it to a small set of long-lived, pipelined connections; rows go back as JSON,
 NDJSON or CSV, with no value rounded.
 """
 
-from ._app import create_app
-from ._catalog import Catalog, CatalogError, NamedQuery, Param
-from ._dispatcher import Dispatcher
-from ._encoding import Codec, loads_exact, param_to_text
 from ._errors import (
     BadRequest,
     Forbidden,
@@ -26,8 +22,11 @@ from ._errors import (
     UnsupportedMediaType,
     status_for_sqlstate,
 )
-from ._jobs import Column, Job, Statement, StatementResult
 from ._settings import ConfigError, Settings, load_settings
+from .catalog import Catalog, CatalogError, NamedQuery, Param
+from .engine import Dispatcher, Job, Statement
+from .values import Codec, Column, StatementResult, loads_exact, param_to_text
+from .web import create_app
 
 __version__ = "0.1.0"
 

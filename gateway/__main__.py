@@ -1,6 +1,6 @@
 """``python -m gateway`` is the ``pgqg`` command."""
 
-from ._cli import main
+from .cli import main
 
 if __name__ == "__main__":
     main(prog_name="pgqg")

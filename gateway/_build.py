@@ -31,20 +31,20 @@ from typing import Any
 #: the shared library the compiled modules' code lives in, inside the package
 NATIVE_GROUP = "gateway._native"
 
-#: the modules mypyc compiles, in the order of a request's path through them
+#: the modules mypyc compiles (dotted, below ``gateway``), in the order of a
+#: request's path through them
 COMPILED_MODULES = (
-    "_routes",
-    "_requests",
-    "_encoding",
-    "_catalog",
-    "_jobs",
-    "_stream_job",
-    "_streaming",
-    "_costs",
-    "_pipeline",
-    "_stream_exec",
-    "_libpq",
-    "_results",
+    "web._routes",
+    "web._requests",
+    "values._encoding",
+    "catalog._catalog",
+    "engine._jobs",
+    "engine._stream",
+    "values._formats",
+    "engine._costs",
+    "engine._pipeline",
+    "engine._libpq",
+    "values._results",
 )
 
 
@@ -72,7 +72,7 @@ def stale_modules() -> list[str]:
     stale = []
     for name in COMPILED_MODULES:
         extension = _extension_of(name)
-        source = Path(__file__).with_name(name + ".py")
+        source = _path_of(name).with_suffix(".py")
         if extension and source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
             stale.append(name)
     return stale
@@ -97,11 +97,22 @@ def built_extensions() -> list[Path]:
     return [path for path in found if path is not None]
 
 
+def source_paths() -> list[str]:
+    """The compiled modules' sources, relative to the project (for mypycify)."""
+    project = Path(__file__).parents[1]
+    return [f"{_path_of(name).relative_to(project)}.py" for name in COMPILED_MODULES]
+
+
+def _path_of(name: str) -> Path:
+    """Where module `name` (dotted, below the package) lives, without a suffix."""
+    return Path(__file__).parent.joinpath(*name.split("."))
+
+
 def _extension_of(name: str) -> Path | None:
     """The extension module `name` imports from: Python's finder prefers it to the source."""
-    here = Path(__file__).parent
+    base = _path_of(name)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (path := here / (name + suffix)).exists():
+        if (path := base.with_name(base.name + suffix)).exists():
             return path
     return None
 

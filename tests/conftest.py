@@ -7,7 +7,7 @@ The test database (DESIGN §7): tests run against a real PostgreSQL, never a moc
 2. else a throwaway ``postgres:16-alpine`` container through `testcontainers`, but only
    if a Docker engine answers a ping within ~2 s (no engine: falls through at once,
    silently; `testcontainers` is only imported on this branch);
-3. else a throwaway embedded cluster (`gateway._embedded.EmbeddedPostgres`, ``fast=True``)
+3. else a throwaway embedded cluster (`gateway.embedded._postgres.EmbeddedPostgres`, ``fast=True``)
    in a temporary directory, started for the session and stopped at its end.
 
 So the suite passes on a machine with nothing but Python, and no database test is
@@ -41,10 +41,10 @@ from support import GatewayClient, wait_until_ready
 
 from gateway import Codec, create_app, load_settings
 from gateway._build import stale_build
-from gateway._embedded import EmbeddedPostgres
-from gateway._pipeline import Session
-from gateway._pool import session_options
 from gateway._settings import DEFAULT_SQL_DIR as SQL_DIR
+from gateway.embedded._postgres import EmbeddedPostgres
+from gateway.engine._pipeline import Session
+from gateway.engine._pool import session_options
 
 DSN_ENV = "PGQG_TEST_DSN"
 CONTAINER_IMAGE = "postgres:16-alpine"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import _build, _jobs
+from gateway import _build
 from gateway._build import COMPILED_MODULES, can_compile, compiled_modules, stale_modules
+from gateway.engine import _jobs
 
 
 def test_the_request_path_is_compiled_whole_or_not_at_all() -> None:

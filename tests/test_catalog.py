@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway._catalog import Catalog, CatalogError, NamedQuery, Param, parse_queries
-from gateway._encoding import JSONNumber, loads_exact
 from gateway._errors import BadRequest, UnknownQuery
+from gateway.catalog._catalog import Catalog, CatalogError, NamedQuery, Param, parse_queries
+from gateway.values._encoding import JSONNumber, loads_exact
 
 QUERIES_DIR = Path(__file__).resolve().parent.parent / "sql" / "queries"
 

@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import ClientFactory
 
-import gateway._cli
+import gateway.cli._commands
 from gateway import load_settings
-from gateway._cli import _announce, main
-from gateway._demo import demo_state
+from gateway.cli._commands import _announce, main
+from gateway.cli._demo import demo_state
 
 #: settings the machine may have that would change where commands go
 CLEAN_ENV: dict[str, str | None] = {"PGQG_DSN": None, "DATABASE_URL": None}
@@ -494,7 +494,8 @@ def test_serve_says_when_the_request_path_is_not_compiled(
     compiled: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # an install without a C compiler falls back to plain Python: the operator is told
-    monkeypatch.setattr(gateway._cli, "compiled_modules", lambda: ["_routes"] if compiled else [])
+    compiled_modules = ["web._routes"] if compiled else []
+    monkeypatch.setattr(gateway.cli._commands, "compiled_modules", lambda: compiled_modules)
     _announce(load_settings(port=8123), demo=False)("http://127.0.0.1:8123")
     out = capsys.readouterr().out
     assert "pgqg is serving on http://127.0.0.1:8123" in out

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway import _costs
-from gateway._costs import CHEAP_JOB_S, StatementCosts, cost_key
-from gateway._jobs import Job, Statement
+from gateway.engine import _costs
+from gateway.engine._costs import CHEAP_JOB_S, StatementCosts, cost_key
+from gateway.engine._jobs import Job, Statement
 
 
 def job(*sqls: str) -> Job:

@@ -109,7 +109,7 @@ async def test_a_quick_statement_rides_round_trips_already_under_way(
 ) -> None:
     """Concurrent clients of a statement known to be quick share round trips, also
     when each spells its value out in the SQL text instead of sending a parameter."""
-    from gateway import _dispatcher
+    from gateway.engine import _dispatcher
 
     # A stall of a busy test machine longer than the batch budget hands the queue
     # to idle connections, as it should (see the next tests); here it would only
@@ -144,7 +144,7 @@ async def test_a_quick_job_waits_for_the_round_trip_under_way_not_an_idle_connec
 ) -> None:
     """A job of a quick statement rides the next round trip of the connection
     running quick jobs, though idle connections are there, within the batch budget."""
-    from gateway import _dispatcher
+    from gateway.engine import _dispatcher
 
     monkeypatch.setattr(_dispatcher, "BATCH_BUDGET_S", 5.0)
     client = await gateway_factory(pool_size=4)
@@ -193,7 +193,7 @@ async def test_a_connection_whose_queue_never_empties_is_still_reset(
     # Its lease ends after the batch under way, busy or not, so the pool resets,
     # checks and recycles it: what a job left in the session (here a session
     # advisory lock, which survives ROLLBACK) does not outlive the lease.
-    from gateway import _dispatcher
+    from gateway.engine import _dispatcher
 
     monkeypatch.setattr(_dispatcher, "LEASE_S", 0.3)
     client = await gateway_factory(pool_size=1, max_batch=2)

@@ -1,4 +1,4 @@
-"""`gateway._embedded.EmbeddedPostgres` against real clusters, and the test database."""
+"""`gateway.embedded._postgres.EmbeddedPostgres` against real clusters, and the test database."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import EmbeddedFactory
 
-from gateway._embedded import (
+from gateway.embedded._postgres import (
     LOG_FILE,
     PASSWORD_FILE,
     PORT_FILE,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from support import GatewayClient, query
 
 from gateway import BadRequest, loads_exact, param_to_text
-from gateway._encoding import JSONNumber, _loads_decoded
+from gateway.values._encoding import JSONNumber, _loads_decoded
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ async def test_a_named_query_runs_after_its_connection_is_leased_again(
 ) -> None:
     # A worker hands its connection back to the pool every lease and takes it
     # (or another) again: the statement prepared on it in the last lease is still there.
-    from gateway import _dispatcher
+    from gateway.engine import _dispatcher
 
     monkeypatch.setattr(_dispatcher, "LEASE_S", 0.2)
     client = await gateway_factory(dsn=demo_dsn, pool_size=1)
@@ -135,7 +135,7 @@ async def test_raw_sql_cannot_make_a_named_query_answer_for_it(
     # A read-only raw statement replaces the named query's prepared statement on
     # the one connection (DO hides it from the command tag, and it outlives the
     # ROLLBACK): the named query, buffered or streamed, still runs the catalog's SQL.
-    from gateway import _pipeline
+    from gateway.engine import _pipeline
 
     monkeypatch.setattr(_pipeline, "CLOSE_PREPARED", close)
     client = await gateway_factory(dsn=demo_dsn, pool_size=1)

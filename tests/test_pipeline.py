@@ -14,7 +14,7 @@ import pytest
 from psycopg import pq
 
 from gateway import GatewayError, Job, Statement, param_to_text
-from gateway._pipeline import Session
+from gateway.engine._pipeline import Session
 
 
 def job(sql: str, *params: Any, read_only: bool = True, timeout: float = 10.0) -> Job:
@@ -50,7 +50,7 @@ def test_syncs_are_queued_without_a_flush_where_libpq_allows() -> None:
     # libpq >= 17 has PQsendPipelineSync; psycopg does not wrap it, so we call
     # it on psycopg's own libpq. If this fails after an upgrade, the gateway
     # still works, one system call per Sync slower: find the library again.
-    from gateway import _libpq
+    from gateway.engine import _libpq
 
     if pq.version() >= 170000 and pq.__impl__ in ("binary", "c"):
         assert _libpq.DEFERRED_SYNC

@@ -19,9 +19,9 @@ import pytest
 from support import GatewayClient, assert_error, query, settled_stats
 
 from gateway import Codec, Dispatcher, Job, Statement, Unavailable
-from gateway._pipeline import Session
-from gateway._pool import make_pool, session_options
 from gateway._settings import load_settings
+from gateway.engine._pipeline import Session
+from gateway.engine._pool import make_pool, session_options
 
 # --- helpers ---------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from gateway._embedded import server_processes
+from gateway.embedded._postgres import server_processes
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 90.0  # initdb and the seed on a busy two-core machine

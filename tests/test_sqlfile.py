@@ -1,10 +1,10 @@
-"""Splitting SQL files into statements (`gateway._sqlfile`), as psql splits them."""
+"""Splitting SQL files into statements (`gateway.catalog._sqlfile`), as psql splits them."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway._sqlfile import SqlFileError, split_statements
+from gateway.catalog._sqlfile import SqlFileError, split_statements
 
 
 def texts(sql: str) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import ClientPayloadError
 from support import GatewayClient, assert_error, query
 
-from gateway._streaming import OutputFormat, csv_cell, negotiate
+from gateway.values._formats import OutputFormat, csv_cell, negotiate
 
 NDJSON = "application/x-ndjson"
 CSV = "text/csv"

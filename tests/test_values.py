@@ -31,7 +31,7 @@ from oracle import Num, Obj, Oracle, exact_json, plain
 from support import GatewayClient, wait_until_ready
 
 from gateway import Settings, create_app, load_settings
-from gateway._pool import session_options
+from gateway.engine._pool import session_options
 
 # hypothesis keeps caches even without an example database: not in the repository
 set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "pgqg-hypothesis"))

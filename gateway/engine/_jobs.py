@@ -11,13 +11,9 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import orjson
-
-from ._errors import GatewayError
-
-Row = Any  # a list (shape "arrays") or a dict (shape "objects")
+from .._errors import GatewayError
+from ..values._results import StatementResult
 
 
 class JobState(enum.Enum):
@@ -38,29 +34,6 @@ class Statement:
     params: list[bytes | None] = field(default_factory=list)
     #: name of a prepared statement to use instead of `sql` (named queries)
     prepared: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    name: str
-    type: str
-    type_oid: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "type_oid": self.type_oid}
-
-
-@dataclass(slots=True)
-class StatementResult:
-    """One statement's outcome: rows as the job's `shape` asked."""
-
-    columns: list[Column]
-    rows: list[Row]
-    command: str
-    row_count: int | None
-    truncated: bool = False
-    #: `columns` as JSON, when known (a connection's `ResultConverter` keeps it per shape)
-    columns_json: orjson.Fragment | None = None
 
 
 class Job:

@@ -10,7 +10,7 @@ over the connections as slow work must be.
 from __future__ import annotations
 
 from ._jobs import Job
-from ._stream_job import StreamJob
+from ._stream import StreamJob
 
 #: a statement whose recent runs each took at most this long is cheap
 CHEAP_JOB_S = 0.005

@@ -28,13 +28,12 @@ import psycopg
 from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
 
+from .._errors import DiagnosticError
+from .._settings import Settings
+from ..engine._pool import session_options
+from ..values._encoding import TYPE_QUERY, Codec
+from ..values._results import Column, command_name, result_columns
 from ._client import GatewayClient, GatewayRefused, GatewayUnreachable, RawNumber
-from ._encoding import TYPE_QUERY, Codec
-from ._errors import DiagnosticError
-from ._jobs import Column
-from ._pool import session_options
-from ._results import command_name, result_columns
-from ._settings import Settings
 
 __all__ = [
     "DirectTarget",

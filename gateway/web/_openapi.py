@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._catalog import Catalog
+from ..catalog._catalog import Catalog
 from ._requests import ISOLATION_LEVELS, SHAPES
 
 _ERROR_STATUSES = ("400", "403", "404", "405", "406", "409", "413", "415", "500", "503", "504")

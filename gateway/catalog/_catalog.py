@@ -38,8 +38,8 @@ from pglast import ast
 from pglast.parser import ParseError, Token, parse_sql, scan
 from pglast.stream import RawStream
 
-from ._encoding import JSONNumber
-from ._errors import BadRequest, UnknownQuery
+from .._errors import BadRequest, UnknownQuery
+from ..values._encoding import JSONNumber
 
 __all__ = ["Catalog", "CatalogError", "NamedQuery", "Param", "parse_queries"]
 

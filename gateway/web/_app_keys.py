@@ -7,10 +7,10 @@ from typing import Any
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from ._catalog import Catalog
-from ._dispatcher import Dispatcher
-from ._encoding import Codec
-from ._settings import Settings
+from .._settings import Settings
+from ..catalog._catalog import Catalog
+from ..engine._dispatcher import Dispatcher
+from ..values._encoding import Codec
 
 SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)

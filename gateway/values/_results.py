@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -18,9 +19,34 @@ from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
+from .._errors import BadRequest
 from ._encoding import Codec
-from ._errors import BadRequest
-from ._jobs import Column, Job, StatementResult
+
+Row = Any  # a list (shape "arrays") or a dict (shape "objects")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    type_oid: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "type_oid": self.type_oid}
+
+
+@dataclass(slots=True)
+class StatementResult:
+    """One statement's outcome: rows as the job's `shape` asked."""
+
+    columns: list[Column]
+    rows: list[Row]
+    command: str
+    row_count: int | None
+    truncated: bool = False
+    #: `columns` as JSON, when known (a connection's `ResultConverter` keeps it per shape)
+    columns_json: orjson.Fragment | None = None
+
 
 #: result shapes a connection remembers the columns of; past this it starts afresh
 DESCRIPTIONS_REMEMBERED = 1024
@@ -71,8 +97,8 @@ class ResultConverter:
         #: (shape, *column names, *column type oids) -> description, for known types
         self._descriptions: dict[tuple[Any, ...], Description] = {}
 
-    def convert(self, res: PGresult, job: Job) -> StatementResult | None:
-        """`res` as `job` asked for it (shape, row limit); None while one of its
+    def convert(self, res: PGresult, shape: str, max_rows: int) -> StatementResult | None:
+        """`res` in `shape`, at most `max_rows` rows of it; None while one of its
         types is unknown to the codec.
 
         Raises:
@@ -81,7 +107,7 @@ class ResultConverter:
         status = res.status
         if status == _EMPTY_QUERY:
             raise BadRequest("the statement is empty")
-        described = self.describe(res, job.shape)
+        described = self.describe(res, shape)
         if described is None:
             return None
         columns, make_row, columns_json = described
@@ -89,7 +115,7 @@ class ResultConverter:
         truncated = False
         if status == _TUPLES_OK:
             count = res.ntuples
-            take = min(count, job.max_rows)
+            take = min(count, max_rows)
             truncated = count > take
             self._tx.set_pgresult(res)
             rows = self._tx.load_rows(0, take, make_row)

@@ -52,11 +52,11 @@ from psycopg import AsyncConnection, pq
 from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGconn, PGresult
 
-from ._encoding import TYPE_QUERY, Codec
-from ._errors import GatewayError, Timeout, query_error
+from .._errors import GatewayError, Timeout, query_error
+from ..values._encoding import TYPE_QUERY, Codec
+from ..values._results import ResultConverter
 from ._jobs import Job, Statement
 from ._libpq import pipeline_sync
-from ._results import ResultConverter
 
 _COMMIT = b"COMMIT"
 _ROLLBACK = b"ROLLBACK"
@@ -465,7 +465,7 @@ class Session:
         results = []
         try:
             for res in raw:
-                converted = self._results.convert(res, job)
+                converted = self._results.convert(res, job.shape, job.max_rows)
                 if converted is None:
                     return False
                 results.append(converted)

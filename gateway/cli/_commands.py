@@ -26,12 +26,12 @@ import psycopg.conninfo
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ._build import compiled_modules
+from .._build import compiled_modules
+from .._settings import ConfigError, Settings, load_settings
+from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
+from ..web._server import serve
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
-from ._server import serve
-from ._settings import ConfigError, Settings, load_settings
-from ._sqlfile import SqlFileError, SqlStatement, split_statements
 from ._targets import DirectTarget, GatewayTarget, StatementFailed, Target, TargetUnavailable
 
 _CONFIG = click.option(
@@ -303,7 +303,7 @@ def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> Non
 
 def _serve_embedded(settings: Settings) -> None:
     """Start the embedded server, load the demo once, serve, and always stop it."""
-    from ._embedded import EmbeddedError, EmbeddedPostgres
+    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres
 
     signals = _StopSignals()
     signals.install()

@@ -11,9 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ._app_keys import CATALOG, DISPATCHER, POOL, SETTINGS
-from ._dispatcher import probe_job
-from ._errors import (
+from .._errors import (
     BadRequest,
     Forbidden,
     GatewayError,
@@ -22,7 +20,12 @@ from ._errors import (
     RawSqlDisabled,
     Unavailable,
 )
-from ._jobs import Statement, StatementResult
+from .._settings import Settings
+from ..engine._dispatcher import probe_job
+from ..engine._jobs import Statement
+from ..values._formats import OutputFormat, negotiate
+from ..values._results import StatementResult
+from ._app_keys import CATALOG, DISPATCHER, POOL, SETTINGS
 from ._openapi import openapi_document
 from ._requests import (
     RESERVED_QUERY_KEYS,
@@ -37,8 +40,6 @@ from ._requests import (
     read_json_object,
     sql_statement,
 )
-from ._settings import Settings
-from ._streaming import OutputFormat, negotiate
 
 routes = web.RouteTableDef()
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .._settings import Settings
 from ._app import create_app
-from ._settings import Settings
 
 
 def install_uvloop() -> bool:

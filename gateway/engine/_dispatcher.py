@@ -31,14 +31,14 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .._errors import Overloaded, Timeout, Unavailable
+from .._settings import Settings
+from ..values._encoding import Codec
+from ..values._results import StatementResult
 from ._costs import StatementCosts
-from ._encoding import Codec
-from ._errors import Overloaded, Timeout, Unavailable
-from ._jobs import Job, Statement, StatementResult
+from ._jobs import Job, Statement
 from ._pipeline import ConnectionLost, Session, wake_future
-from ._settings import Settings
-from ._stream_exec import run_stream
-from ._stream_job import StreamJob
+from ._stream import StreamJob, run_stream
 
 log = logging.getLogger("gateway.dispatcher")
 

@@ -32,7 +32,7 @@ from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 
-from ._errors import BadRequest
+from .._errors import BadRequest
 
 _NON_FINITE = {b"NaN": "NaN", b"Infinity": "Infinity", b"-Infinity": "-Infinity"}
 

@@ -16,13 +16,13 @@ from aiohttp import web
 from pglast import ast
 from pglast.parser import ParseError, parse_sql
 
-from ._catalog import NamedQuery
-from ._encoding import loads_exact, params_to_text
-from ._errors import BadRequest, TooLarge, UnsupportedMediaType
-from ._jobs import Job, Statement
-from ._settings import Settings
-from ._stream_job import StreamJob
-from ._streaming import OutputFormat, stream_encoder
+from .._errors import BadRequest, TooLarge, UnsupportedMediaType
+from .._settings import Settings
+from ..catalog._catalog import NamedQuery
+from ..engine._jobs import Job, Statement
+from ..engine._stream import StreamJob
+from ..values._encoding import loads_exact, params_to_text
+from ..values._formats import OutputFormat, stream_encoder
 
 SHAPES = ("objects", "arrays")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from ._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooLarge
+from .._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooLarge
 
 log = logging.getLogger("gateway.http")
 

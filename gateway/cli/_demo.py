@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from ._errors import DiagnosticError
+from .._errors import DiagnosticError
 
 __all__ = ["DEMO_FILES", "DemoError", "DemoState", "demo_state", "load_demo"]
 

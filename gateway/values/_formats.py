@@ -37,8 +37,8 @@ from psycopg.adapt import Transformer as PgTransformer
 from psycopg.pq import Format
 from psycopg.pq.abc import PGresult
 
-from ._errors import GatewayError, NotAcceptable
-from ._jobs import Column
+from .._errors import GatewayError, NotAcceptable
+from ._results import Column
 
 
 class OutputFormat(enum.Enum):

@@ -20,7 +20,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ._settings import Settings
+from .._settings import Settings
 
 APPLICATION_NAME = "pgqg"
 #: one reconnection round: tries after 0 s, ~1 s and ~2 s, then a new round

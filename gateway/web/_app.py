@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .._settings import Settings
+from ..catalog._catalog import Catalog
+from ..engine._dispatcher import Dispatcher
+from ..engine._pool import make_pool
+from ..values._encoding import Codec
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, POOL, SETTINGS
-from ._catalog import Catalog
-from ._dispatcher import Dispatcher
-from ._encoding import Codec
 from ._middleware import error_middleware
-from ._pool import make_pool
 from ._routes import routes
-from ._settings import Settings
 
 
 def create_app(settings: Settings, dsn: str | None = None) -> web.Application:

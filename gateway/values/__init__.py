@@ -1,0 +1,25 @@
+"""Values: parameters into PostgreSQL's text, rows out as exact JSON, NDJSON or CSV.
+
+Imports only ``gateway._errors`` of the gateway; every other package may import it.
+"""
+
+from ._encoding import Codec, JSONNumber, loads_exact, param_to_text, params_to_text
+from ._formats import OutputFormat, StreamEncoder, negotiate, stream_encoder
+from ._results import Column, ResultConverter, Row, StatementResult, command_name
+
+__all__ = [
+    "Codec",
+    "Column",
+    "JSONNumber",
+    "OutputFormat",
+    "ResultConverter",
+    "Row",
+    "StatementResult",
+    "StreamEncoder",
+    "command_name",
+    "loads_exact",
+    "negotiate",
+    "param_to_text",
+    "params_to_text",
+    "stream_encoder",
+]
