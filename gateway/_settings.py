@@ -110,9 +110,9 @@ class Settings(BaseSettings):
     )
     listen_channels: dict[str, list[str]] = Field(
         {},
-        description="Who may follow which channels at /v1/listen, as JSON"
-        ' {"role": ["channel", "prefix*", "*"]}; the role "anon" is a request without'
-        " a token. Empty: /v1/listen is off.",
+        description="Who may listen to which channels at /v1/listen: JSON, each role to a list"
+        " of channel names (a trailing * matches a prefix); the role anon is a request"
+        " without a token. Empty: /v1/listen is off.",
     )
     listen_heartbeat_s: float = Field(
         15.0,

@@ -75,8 +75,7 @@ async def events(sub: Subscription, count: int) -> list[Event]:
 
 async def listen_backends(admin: psycopg.AsyncConnection[Any], pid: int | None) -> int:
     cur = await admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgqg-listen'"
-        " AND pid = %s",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgqg-listen' AND pid = %s",
         (pid,),
     )
     row = await cur.fetchone()

@@ -233,6 +233,7 @@ class Listener:
             "connected": self._connected,
             "backend_pid": self._backend_pid,
             "channels": {name: len(ch.subscribers) for name, ch in sorted(self._channels.items())},
+            "listening": sorted(self._listening),
             "buffered": sum(sub.buffered for sub in self._subscribers),
             "received": c.received,
             "events_delivered": c.delivered,
