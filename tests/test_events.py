@@ -441,7 +441,7 @@ async def test_the_database_restarting_under_a_stream(
 async def test_memory_stays_bounded_under_a_stuck_reader(
     gateway_factory: Any, admin: psycopg.AsyncConnection[Any]
 ) -> None:
-    buffer = 256
+    buffer = 1024  # the default: the stuck one holds up to ~8 MB of events before its drop
     client = await gateway_factory(
         listen_channels=OPEN, listen_buffer=buffer, listen_heartbeat_s=0.5
     )
