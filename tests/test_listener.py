@@ -268,3 +268,47 @@ async def test_bad_names_and_too_many_subscribers(make_listener: MakeListener) -
         await listener.subscribe([name])
     assert listener.subscribers == 2
     assert listener.listening == {name}
+
+
+async def test_subscribers_churning_while_notifications_flow(
+    make_listener: MakeListener, admin: psycopg.AsyncConnection[Any], database_dsn: str
+) -> None:
+    """Subscribers come and go on a few channels (LISTEN and UNLISTEN all the while)
+    while a producer notifies them: each sees its channels' numbers only rising,
+    and once all have left nothing is listened to."""
+    listener = make_listener()
+    names = [channel() for _ in range(4)]
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        async with await psycopg.AsyncConnection.connect(database_dsn, autocommit=True) as conn:
+            i = 0
+            while not stop.is_set():
+                await conn.execute("SELECT pg_notify(%s, %s)", (names[i % 4], str(i)))
+                i += 1
+
+    async def churn(k: int) -> int:
+        seen = 0
+        for round_ in range(15):
+            sub = await listener.subscribe([names[(k + round_) % 4], names[(k + round_ + 1) % 4]])
+            last: dict[str, int] = {}
+            try:
+                for event in await sub.take(0.02):
+                    assert event.kind is EventKind.NOTIFY
+                    assert event.seq > last.get(event.channel, 0)
+                    last[event.channel] = event.seq
+                    seen += 1
+            finally:
+                listener.unsubscribe(sub)
+        return seen
+
+    producer = asyncio.create_task(produce())
+    try:
+        seen = await asyncio.wait_for(asyncio.gather(*(churn(k) for k in range(20))), 60)
+    finally:
+        stop.set()
+        await producer
+    assert sum(seen) > 0
+    assert listener.subscribers == 0 and listener.stats()["channels"] == {}
+    await until(lambda: not listener.listening, "every channel UNLISTENed")
+    assert listener.stats()["reconnects"] == 0
