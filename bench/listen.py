@@ -17,7 +17,8 @@ Usage (from the repository root; traffic goes to 127.0.0.1 only)::
     python bench/listen.py --samples 500 --subscribers 1 50 500 --burst 2000
 
 Prints milliseconds (p50, p90, p99, max) and the ratio of each p50 to the baseline's;
-exits 1 when the first subscriber's p99 is over the issue's 100 ms.
+exits 1 when the first subscriber's p99 is over the issue's 100 ms (the direct LISTEN's p99
+is printed beside it: when the machine stalls, both show it).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def row(label: str, samples_ms: list[float], baseline_p50: float | None) -> str:
 
 
 async def measure(args: argparse.Namespace, dsn: str) -> bool:
-    ok = True
+    verdicts: list[str] = []
     async with (
         gateway(dsn) as url,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
@@ -167,8 +168,12 @@ async def measure(args: argparse.Namespace, dsn: str) -> bool:
             print(row(f"gateway, {label}", first, base_p50))
             if count > 1:
                 print(row(f"gateway, {count} subscribers: the last", last, base_p50))
-            if figures(first)[2] > TARGET_MS:
-                ok = False
+            p99, base_p99 = figures(first)[2], figures(base)[2]
+            verdicts.append(
+                f"{count} subscriber(s): the first's p99 {p99:.1f} ms"
+                f" (the direct LISTEN's {base_p99:.1f} ms): "
+                + ("met" if p99 <= TARGET_MS else "NOT met")
+            )
             if args.burst:
                 start = args.samples
                 numbers = range(start, start + args.burst)
@@ -194,9 +199,10 @@ async def measure(args: argparse.Namespace, dsn: str) -> bool:
             await asyncio.gather(*tasks, return_exceptions=True)
             await direct.execute(f"UNLISTEN {channel}")
             print()
-    verdict = "met" if ok else "NOT met"
-    print(f"target: the first subscriber's p99 within {TARGET_MS:.0f} ms of NOTIFY: {verdict}")
-    return ok
+    print(f"target: the first subscriber's p99 within {TARGET_MS:.0f} ms of NOTIFY")
+    for verdict in verdicts:
+        print("  " + verdict)
+    return all(v.endswith(": met") for v in verdicts)
 
 
 def main(argv: list[str] | None = None) -> int:
