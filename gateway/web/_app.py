@@ -11,8 +11,10 @@ from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..engine._pool import make_pool
 from ..values._encoding import Codec
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, POOL, SETTINGS
+from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, METRICS, POOL, SETTINGS
+from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._middleware import error_middleware
+from ._observe import observe_middleware
 from ._routes import routes
 
 
@@ -22,6 +24,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     The catalog is loaded here, so a broken ``sql/queries`` fails at once. The
     pool and dispatcher are opened by a cleanup context: start-up does not
     wait for the database, and they are closed only if they were opened.
+    With ``metrics`` on, ``GET /metrics`` reads them (and the front end's counters).
 
     Raises:
         ValueError: no DSN given and none in the settings.
@@ -30,13 +33,26 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     dsn = dsn or settings.dsn
     if not dsn:
         raise ValueError("no database: pass a DSN or set PGQG_DSN / DATABASE_URL")
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    http_metrics = HttpMetrics() if settings.metrics else None
+    app = web.Application(
+        # observing outside the error mapping: it sees the answer the client gets
+        middlewares=[observe_middleware(http_metrics), error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[DSN] = dsn
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
     app.add_routes(routes)
     app.cleanup_ctx.append(database_ctx)
+    if http_metrics is not None:
+        shared = None
+        if settings.metrics_dir is not None:
+            settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+            shared = SharedMetrics(settings.metrics_dir)
+        app[METRICS] = MetricsSource(http_metrics, shared)
+        app.router.add_get("/metrics", metrics_handler(app[METRICS]))
+        app.cleanup_ctx.append(metrics_ctx)  # after the database's: it reads the engine
     app.on_shutdown.append(drain_requests)
     return app
 
@@ -70,3 +86,15 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
         await pool.close()
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Let ``/metrics`` read the dispatcher and the pool while they are open;
+    with several processes, publish this one's figures meanwhile."""
+    source = app[METRICS]
+    source.attach(app[DISPATCHER], app[POOL])
+    try:
+        async with publishing(source):
+            yield
+    finally:
+        source.attach(None, None)

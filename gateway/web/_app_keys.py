@@ -11,6 +11,7 @@ from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..values._encoding import Codec
+from ._metrics import MetricsSource
 
 SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -18,3 +19,4 @@ CODEC = web.AppKey("codec", Codec)
 DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", AsyncConnectionPool[Any])
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+METRICS = web.AppKey("metrics", MetricsSource)

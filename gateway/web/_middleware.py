@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from .._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooLarge
+from ._observe import exchange_of
 
 log = logging.getLogger("gateway.http")
 
@@ -42,18 +43,27 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error to the JSON error shape; nothing else formats errors."""
+    """Map every error to the JSON error shape; nothing else formats errors.
+
+    The error answered is noted on the request's `Exchange`, for its access
+    log line and ``/metrics``.
+    """
+    allow = None
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc)
+        error = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(exc))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        error = _from_http_exception(exc)
+        if exc.status == 405:
+            allow = exc.headers.get("Allow")
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(GatewayError("internal error; see the gateway's log"))
+        error = GatewayError("internal error; see the gateway's log")
+    exchange_of(request).error = error
+    response = error_response(error)
+    if allow is not None:
+        response.headers["Allow"] = allow
+    return response
