@@ -13,7 +13,6 @@ from ..engine._pool import make_pool
 from ..values._encoding import Codec
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, METRICS, POOL, SETTINGS
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
-from ._middleware import error_middleware
 from ._observe import observe_middleware
 from ._routes import routes
 
@@ -35,8 +34,8 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
         raise ValueError("no database: pass a DSN or set PGQG_DSN / DATABASE_URL")
     http_metrics = HttpMetrics() if settings.metrics else None
     app = web.Application(
-        # observing outside the error mapping: it sees the answer the client gets
-        middlewares=[observe_middleware(http_metrics), error_middleware],
+        # one middleware: a layer costs every request (aiohttp's, and the call)
+        middlewares=[observe_middleware(http_metrics)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

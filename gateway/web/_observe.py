@@ -1,7 +1,8 @@
 """What the gateway tells about each request: its id, its timing, its access log line.
 
-`observe_middleware` wraps every request (outside `error_middleware`, so it
-sees the answer the client gets):
+`observe_middleware` is the gateway's one middleware: it turns an error
+into its answer (`gateway.web._middleware`, the one place that knows how) and
+sees every answer the client gets:
 
 * ``X-Request-Id``: the client's own when it sends a sane one (`sane_request_id`),
   else one made here; it goes back on the response, into the access log line and,
@@ -35,6 +36,7 @@ from aiohttp.typedefs import Handler, Middleware
 from .._errors import GatewayError
 from ..engine._jobs import Job
 from ._metrics import HttpMetrics
+from ._middleware import error_response, gateway_error
 
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVER_TIMING_HEADER = "Server-Timing"
@@ -83,7 +85,7 @@ class Exchange:
         self.format = ""
         self.rows = 0
         self.bytes = 0
-        #: the error the answer reports (set by `error_middleware`, or a stream cut midway)
+        #: the error the answer reports (or that cut a stream midway)
         self.error: GatewayError | None = None
         #: the client went away before the whole answer was sent
         self.cancelled = False
@@ -177,7 +179,7 @@ def server_timing(exchange: Exchange, now: float) -> str:
 
 
 def observe_middleware(metrics: HttpMetrics | None) -> Middleware:
-    """The outermost middleware; `metrics` None: ``/metrics`` is off, nothing is counted."""
+    """The gateway's one middleware; `metrics` None: ``/metrics`` is off, nothing is counted."""
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -191,10 +193,13 @@ def observe_middleware(metrics: HttpMetrics | None) -> Middleware:
             exchange.cancelled = True
             _done(request, exchange, CLIENT_GONE, started, metrics)
             raise
-        except web.HTTPException as exc:  # below 400: passed on by error_middleware
-            exc.headers[REQUEST_ID_HEADER] = exchange.request_id
-            _done(request, exchange, exc.status, started, metrics)
-            raise
+        except Exception as exc:
+            if isinstance(exc, web.HTTPException) and exc.status < 400:  # a redirect
+                exc.headers[REQUEST_ID_HEADER] = exchange.request_id
+                _done(request, exchange, exc.status, started, metrics)
+                raise
+            exchange.error = gateway_error(request, exc)
+            response = error_response(exchange.error, exc)
         if not response.prepared:  # a stream sets its headers itself, before its rows
             headers = response.headers
             headers[REQUEST_ID_HEADER] = exchange.request_id
