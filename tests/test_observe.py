@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -152,14 +153,20 @@ async def test_no_server_timing_without_a_query(client: GatewayClient) -> None:
 # --- the access log -------------------------------------------------------------------------
 
 
-async def test_one_access_line_per_request(
-    client: GatewayClient, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def access_lines(caplog: pytest.LogCaptureFixture) -> Callable[[], list[logging.LogRecord]]:
+    """The access log's records from now on."""
     caplog.set_level(logging.INFO, logger="gateway.access")
     caplog.clear()
+    return lambda: [r for r in caplog.records if r.name == "gateway.access"]
+
+
+async def test_one_access_line_per_request(
+    client: GatewayClient, access_lines: Callable[[], list[logging.LogRecord]]
+) -> None:
     await client.post("/v1/query", json={"sql": "select 1 AS a"}, headers=_id("ok-1"))
     await client.post("/v1/query", json={"sql": "select 1/0"}, headers=_id("bad-1"))
-    records = {r.fields["request_id"]: r for r in caplog.records if r.name == "gateway.access"}
+    records = {r.fields["request_id"]: r for r in access_lines()}
     ok, bad = records["ok-1"], records["bad-1"]
     assert ok.levelno == logging.INFO and bad.levelno == logging.WARNING
     assert ok.fields["status"] == 200 and ok.fields["rows"] == 1
@@ -173,10 +180,8 @@ async def test_one_access_line_per_request(
 
 
 async def test_a_line_cannot_be_broken_by_the_path(
-    client: GatewayClient, caplog: pytest.LogCaptureFixture
+    client: GatewayClient, access_lines: Callable[[], list[logging.LogRecord]]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.access")
-    caplog.clear()
     await client.get("/v1/queries/a%0Ab", headers=_id("nl-1"))
-    (record,) = [r for r in caplog.records if r.name == "gateway.access"]
+    (record,) = access_lines()
     assert "\n" not in record.getMessage() and record.fields["route"] == "/v1/queries/{name}"

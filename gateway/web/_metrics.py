@@ -25,7 +25,7 @@ import contextlib
 import math
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def collect(
     return families
 
 
-def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> Metric:
+def _counter(name: str, doc: str, labels: list[str], values: Mapping[Any, float]) -> Metric:
     family = CounterMetricFamily(name, doc, labels=labels)
     for key, value in sorted(values.items()):
         family.add_metric([str(k) for k in (key if isinstance(key, tuple) else (key,))], value)
@@ -236,6 +236,7 @@ def _dispatcher_families(dispatcher: Dispatcher) -> Iterator[Metric]:
         ("pgqg_connection_jobs", "Jobs run, by connection.", "jobs"),
         ("pgqg_connection_batches", "Round trips (pipelined batches), by connection.", "batches"),
         ("pgqg_connection_errors", "Jobs that ended in an error, by connection.", "errors"),
+        ("pgqg_connection_busy_seconds", "Time each connection spent running batches.", "busy_s"),
     ]
     for name, doc, key in per_connection:
         yield _counter(
@@ -244,14 +245,6 @@ def _dispatcher_families(dispatcher: Dispatcher) -> Iterator[Metric]:
             ["target", "connection"],
             {(PRIMARY, conn["id"]): conn[key] for conn in stats["connections"]},
         )
-    busy = CounterMetricFamily(
-        "pgqg_connection_busy_seconds",
-        "Time each connection spent running batches.",
-        labels=["target", "connection"],
-    )
-    for conn in stats["connections"]:
-        busy.add_metric([PRIMARY, str(conn["id"])], conn["busy_s"])
-    yield busy
     engine = dispatcher.metrics
     yield _histogram(
         "pgqg_batch_jobs",
