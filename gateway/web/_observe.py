@@ -8,9 +8,9 @@ sees every answer the client gets:
   else one made here; it goes back on the response, into the access log line and,
   as a SQL comment in front of the statement, into ``pg_stat_activity``.
 * ``Server-Timing: queue;dur=…, db;dur=…, encode;dur=…`` (milliseconds) on every
-  answer of a request that ran a job: from the job's timestamps, no clock of its own.
-* one access log line per request, at INFO (WARNING for 4xx, ERROR for 5xx, as
-  PostgREST does), so ``PGQG_LOG_LEVEL=warning`` logs only the failures.
+  answer of a request that ran a job, from the timestamps the handler and the job keep.
+* one access log line per request, at INFO (WARNING for 4xx, ERROR for 5xx),
+  so ``PGQG_LOG_LEVEL=warning`` logs only the failures.
 * the request's figures for ``/metrics`` (`gateway.web._metrics.HttpMetrics`),
   unless metrics are off.
 
