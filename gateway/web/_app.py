@@ -112,7 +112,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """Let ``/metrics`` read the dispatcher and the pool while they are open;
     with several processes, publish this one's figures meanwhile."""
     source = app[METRICS]
-    source.attach(app[DISPATCHER], app[POOL])
+    source.attach(app[DISPATCHER], app[POOL], app.get(LISTENER))
     try:
         async with publishing(source):
             yield

@@ -46,6 +46,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .._errors import GatewayError
 from ..engine._dispatcher import Dispatcher
+from ..engine._listener import Listener
 from ..engine._metrics import LATENCY_BOUNDS_S, Buckets
 
 #: the one target so far; read replicas (DESIGN §8, Scale) will be others
@@ -119,17 +120,22 @@ class HttpMetrics:
 
 
 def collect(
-    http: HttpMetrics, dispatcher: Dispatcher | None, pool_stats: dict[str, int] | None
+    http: HttpMetrics,
+    dispatcher: Dispatcher | None,
+    pool_stats: dict[str, int] | None,
+    listener: Listener | None = None,
 ) -> list[Metric]:
     """Every metric family, read from the counters as they are now.
 
-    `dispatcher` and `pool_stats` are None until the database context has started.
+    `dispatcher`, `pool_stats` and `listener` are None until their contexts have started.
     """
     families = list(_http_families(http))
     if dispatcher is not None:
         families.extend(_dispatcher_families(dispatcher))
     if pool_stats is not None:
         families.extend(_pool_families(pool_stats))
+    if listener is not None:
+        families.extend(_listener_families(listener))
     return families
 
 
@@ -291,6 +297,36 @@ def _pool_families(pool: dict[str, int]) -> Iterator[Metric]:
 _GAUGE_MODE = "livesum"
 
 
+def _listener_families(listener: Listener) -> Iterator[Metric]:
+    counts = listener.counters
+    yield _gauge(
+        "pgqg_listen_subscribers",
+        "Event streams open at /v1/listen.",
+        listener.subscribers,
+    )
+    for name, doc, value in (
+        ("received", "Notifications received on the LISTEN connection.", counts.received),
+        ("delivered", "Notification events sent to a subscriber.", counts.delivered),
+        (
+            "dropped",
+            "Notification events a subscriber did not get (its buffer was full, or its"
+            " stream ended with them buffered).",
+            counts.dropped,
+        ),
+        (
+            "slow_subscribers",
+            "Subscribers dropped because their buffer overflowed.",
+            counts.slow_subscribers,
+        ),
+        (
+            "reconnects",
+            "Times the LISTEN connection was opened again after it was lost.",
+            counts.reconnects,
+        ),
+    ):
+        yield _counter(f"pgqg_listen_{name}", doc, [], {(): value})
+
+
 class SharedMetrics:
     """This process's figures in prometheus-client's multiprocess files in `directory`.
 
@@ -382,14 +418,20 @@ class MetricsSource:
         self.shared = shared
         self._dispatcher: Dispatcher | None = None
         self._pool: AsyncConnectionPool[Any] | None = None
+        self._listener: Listener | None = None
 
-    def attach(self, dispatcher: Dispatcher | None, pool: AsyncConnectionPool[Any] | None) -> None:
+    def attach(
+        self,
+        dispatcher: Dispatcher | None,
+        pool: AsyncConnectionPool[Any] | None,
+        listener: Listener | None = None,
+    ) -> None:
         """Read the engine's figures too (None, None: no longer)."""
-        self._dispatcher, self._pool = dispatcher, pool
+        self._dispatcher, self._pool, self._listener = dispatcher, pool, listener
 
     def families(self) -> list[Metric]:
         pool = self._pool.get_stats() if self._pool is not None else None
-        return collect(self.http, self._dispatcher, pool)
+        return collect(self.http, self._dispatcher, pool, self._listener)
 
     def scrape(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition, as `accept` asks; returns (body, content type)."""
