@@ -1,7 +1,7 @@
 """The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top.
 
 click parses the command line; rich draws tables and progress bars; statements of a
-file are split by `gateway._sqlfile` on PostgreSQL's own scanner. Every setting comes
+file are split by `gateway.catalog._sqlfile` on PostgreSQL's own scanner. Every setting comes
 from `load_settings` (defaults < ``--config`` TOML < environment < flags): this module
 reads no environment variable itself.
 
@@ -208,7 +208,7 @@ def _announce(
     def on_ready(_listen_url: str) -> None:
         click.echo(f"pgqg is serving on {url}")
         if not compiled_modules():
-            click.echo("  the request path is plain Python, not compiled (see the README)")
+            click.echo("  the request path is plain Python, not compiled (see docs/performance.md)")
         if demo:
             click.echo(f"  try:  curl '{url}/v1/queries/book_by_id?id=7'")
             click.echo(f"        pgqg query --url {url} 'select count(*) from book'")

@@ -137,7 +137,7 @@ async def _stream_one(
     read_only: bool,
     comment: bytes,
 ) -> web.StreamResponse:
-    """Stream one statement's rows as NDJSON or CSV (see `gateway._streaming`).
+    """Stream one statement's rows as NDJSON or CSV (see `gateway.values._formats`).
 
     Raises:
         GatewayError: the statement failed before its first row (an ordinary

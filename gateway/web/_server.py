@@ -44,7 +44,7 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
     On the signal aiohttp stops accepting connections; the app's shutdown hook
-    (`gateway._app.drain_requests`) lets in-flight queries finish within the
+    (`gateway.web._app.drain_requests`) lets in-flight queries finish within the
     grace period, then answers the rest 503 and cancels them on the server;
     aiohttp waits for handlers still writing (cancelling them after another
     grace period at most); the cleanup context stops the workers and closes
