@@ -16,14 +16,8 @@ import psycopg
 import pytest
 from conftest import EmbeddedFactory
 
-from gateway.embedded._postgres import (
-    LOG_FILE,
-    PASSWORD_FILE,
-    PORT_FILE,
-    EmbeddedError,
-    EmbeddedPostgres,
-    server_processes,
-)
+from gateway.embedded import EmbeddedError, EmbeddedPostgres, server_processes
+from gateway.embedded._datadir import LOG_FILE, PASSWORD_FILE, PORT_FILE
 
 
 def postgres_cmdline_pids(data_dir: Path) -> list[int]:
