@@ -1,8 +1,9 @@
 """A cluster's data directory: the files we keep in it, the server log, the lock.
 
 Besides PostgreSQL's own files the directory holds ``pgqg.password`` (the superuser's
-password, mode 0600), ``pgqg.port`` (the port of the last start, tried first by a later
-process) and the server log ``postgresql.log``.
+password, mode 0600), ``pgqg.gateway.password`` (the gateway's login role's, 0600),
+``pgqg.port`` (the port of the last start, tried first by a later process) and the
+server log ``postgresql.log``.
 
 The lock is PostgreSQL's ``postmaster.pid``. A stale one (a killed server) is removed
 before starting once no process of the cluster is alive: in containers whose init reaps
@@ -23,11 +24,12 @@ from ._errors import EmbeddedError
 from ._install import SYSTEM_USER, RunAs, ensure_install_readable, ensure_traversable
 from ._processes import server_processes
 
-__all__ = ["LOG_FILE", "PASSWORD_FILE", "PORT_FILE", "DataDir"]
+__all__ = ["GATEWAY_PASSWORD_FILE", "LOG_FILE", "PASSWORD_FILE", "PORT_FILE", "DataDir"]
 
 _log = logging.getLogger(__name__)
 
 PASSWORD_FILE = "pgqg.password"
+GATEWAY_PASSWORD_FILE = "pgqg.gateway.password"
 PORT_FILE = "pgqg.port"
 LOG_FILE = "postgresql.log"
 _LOG_TAIL_LINES = 30

@@ -9,6 +9,10 @@ global state and atexit hooks. Here one object owns one cluster (one data direct
   ``<data_dir>/pgqg.password``, mode 0600), plus a unix socket with ``trust``
   authentication in a directory only the server's user (and root) can enter
   (`gateway.embedded._initdb`, `gateway.embedded._config`);
+* requests run as ``pgqg_anon``, not as the superuser: the gateway logs in as
+  ``pgqg_authenticator`` (`gateway_dsn`; its password in ``<data_dir>/pgqg.gateway.password``),
+  created with the cluster, or added to a cluster made before it on its next start
+  (`upgraded_now`); the superuser (`dsn`) is for administration (`gateway.embedded._roles`);
 * the port is the one given, else a free one chosen at the first start and kept for
   later restarts of the same object; it is also written to ``<data_dir>/pgqg.port`` so
   a later process reusing the data directory tries the same port first;
@@ -31,14 +35,15 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from ._admin import reset_password
+from ._admin import Admin
 from ._config import PortChoice
-from ._datadir import PASSWORD_FILE, DataDir
+from ._datadir import GATEWAY_PASSWORD_FILE, PASSWORD_FILE, DataDir
 from ._errors import EmbeddedError
 from ._initdb import DATABASE, SUPERUSER, initdb
 from ._install import SYSTEM_USER, RunAs, postgres_bin_dir, server_user
 from ._postmaster import STOP_MODES, Postmaster, start_postmaster
 from ._processes import server_processes
+from ._roles import LOGIN_ROLE, REQUEST_ROLE
 
 __all__ = ["EmbeddedError", "EmbeddedPostgres", "postgres_bin_dir", "server_processes"]
 
@@ -70,6 +75,7 @@ class EmbeddedPostgres:
         self._password: str | None = None
         self._server: Postmaster | None = None
         self._initialized_now = False
+        self._upgraded_now = False
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ properties
@@ -111,6 +117,24 @@ class EmbeddedPostgres:
         return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{DATABASE}"
 
     @property
+    def gateway_dsn(self) -> str:
+        """``postgresql://pgqg_authenticator:<password>@127.0.0.1:<port>/postgres``: the
+        gateway's login role, whose sessions run as ``pgqg_anon``.
+
+        Raises:
+            EmbeddedError: the cluster has not been started yet (call `start`).
+        """
+        password = self._data.read_private(GATEWAY_PASSWORD_FILE)
+        if password is None:
+            raise EmbeddedError(f"no gateway login role yet in {self.data_dir}; call start()")
+        return f"postgresql://{LOGIN_ROLE}:{password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    @property
+    def request_role(self) -> str:
+        """The role requests through `gateway_dsn` run as."""
+        return REQUEST_ROLE
+
+    @property
     def socket_dir(self) -> Path | None:
         """The unix socket directory of the running server (``trust`` auth), else None."""
         server = self._server
@@ -127,6 +151,12 @@ class EmbeddedPostgres:
     def initialized_now(self) -> bool:
         """True when the last effective `start` ran initdb (a new cluster)."""
         return self._initialized_now
+
+    @property
+    def upgraded_now(self) -> bool:
+        """True when the last effective `start` added the gateway's login role to a
+        cluster made before there was one."""
+        return self._upgraded_now
 
     @property
     def log_file(self) -> Path:
@@ -175,7 +205,11 @@ class EmbeddedPostgres:
                 _log.warning("permission denied for %s; granting it again: %s", SYSTEM_USER, exc)
                 self._data.prepare(bin_dir, run_as)
                 self._initialized_now = self._init_and_start(bin_dir, run_as, timeout)
-            self._after_start(run_as)
+            try:
+                self._after_start(run_as)
+            except EmbeddedError:
+                self.stop()
+                raise
 
     def stop(self, mode: str = "fast", timeout: float = 30) -> None:
         """Shut the server down and wait until no server process is left.
@@ -239,19 +273,21 @@ class EmbeddedPostgres:
         return initialized
 
     def _after_start(self, run_as: RunAs) -> None:
-        """A cluster we did not make, or a lost password file: a new password.
+        """A new superuser password for a cluster we did not make (or a lost password
+        file); the gateway's login role for a cluster made before there was one.
 
         Raises:
-            EmbeddedError: it could not be set (the server is stopped again).
+            EmbeddedError: either could not be set.
         """
-        if self._data.read_private(PASSWORD_FILE) is not None:
-            return
         assert self._server is not None  # started just now
-        try:
-            self._password = reset_password(self._data, self._server.socket_dir, self.port, run_as)
-        except EmbeddedError:
-            self.stop()
-            raise
+        admin = Admin(self._data, self._server.socket_dir, self.port, run_as)
+        if self._data.read_private(PASSWORD_FILE) is None:
+            self._password = admin.reset_password()
+        created = admin.ensure_gateway_login()
+        self._upgraded_now = created and not self._initialized_now
+        if self._upgraded_now:
+            _log.warning("%s: added the login role %s; requests now run as %s, not as %s",
+                         self.data_dir, LOGIN_ROLE, REQUEST_ROLE, SUPERUSER)  # fmt: skip
 
     def _forget_server(self) -> Postmaster | None:
         """No server of ours any more; return the one there was, if any."""
