@@ -16,6 +16,7 @@ from . import _events
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._observe import observe_middleware
+from ._privileges import check_login_role
 from ._routes import routes
 
 
@@ -83,8 +84,14 @@ async def end_event_streams(app: web.Application) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the pool and start the workers; on shutdown stop them, then close the pool."""
+    """Check the login role (raw SQL on), open the pool and start the workers; on
+    shutdown stop them, then close the pool.
+
+    Raises:
+        PrivilegedRoleError: see `check_login_role`; nothing was opened.
+    """
     settings = app[SETTINGS]
+    await check_login_role(app[DSN], settings)
     pool = make_pool(settings, app[DSN])
     await pool.open(wait=False)
     try:
