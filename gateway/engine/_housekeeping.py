@@ -20,6 +20,10 @@ from ._prepared import PreparedStatements
 from ._wire import Wire, result_error
 
 _DISCARD = b"DISCARD ALL"
+#: DISCARD ALL leaves no role set (it runs SET SESSION AUTHORIZATION DEFAULT), not
+#: even one the login role's sessions start with (ALTER ROLE … SET role): RESET ROLE
+#: restores that one, as at the start of the session.
+RESET_ROLE = b"RESET ROLE"
 #: command tags of statements that leave state in the session beyond their
 #: transaction; after one, the connection is cleaned with DISCARD ALL.
 _SESSION_TAGS = frozenset(
@@ -70,6 +74,7 @@ class Housekeeping:
     async def discard(self) -> None:
         """DISCARD ALL: the session as a new connection's (no named statement either)."""
         await self.run(_DISCARD)
+        await self.run(RESET_ROLE)
         self._prepared.forget_all()
         self.dirty = False
 

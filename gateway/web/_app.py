@@ -16,7 +16,7 @@ from . import _events
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._observe import observe_middleware
-from ._privileges import check_login_role
+from ._privileges import check_login_role, connection_check
 from ._routes import routes
 
 
@@ -92,7 +92,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     """
     settings = app[SETTINGS]
     await check_login_role(app[DSN], settings)
-    pool = make_pool(settings, app[DSN])
+    pool = make_pool(settings, app[DSN], configure=connection_check(settings))
     await pool.open(wait=False)
     try:
         dispatcher = Dispatcher(pool, app[CODEC], settings)

@@ -13,13 +13,20 @@ with ``SET ROLE``, from a raw statement too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 
 from .._settings import Settings
 
-__all__ = ["SERVER_ROLES", "PrivilegedRoleError", "check_login_role", "role_problems"]
+__all__ = [
+    "SERVER_ROLES",
+    "PrivilegedRoleError",
+    "check_login_role",
+    "connection_check",
+    "role_problems",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -85,12 +92,22 @@ def _message(login: str, problems: list[str], settings: Settings) -> str:
     )
 
 
+async def _read_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """`role_problems` of `conn`'s login role.
+
+    Raises:
+        psycopg.Error: the query failed.
+    """
+    rows = await (await conn.execute(_ROLES_QUERY, prepare=False)).fetchall()
+    return role_problems(rows)
+
+
 async def check_login_role(dsn: str, settings: Settings) -> None:
     """Read what the login role of `dsn` may do, when raw SQL is on.
 
     With ``allow_privileged_role`` a privileged role is logged as one warning. A
-    database that cannot be reached now is logged and left alone: the gateway starts
-    without its database (`/readyz` says when it is there).
+    database that cannot be reached now is logged and left to `connection_check`:
+    the gateway starts without its database (`/readyz` says when it is there).
 
     Raises:
         PrivilegedRoleError: the role is privileged, and the opt-in is not set.
@@ -102,11 +119,10 @@ async def check_login_role(dsn: str, settings: Settings) -> None:
             dsn, autocommit=True, connect_timeout=CHECK_CONNECT_TIMEOUT_S, application_name="pgqg"
         ) as conn:
             login = conn.info.user
-            rows = await (await conn.execute(_ROLES_QUERY, prepare=False)).fetchall()
+            problems = await _read_problems(conn)
     except psycopg.Error as exc:
         _log.warning("could not read the login role's privileges at start-up: %s", exc)
         return
-    problems = role_problems(rows)
     if not problems:
         return
     if not settings.allow_privileged_role:
@@ -117,3 +133,22 @@ async def check_login_role(dsn: str, settings: Settings) -> None:
         login,
         "; ".join(problems),
     )
+
+
+def connection_check(
+    settings: Settings,
+) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None:
+    """The pool's check of each new connection, so that a login role made privileged
+    after start-up (or first reached after it) serves no raw SQL; None when there is
+    nothing to check (raw SQL off, or ``allow_privileged_role``)."""
+    if settings.raw_sql == "off" or settings.allow_privileged_role:
+        return None
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        problems = await _read_problems(conn)
+        if problems:
+            refusal = PrivilegedRoleError(_message(conn.info.user, problems, settings))
+            await conn.close()  # the pool drops it: closed, it warns of nothing
+            raise refusal
+
+    return check
