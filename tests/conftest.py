@@ -280,8 +280,8 @@ async def gateway_factory(database_dsn: str) -> AsyncIterator[ClientFactory]:
         dsn = dsn or database_dsn
         settings = load_settings(dsn=dsn if privileged else as_gateway(dsn), **overrides)
         client = TestClient(TestServer(create_app(settings)))
+        clients.append(client)  # closed after, also when its start fails
         await client.start_server()
-        clients.append(client)
         if wait_ready:
             await wait_until_ready(client)
         return client

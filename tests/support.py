@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import psycopg.conninfo
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
@@ -130,6 +131,18 @@ def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:
     assert isinstance(error["message"], str) and error["message"]
     if sqlstate is not None:
         assert error["sqlstate"] == sqlstate, error
+
+
+def as_made_before_login_roles(pg: Any) -> None:
+    """Make the running `EmbeddedPostgres` look like a data directory made before the
+    gateway had a login role of its own: no such roles, no password file for them."""
+    from gateway.embedded._datadir import GATEWAY_PASSWORD_FILE
+    from gateway.embedded._roles import LOGIN_ROLE, REQUEST_ROLE
+
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {LOGIN_ROLE}, {REQUEST_ROLE}")
+        conn.execute(f"DROP ROLE {LOGIN_ROLE}, {REQUEST_ROLE}")
+    (pg.data_dir / GATEWAY_PASSWORD_FILE).unlink()
 
 
 # --- a gateway in a process of its own (``pgqg serve``) ---------------------------------

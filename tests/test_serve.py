@@ -20,8 +20,11 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
+from support import as_made_before_login_roles
 
-from gateway.embedded._postgres import server_processes
+from gateway._settings import DEFAULT_SQL_DIR
+from gateway.cli._demo import load_demo
+from gateway.embedded._postgres import EmbeddedPostgres, server_processes
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 90.0  # initdb and the seed on a busy two-core machine
@@ -202,3 +205,24 @@ def test_sigterm_while_starting_leaves_nothing_running(home: Path, data_dir: Pat
         served.kill()
     assert status == 0, served.output
     assert_nothing_left(served, data_dir)
+
+
+@pytest.mark.slow
+def test_serve_upgrades_an_older_data_directory_in_place(home: Path, data_dir: Path) -> None:
+    with EmbeddedPostgres(data_dir) as pg:  # what an older pgqg serve left: the demo
+        load_demo(pg.dsn, DEFAULT_SQL_DIR)
+        as_made_before_login_roles(pg)
+    served = Served(clean_env(home, data_dir, free_port()), home / "serve.log")
+    try:
+        served.wait_ready()
+        sql = "select current_user AS who, count(*) AS n from review"
+        status, body = served.post("/v1/query", {"sql": sql})
+        assert (status, body["rows"]) == (200, [{"who": "pgqg_anon", "n": "3600"}])
+        assert served.terminate() == 0, served.output
+    finally:
+        served.kill()
+    assert_nothing_left(served, data_dir)
+    out = served.output
+    assert "PostgreSQL started in" in out
+    assert "upgraded the data directory in place: requests now run as the role pgqg_anon" in out
+    assert "the demo bookshop is already loaded" in out
