@@ -18,7 +18,15 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-__all__ = ["LOGIN_ROLE", "REQUEST_ROLE", "create_gateway_roles", "role_exists", "set_password"]
+__all__ = [
+    "LOGIN_ROLE",
+    "REQUEST_ROLE",
+    "ROLES_SQL",
+    "create_gateway_roles",
+    "role_exists",
+    "roles_sql",
+    "set_password",
+]
 
 LOGIN_ROLE = "pgqg_authenticator"
 REQUEST_ROLE = "pgqg_anon"
@@ -36,6 +44,42 @@ def role_exists(conn: Connection[Any], name: str) -> bool:
     )
 
 
+#: the roles, with their names, password and schema to fill in: `create_gateway_roles`
+#: runs it; docker/postgres-initdb and docs/security.md show it for pgqg_authenticator
+#: (tests/test_compose.py checks that they say the same)
+ROLES_SQL = """\
+CREATE ROLE {web} NOLOGIN;
+CREATE ROLE {login} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE
+    NOREPLICATION NOBYPASSRLS PASSWORD {password};
+GRANT {web} TO {login};
+ALTER ROLE {login} SET role = {web_name};
+GRANT USAGE ON SCHEMA {schema} TO {web};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {web};
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {web};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema}
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {web};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema}
+    GRANT USAGE, SELECT ON SEQUENCES TO {web};
+"""
+
+
+def roles_sql(
+    *,
+    password: str,
+    login: str = LOGIN_ROLE,
+    request_role: str = REQUEST_ROLE,
+    schema: str = "public",
+) -> sql.Composed:
+    """`ROLES_SQL` for these names, `password` and `schema`."""
+    return sql.SQL(ROLES_SQL).format(
+        login=sql.Identifier(login),
+        web=sql.Identifier(request_role),
+        web_name=sql.Literal(request_role),
+        password=sql.Literal(password),
+        schema=sql.Identifier(schema),
+    )
+
+
 def create_gateway_roles(
     conn: Connection[Any],
     *,
@@ -44,34 +88,17 @@ def create_gateway_roles(
     request_role: str = REQUEST_ROLE,
     schema: str = "public",
 ) -> None:
-    """Create `login` (with `password`) and `request_role` in one transaction, with the
-    request role's privileges in `schema` of the connection's database; `conn`'s user
-    (a superuser, or the owner of the schema's tables) is the one whose future tables
-    the request role gets.
+    """Run `roles_sql` in one transaction on `conn`, whose user (a superuser, or the
+    owner of the schema's tables) is the one whose future tables the request role gets.
 
     Raises:
         psycopg.Error: PostgreSQL refused a statement (a role exists already, ...);
             nothing was changed.
     """
-    ids = {"login": sql.Identifier(login), "web": sql.Identifier(request_role)}
-    ids["schema"] = sql.Identifier(schema)
-    statements = [
-        "CREATE ROLE {web} NOLOGIN",
-        "CREATE ROLE {login} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
-        "NOREPLICATION NOBYPASSRLS",
-        "GRANT {web} TO {login}",
-        "ALTER ROLE {login} SET role = {web_text}",
-        "GRANT USAGE ON SCHEMA {schema} TO {web}",
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {web}",
-        "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {web}",
-        "ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} "
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {web}",
-        "ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {web}",
-    ]
+    statements = roles_sql(password=password, login=login, request_role=request_role, schema=schema)
     with conn.transaction():
-        for text in statements:
-            conn.execute(sql.SQL(text).format(**ids, web_text=sql.Literal(request_role)))
-        set_password(conn, login, password)
+        # no parameters: sent whole over the simple query protocol, run in order
+        conn.execute(statements)
 
 
 def set_password(conn: Connection[Any], role: str, password: str) -> None:
