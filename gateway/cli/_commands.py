@@ -345,7 +345,10 @@ def _serve_embedded(settings: Settings) -> None:
         else:
             click.echo("  the demo bookshop is already loaded (kept as it is)")
         click.echo(f"  psql '{embedded.dsn}'  (the superuser, for administration)")
-        click.echo(f"  requests run as the role {embedded.request_role}, not a superuser")
+        click.echo(
+            f"  requests run as the role {embedded.request_role}, not a superuser, logged in"
+        )
+        click.echo(f"  as '{embedded.gateway_dsn}'")
         signals.check()
         _serve(settings, embedded.gateway_dsn, _announce(settings, demo=True, then=signals.serving))
     except _Stop as stop:

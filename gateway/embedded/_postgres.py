@@ -286,8 +286,8 @@ class EmbeddedPostgres:
         created = admin.ensure_gateway_login()
         self._upgraded_now = created and not self._initialized_now
         if self._upgraded_now:
-            _log.warning("%s: added the login role %s; requests now run as %s, not as %s",
-                         self.data_dir, LOGIN_ROLE, REQUEST_ROLE, SUPERUSER)  # fmt: skip
+            _log.info("%s: added the login role %s; requests now run as %s, not as %s",
+                      self.data_dir, LOGIN_ROLE, REQUEST_ROLE, SUPERUSER)  # fmt: skip
 
     def _forget_server(self) -> Postmaster | None:
         """No server of ours any more; return the one there was, if any."""
