@@ -131,16 +131,24 @@ async def test_a_job_after_a_cleanup_hit_by_a_late_cancel_runs_again(
 ) -> None:
     # A cancel meant for a job whose statement just ended lands on that job's
     # cleanup ROLLBACK, leaving its transaction aborted (25P02 for the next
-    # BEGIN). Simulated: the session starts inside an aborted transaction.
+    # BEGIN). Simulated: once the session has learnt its roles (as it does when
+    # its lease begins), it is left inside an aborted transaction.
     settings = load_settings(dsn=gateway_dsn)
     conn = await psycopg.AsyncConnection.connect(
         gateway_dsn, autocommit=True, options=session_options(settings)
     )
     try:
-        await conn.execute("BEGIN")
-        with pytest.raises(psycopg.errors.DivisionByZero):
-            await conn.execute("SELECT 1/0")
         sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
+        await sess.roles()
+        for sql in (b"BEGIN", b"SELECT 1/0"):
+            conn.pgconn.send_query_params(sql, None)
+        conn.pgconn.pipeline_sync()
+        await sess.wire.flush()
+        assert [(await sess.wire.result()).status for _ in range(2)][
+            1
+        ] == psycopg.pq.ExecStatus.FATAL_ERROR
+        await sess.wire.sync()
+        assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
         jobs = started(sess, sleep_job(0, "first"), sleep_job(0, "second"))
         await sess.run(jobs)
         assert [j.future.result()[0].rows[0]["mark"] for j in jobs] == ["first", "second"]
@@ -282,8 +290,8 @@ async def poll_ready(client: GatewayClient, limit: float) -> float:
 async def test_a_gateway_started_before_its_database(
     embedded_factory: Any, gateway_factory: Any
 ) -> None:
-    pg = embedded_factory()  # started once to make the cluster and its password
-    dsn = pg.dsn
+    pg = embedded_factory()  # started once to make the cluster and its passwords
+    dsn = pg.gateway_dsn
     await asyncio.to_thread(pg.stop)
     client = await gateway_factory(dsn=dsn, wait_ready=False, connect_timeout_ms=1000)
     loop = asyncio.get_running_loop()
