@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import ClientFactory
-from support import get_stats
+from support import get_stats, settled_stats
 
 from gateway._settings import load_settings
 from gateway.engine._pool import make_pool, reset_connection
@@ -52,9 +52,13 @@ async def test_an_idle_gateway_keeps_its_connections_lease_after_lease(
     monkeypatch.setattr(_dispatcher, "LEASE_S", LEASE_S)
     caplog.set_level(logging.WARNING)
     client = await gateway_factory(pool_size=2)
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await settled_stats(client))["pool"]["connections_num"] < 2:  # both opened
+        assert asyncio.get_running_loop().time() < deadline, await get_stats(client)
+        await asyncio.sleep(0.05)
+    caplog.clear()  # from here on the gateway is idle: nothing to say
     before = (await get_stats(client))["pool"]
     # psycopg used to prepare the reset's DISCARD ALL at its 6th run: 10 leases each
-    deadline = asyncio.get_running_loop().time() + 30
     while (await get_stats(client))["pool"]["resets"] < before["resets"] + 20:
         assert asyncio.get_running_loop().time() < deadline, await get_stats(client)
         await asyncio.sleep(LEASE_S)
