@@ -388,6 +388,9 @@ def pgqg_jobs(url: str) -> tuple[int, int]:
 class Bench:
     args: argparse.Namespace
     dsn: str = ""
+    #: what pgqg and the baselines log in as: the embedded server's least-privileged
+    #: login role (as pgqg serve's), or --dsn's
+    serve_dsn: str = ""
     postmaster_pid: int | None = None
     servers: dict[str, Server] = field(default_factory=dict)
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pgqg-bench-")))
@@ -404,11 +407,13 @@ class Bench:
     def make_server(self, name: str, pool_size: int) -> Server:
         """pgqg or a baseline on a free port, with `pool_size` connections."""
         port = free_port()
-        common = ["--dsn", self.dsn, "--port", str(port), "--pool-size", str(pool_size)]
+        common = ["--dsn", self.serve_dsn, "--port", str(port), "--pool-size", str(pool_size)]
         env = {}
         if name.startswith(PGQG):
             argv = [sys.executable, "-m", "gateway", "serve", *common]
             env["PGQG_LOG_LEVEL"] = "warning"
+            # a --dsn may name a superuser, which pgqg serves raw SQL to only when allowed
+            env["PGQG_ALLOW_PRIVILEGED_ROLE"] = str(bool(self.args.dsn))
             if name == PGQG_NO_METRICS:
                 env["PGQG_METRICS"] = "false"
         else:
@@ -466,7 +471,7 @@ class Bench:
     def setup_database(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if self.args.dsn:
-            self.dsn = self.args.dsn
+            self.dsn = self.serve_dsn = self.args.dsn
             info["database"] = "given by --dsn"
         else:
             data_dir = self.scratch / "pgdata"
@@ -474,7 +479,7 @@ class Bench:
             self._embedded = embedded
             self.log(f"starting an embedded PostgreSQL in {data_dir}")
             embedded.start()
-            self.dsn = embedded.dsn
+            self.dsn, self.serve_dsn = embedded.dsn, embedded.gateway_dsn
             self.postmaster_pid = embedded.pid
             info["database"] = "embedded PostgreSQL 16 (pgserver), fsync off, TCP + scram"
         if not self.args.skip_load:

@@ -266,7 +266,7 @@ async def soak(args: argparse.Namespace, pg: EmbeddedPostgres) -> bool:
         "PGQG_STATEMENT_TIMEOUT_MS": "5000",
         "PGQG_LOG_LEVEL": "error",
     }
-    cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", pg.dsn, "--port", str(port),
+    cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", pg.gateway_dsn, "--port", str(port),
            "--pool-size", str(args.pool_size), "--shutdown-grace-s", "5"]  # fmt: skip
     with tempfile.TemporaryFile("w+") as log:
         # started once, before any load: blocking for a moment here is harmless

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     raw_sql: RawSqlMode = Field(
         "read-only", description="Raw SQL over HTTP: off, read-only or read-write."
     )
+    allow_privileged_role: bool = Field(
+        False,
+        description="Serve raw SQL even when the login role is a superuser or may read the "
+        "server's files, run programs, signal sessions, replicate or bypass RLS.",
+    )
     statement_timeout_ms: int = Field(
         30000, ge=1, description="Default and upper bound of a request's timeout_ms."
     )

@@ -19,7 +19,7 @@ import psycopg
 import psycopg.conninfo
 import pytest
 from click.testing import CliRunner, Result
-from conftest import ClientFactory
+from conftest import TEST_REQUEST_ROLE, ClientFactory
 
 import gateway.cli._commands
 from gateway import load_settings
@@ -411,6 +411,9 @@ def test_run_an_empty_file(tmp_path: Path, database_dsn: str) -> None:
 async def test_run_through_the_gateway(
     gateway_factory: ClientFactory, fresh_db: str, tmp_path: Path
 ) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        # what migrations through the gateway need of its least-privileged role
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {TEST_REQUEST_ROLE}")
     client = await gateway_factory(raw_sql="read-write", dsn=fresh_db)
     url = str(client.make_url(""))
     path = tmp_path / "script.sql"

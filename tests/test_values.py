@@ -212,8 +212,8 @@ USER_CASES = [
 
 
 @pytest.fixture(scope="module")
-def value_settings(database_dsn: str) -> Settings:
-    return load_settings(dsn=database_dsn, pool_size=2, raw_sql="read-write")
+def value_settings(gateway_dsn: str) -> Settings:
+    return load_settings(dsn=gateway_dsn, pool_size=2, raw_sql="read-write")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 After a batch a session may have to end a transaction a late cancel left open,
 run DISCARD ALL because a job left state in the session beyond its transaction
 (noted from each statement's command tag), or teach the codec the types of new
-columns. Each is a statement of the gateway's own in a segment of its own.
+columns. Each is a statement of the gateway's own in a segment of its own. At its
+start a session learns the roles it runs as (`roles`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from psycopg.pq.abc import PGconn, PGresult
 
 from ..values._encoding import TYPE_QUERY, Codec
 from ._libpq import pipeline_sync
+from ._planner import UNLOCK
 from ._prepared import PreparedStatements
-from ._wire import Wire, result_error
+from ._wire import ConnectionLost, Wire, result_error
 
 _DISCARD = b"DISCARD ALL"
+#: DISCARD ALL leaves no role set (it runs SET SESSION AUTHORIZATION DEFAULT), not
+#: even one the login role's sessions start with (ALTER ROLE … SET role): RESET ROLE
+#: restores that one, as at the start of the session.
+RESET_ROLE = b"RESET ROLE"
+_ROLES = b"SELECT current_user, session_user"
 #: command tags of statements that leave state in the session beyond their
-#: transaction; after one, the connection is cleaned with DISCARD ALL.
+#: transaction; after one, the connection is cleaned with DISCARD ALL. DO and CALL
+#: may PREPARE by EXECUTE, and a prepared statement outlives ROLLBACK.
 _SESSION_TAGS = frozenset(
-    b"SET RESET PREPARE DEALLOCATE LISTEN UNLISTEN LOAD DISCARD DECLARE".split()
+    b"SET RESET PREPARE DEALLOCATE LISTEN UNLISTEN LOAD DISCARD DECLARE DO CALL".split()
 )
 
 
@@ -45,6 +53,8 @@ class Housekeeping:
         self._codec = codec
         #: a statement since the last DISCARD ALL may have left state in the session
         self.dirty = False
+        #: a job with raw SQL failed before its check released its advisory locks
+        self.unlock_due = False
 
     def note(self, res: PGresult) -> None:
         """Note whether the statement `res` answers may have left session state."""
@@ -67,11 +77,33 @@ class Housekeeping:
                 break
         return res
 
+    async def after_batch(self) -> None:
+        """Clean what the batch's jobs may have left: DISCARD ALL when `dirty`, else the
+        advisory locks when `unlock_due`."""
+        if self.dirty:
+            await self.discard()  # its unlock included
+        elif self.unlock_due:
+            await self.run(UNLOCK)
+        self.unlock_due = False
+
     async def discard(self) -> None:
         """DISCARD ALL: the session as a new connection's (no named statement either)."""
         await self.run(_DISCARD)
+        await self.run(RESET_ROLE)
         self._prepared.forget_all()
         self.dirty = False
+
+    async def roles(self) -> list[bytes | None]:
+        """The session's current_user and session_user, as text.
+
+        Raises:
+            ConnectionLost: the query failed, or the protocol went out of step.
+            psycopg.OperationalError: the connection broke.
+        """
+        res = await self.run(_ROLES)
+        if res.status != ExecStatus.TUPLES_OK or res.ntuples != 1:
+            raise ConnectionLost(f"the session's roles could not be read: {result_error(res)}")
+        return [res.get_value(0, 0), res.get_value(0, 1)]
 
     async def learn_types_of(self, results: Iterable[PGresult]) -> None:
         """Teach the codec the column types of `results` it does not know yet."""

@@ -10,7 +10,8 @@ A `Session` is made of named parts, each in a module of its own:
 * `Cancels` (``_cancel``) cancels an abandoned job's statement on the server;
 * `PreparedStatements` (``_prepared``) decides which named statements are trusted;
 * `Housekeeping` (``_housekeeping``) runs the gateway's own statements between
-  jobs: ending a transaction left open, DISCARD ALL, learning new types.
+  jobs: ending a transaction left open, DISCARD ALL, learning new types, and
+  learning the roles the session runs as, which raw statements must not change.
 
 The session drives `psycopg.pq` (libpq) directly because psycopg's public
 ``Pipeline.sync()`` waits for results, which would cost a round trip per job.
@@ -72,6 +73,7 @@ class Session:
             self.wire, self.cancels, self.prepared, self.housekeeping, ResultConverter(codec)
         )
         self._loop = asyncio.get_running_loop()
+        self._roles: list[bytes | None] | None = None
         self.backend_pid = self._pg.backend_pid
         self._pg.nonblocking = 1
         self._pg.enter_pipeline_mode()
@@ -84,6 +86,21 @@ class Session:
     @prepare_messages.setter
     def prepare_messages(self, value: int) -> None:
         self.prepared.messages = value
+
+    async def roles(self) -> list[bytes | None]:
+        """The session's own current_user and session_user, as learnt once; the role
+        checks after raw statements compare with them.
+
+        Raises:
+            ConnectionLost: the connection broke, or the query failed.
+        """
+        if self._roles is None:
+            try:
+                self._roles = await self.housekeeping.roles()
+            except psycopg.OperationalError as exc:
+                self.wire.unwatch()
+                raise ConnectionLost(str(exc)) from exc
+        return self._roles
 
     @property
     def broken(self) -> bool:
@@ -109,6 +126,8 @@ class Session:
             raise ConnectionLost(str(exc)) from exc
 
     async def _run(self, jobs: list[Job]) -> None:
+        if self._planner.roles is None:
+            self._planner.roles = await self.roles()
         plans = await self._run_batch(jobs)
         for plan in plans:
             if plan.retry and not plan.job.done:
@@ -135,8 +154,7 @@ class Session:
                     plan.job.fail(GatewayError("a result type could not be learnt"))
         if self._pg.transaction_status != TransactionStatus.IDLE:
             await self.housekeeping.run(ROLLBACK)  # a cleanup was cancelled (see _reader)
-        if self.housekeeping.dirty:
-            await self.housekeeping.discard()
+        await self.housekeeping.after_batch()
         return plans
 
     def close(self) -> None:

@@ -17,11 +17,15 @@ batches it with other jobs) and stays in pipeline mode, in two round trips:
 
     describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new
     execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
-               statement (libpq chunked-rows mode); [COMMIT]; Sync
-               ROLLBACK; [cleanup]; Sync
+               statement (libpq chunked-rows mode); [last]; [COMMIT]; Sync
+               ROLLBACK; cleanup or unlock; Sync
 
 The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
-by PostgreSQL, nothing left behind). Instead of ``statement_timeout``, which
+by PostgreSQL, nothing left behind; a raw statement's role checked after it, its
+advisory locks released: see `gateway.engine._planner`). Rows go out while the
+statement runs, so a raw statement that changes its role gets its stream ended
+with the refusal and its transaction rolled back, but the rows it sent before that
+are gone. Instead of ``statement_timeout``, which
 would cut a long export however fast it flows, the stream is bounded by the
 request's timeout three ways: the first chunk must come within it (the
 dispatcher's deadline), and afterwards neither the database (no bytes) nor the
@@ -53,7 +57,8 @@ from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
 from ._jobs import Job, JobState, Statement
 from ._pipeline import Session
-from ._planner import COMMIT, ROLLBACK, begin_command, send_cleanup
+from ._planner import COMMIT, LAST_GUARD, ROLLBACK, UNLOCK, begin_command, send_cleanup
+from ._reader import role_changed
 from ._wire import ConnectionLost, result_error, wake_future
 
 #: encoded chunks a stream may hold between the connection worker and the client
@@ -228,27 +233,31 @@ class _StreamRun:
         self._cut = False  # the row limit was reached: rows left are discarded
         self._stopping = False  # nobody reads any more: drain without watching the client
         self._cancelled = False
+        self._checked = False  # the statement is raw: a role check follows it
         self._error: GatewayError | None = None
 
     async def run(self) -> None:
         statement = self._job.statements[0]
+        roles = await self._session.roles()
         if not await self._describe(statement) or self._job.stopped.done():
             return
-        closing = self._send(statement)
+        closing = self._send(statement, roles)
         await self._wire.flush()
         if await self._read_setup():
             self._chunked_rows_mode()
         await self._read_statement()
+        if self._checked:
+            self._note_check(await self._one_result())
         if not self._job.read_only:
             self._note_error(await self._one_result())
         await self._wire.sync()
         for _ in range(closing):
-            await self._wire.result()
+            if (await self._wire.result()).status == ExecStatus.FATAL_ERROR:
+                self._housekeeping.dirty = True  # a cancel cut the clean-up short
         await self._wire.sync()
         if self._cancelled:
             await self._after_cancel()
-        if self._housekeeping.dirty:
-            await self._housekeeping.discard()
+        await self._housekeeping.after_batch()
         await self._end()
 
     async def _after_cancel(self) -> None:
@@ -295,7 +304,7 @@ class _StreamRun:
 
     # --- round trip 2: the rows ------------------------------------------------------------
 
-    def _send(self, statement: Statement) -> int:
+    def _send(self, statement: Statement, roles: list[bytes | None]) -> int:
         """Queue the execute round trip; return how many results its closing segment has."""
         pg, job = self._pg, self._job
         pg.send_query_params(begin_command(job), None)
@@ -303,11 +312,18 @@ class _StreamRun:
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
         self._prepared.send_statement(statement, job.comment)
+        self._checked = statement.prepared is None
+        if self._checked:
+            pg.send_query_params(LAST_GUARD, roles)
         if not job.read_only:
             pg.send_query_params(COMMIT, None)
         pg.pipeline_sync()
         pg.send_query_params(ROLLBACK, None)
-        closing = 1 if job.read_only else 1 + send_cleanup(pg)
+        if job.read_only:
+            pg.send_query_params(UNLOCK, None)
+            closing = 2
+        else:
+            closing = 1 + send_cleanup(pg)
         pg.pipeline_sync()
         return closing
 
@@ -398,6 +414,11 @@ class _StreamRun:
     def _note_error(self, res: PGresult) -> None:
         if res.status == ExecStatus.FATAL_ERROR:
             self._note(result_error(res, self._job.comment))
+
+    def _note_check(self, res: PGresult) -> None:
+        """The role check after the statement: a failure is a refusal (42501)."""
+        if res.status == ExecStatus.FATAL_ERROR:
+            self._note(role_changed(res) or result_error(res, self._job.comment))
 
     def _note(self, error: GatewayError) -> None:
         """Keep the first error; after a stop, errors are the cancel's echo."""

@@ -16,6 +16,7 @@ from . import _events
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._observe import observe_middleware
+from ._privileges import check_login_role, connection_check
 from ._routes import routes
 
 
@@ -83,9 +84,15 @@ async def end_event_streams(app: web.Application) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the pool and start the workers; on shutdown stop them, then close the pool."""
+    """Check the login role (raw SQL on), open the pool and start the workers; on
+    shutdown stop them, then close the pool.
+
+    Raises:
+        PrivilegedRoleError: see `check_login_role`; nothing was opened.
+    """
     settings = app[SETTINGS]
-    pool = make_pool(settings, app[DSN])
+    await check_login_role(app[DSN], settings)
+    pool = make_pool(settings, app[DSN], configure=connection_check(settings))
     await pool.open(wait=False)
     try:
         dispatcher = Dispatcher(pool, app[CODEC], settings)
