@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg.pq import Format
 from support import GatewayClient, query
 
-from gateway import BadRequest, loads_exact, param_to_text
+from gateway import BadRequest, Codec, loads_exact, param_to_text
 from gateway.values._encoding import JSONNumber, _loads_decoded
 
 
@@ -163,3 +165,16 @@ def test_param_to_text() -> None:
     assert param_to_text([1, None, "NULL", 'q"b\\', [2]]) == b'{"1",NULL,"NULL","q\\"b\\\\",{"2"}}'
     with pytest.raises(BadRequest):
         param_to_text("nul\x00")
+
+
+def test_json_line_breaks_become_spaces() -> None:
+    codec = Codec()
+
+    def embedded(oid: int, text: bytes) -> bytes:
+        loader = codec.adapters.get_loader(oid, Format.TEXT)
+        assert loader is not None
+        return orjson.dumps([loader(oid).load(text)])
+
+    assert embedded(114, b'\r\n{"a":\n[1,\r2]}\n') == b'[  {"a": [1, 2]} ]'
+    assert embedded(114, b'{"a\\nb": "\\r"}') == b'[{"a\\nb": "\\r"}]'  # escapes stay
+    assert embedded(3802, b'{"a": "\\n"}') == b'[{"a": "\\n"}]'

@@ -491,6 +491,104 @@ async def test_nul_in_a_parameter_is_refused(gateway: GatewayClient) -> None:
         assert (await resp.json())["error"]["code"] == "bad_request"
 
 
+# --- every output format -----------------------------------------------------------------
+# A value comes out the same in the JSON answer (both shapes) and in NDJSON (both shapes,
+# one row per line, always), and as PostgreSQL's own text in CSV: byte for byte what
+# ``COPY … (FORMAT csv, HEADER)`` writes. A case is the gateway's expression, its
+# parameters as raw JSON, and (when it has parameters) the same value written without
+# them, which the oracle and COPY are asked about.
+
+FORMAT_CASES: list[tuple[str, str, str | None]] = [
+    # json text with line breaks (PostgreSQL's own functions write them): an NDJSON
+    # row stays one line, and the value stays the same JSON value
+    ("(SELECT json_agg(t) FROM (VALUES (1, 'a'), (2, 'b')) t)", "[]", None),
+    ("row_to_json(row(1, 'x'), true)", "[]", None),
+    ("array_to_json(array[1, 2], true)", "[]", None),
+    ("E'[1,\\r\\n2]'::json", "[]", None),
+    ('E\'\\r\\n{"a\\\\nb":\\n"c\\\\r\\\\n"}\\n\'::json', "[]", None),
+    ("array[E'{\"a\":\\n1}'::json, E'\\r\\n[\"s\\\\n\"]\\n'::json, null]", "[]", None),
+    ("$1::json", '["[1,\\r\\n2]"]', "E'[1,\\r\\n2]'::json"),
+]
+
+
+async def post_query(
+    client: GatewayClient, sql: str, params_json: str = "[]", *, fmt: str = "json", **options: str
+) -> bytes:
+    """POST /v1/query answered in `fmt`, parameters as raw JSON text; the body of the 200."""
+    extra = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in options.items())
+    body = f'{{"sql": {json.dumps(sql)}, "params": {params_json}{extra}}}'
+    resp = await client.post(
+        f"/v1/query?format={fmt}", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    data = await resp.read()
+    assert resp.status == 200, data
+    return data
+
+
+def ndjson_lines(body: bytes) -> list[Any]:
+    """NDJSON rows as a reader that splits on line feeds gets them, parsed exactly."""
+    assert body.endswith(b"\n") and b"\r" not in body, body
+    return [exact_json(line) for line in body[:-1].split(b"\n")]
+
+
+async def every_format(client: GatewayClient, sql: str, params_json: str) -> dict[str, Any]:
+    """Column ``v`` of the one row of `sql` as each JSON format has it, and the CSV body."""
+    objects = exact_json(await post_query(client, sql, params_json))
+    arrays = exact_json(await post_query(client, sql, params_json, shape="arrays"))
+    (ndjson_object,) = ndjson_lines(await post_query(client, sql, params_json, fmt="ndjson"))
+    (ndjson_array,) = ndjson_lines(
+        await post_query(client, sql, params_json, fmt="ndjson", shape="arrays")
+    )
+    return {
+        "json objects": objects.get("rows")[0].get("v"),
+        "json arrays": arrays.get("rows")[0][0],
+        "ndjson objects": ndjson_object.get("v"),
+        "ndjson arrays": ndjson_array[0],
+        "csv": await post_query(client, sql, params_json, fmt="csv"),
+    }
+
+
+def copy_csv(direct: psycopg.Connection[Any], sql: str) -> bytes:
+    """What PostgreSQL's ``COPY (sql) TO STDOUT (FORMAT csv, HEADER)`` writes."""
+    data = bytearray()
+    with direct.cursor().copy(f"COPY ({sql}) TO STDOUT (FORMAT csv, HEADER)") as copy:
+        for chunk in copy:
+            data += chunk
+    return bytes(data)
+
+
+async def check_every_format(
+    client: GatewayClient, oracle: Oracle, direct: psycopg.Connection[Any], case: tuple[str, ...]
+) -> None:
+    expr, params_json, same_as = case
+    literal = same_as or expr
+    got = await every_format(client, f"SELECT {expr} AS v", params_json)
+    assert got.pop("csv") == copy_csv(direct, f"SELECT {literal} AS v")
+    assert got == dict.fromkeys(got, oracle.expected(literal))
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f"{c[0]} {c[1]}" for c in FORMAT_CASES])
+async def test_value_in_every_format(
+    gateway: GatewayClient,
+    oracle: Oracle,
+    direct: psycopg.Connection[Any],
+    case: tuple[str, str, str | None],
+) -> None:
+    await check_every_format(gateway, oracle, direct, case)
+
+
+async def test_rows_with_line_breaks_are_one_line_each(gateway: GatewayClient) -> None:
+    sql = (
+        "SELECT i, row_to_json(t, true) AS pretty, json_agg(t) OVER () AS agg"
+        " FROM (VALUES (1, 'a'), (2, E'b\\nc')) AS t(i, s)"
+    )
+    rows = exact_json(await post_query(gateway, sql)).get("rows")
+    assert len(rows) == 2
+    assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == rows
+    arrays = ndjson_lines(await post_query(gateway, sql, fmt="ndjson", shape="arrays"))
+    assert [Obj(zip(("i", "pretty", "agg"), line, strict=True)) for line in arrays] == rows
+
+
 # --- round trips through a table (hypothesis) ---------------------------------------------
 
 ROUND_TRIP = hsettings(
@@ -586,3 +684,87 @@ async def test_float8_round_trip(
 @given(value=st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))))
 async def test_text_round_trip(gateway: GatewayClient, round_trip_table: str, value: str) -> None:
     assert await round_trip(gateway, round_trip_table, "t", exact_dumps(value)) == (value,) * 2
+
+
+# --- NDJSON rows are lines (hypothesis) ---------------------------------------------------
+
+#: whitespace JSON allows between tokens, line breaks included
+_WHITESPACE = st.text(st.sampled_from(" \t\n\r"), max_size=3)
+#: how a character may be written inside a JSON string, besides \uXXXX
+_STRING_FORMS = {
+    '"': ['\\"'],
+    "\\": ["\\\\"],
+    "/": ["/", "\\/"],
+    "\b": ["\\b"],
+    "\f": ["\\f"],
+    "\n": ["\\n"],
+    "\r": ["\\r"],
+    "\t": ["\\t"],
+}
+_JSON_NUMBERS = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,25})(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?", fullmatch=True
+)
+
+
+def _unicode_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04X}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+@st.composite
+def json_strings(draw: st.DrawFn) -> str:
+    """A JSON string, each character written as itself or escaped, at random (controls
+    always escaped, as JSON requires)."""
+    text = draw(st.text(st.characters(exclude_categories=("Cs",)), max_size=8))
+    written = []
+    for char in text:
+        forms = _STRING_FORMS.get(char, [] if ord(char) < 0x20 else [char])
+        written.append(draw(st.sampled_from([*forms, _unicode_escape(char)])))
+    return '"' + "".join(written) + '"'
+
+
+def _containers(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Arrays and objects of `inner` JSON texts, with whitespace around every token."""
+    value = st.tuples(_WHITESPACE, inner, _WHITESPACE).map("".join)
+    member = st.tuples(_WHITESPACE, json_strings(), _WHITESPACE, st.just(":"), value).map("".join)
+    arrays = st.tuples(st.lists(value, max_size=4), _WHITESPACE).map(
+        lambda parts: "[" + ",".join(parts[0]) + parts[1] + "]"
+    )
+    objects = st.tuples(st.lists(member, max_size=4), _WHITESPACE).map(
+        lambda parts: "{" + ",".join(parts[0]) + parts[1] + "}"
+    )
+    return arrays | objects
+
+
+#: JSON documents with random whitespace (line breaks too) and escapes
+JSON_DOCUMENTS = st.tuples(
+    _WHITESPACE,
+    st.recursive(
+        st.sampled_from(["null", "true", "false"]) | _JSON_NUMBERS | json_strings(),
+        _containers,
+        max_leaves=10,
+    ),
+    _WHITESPACE,
+).map("".join)
+
+
+@ROUND_TRIP
+@given(documents=st.lists(JSON_DOCUMENTS, min_size=1, max_size=4))
+async def test_ndjson_rows_are_lines(gateway: GatewayClient, documents: list[str]) -> None:
+    """json documents stored as written, streamed: split on line feeds, each line is
+    its row, and its value is the document's."""
+    sql = (
+        "SELECT d.i, d.doc::json AS j FROM unnest($1::text[]) WITH ORDINALITY AS d(doc, i)"
+        " ORDER BY d.i"
+    )
+    params = json.dumps([documents])
+    expected = [exact_json(doc) for doc in documents]
+    objects = ndjson_lines(await post_query(gateway, sql, params, fmt="ndjson"))
+    assert [row.get("j") for row in objects] == expected
+    arrays = ndjson_lines(await post_query(gateway, sql, params, fmt="ndjson", shape="arrays"))
+    assert [row[1] for row in arrays] == expected
+    answer = exact_json(await post_query(gateway, sql, params)).get("rows")
+    assert [row.get("j") for row in answer] == expected

@@ -49,11 +49,31 @@ class FloatLoader(Loader):
         return special if special is not None else orjson.Fragment(raw)
 
 
-class JsonLoader(Loader):
-    """json/jsonb text embedded unchanged: key order and number digits kept."""
+class JsonbLoader(Loader):
+    """jsonb text embedded unchanged: key order and number digits kept.
+
+    jsonb's output never holds a raw line break (one inside a string is escaped).
+    """
 
     def load(self, data: Buffer) -> orjson.Fragment:
         return orjson.Fragment(bytes(data))
+
+
+class JsonLoader(Loader):
+    """json text embedded as it was stored, its raw line breaks written as spaces.
+
+    A json value keeps the text it was given, and PostgreSQL's own functions
+    put line breaks in theirs (``json_agg`` between rows, ``row_to_json(r,
+    true)``): embedded as they are, an NDJSON row would span several lines.
+    PostgreSQL refuses a raw CR or LF inside a json string, so one is always
+    whitespace between tokens, and a space in its place is the same JSON value.
+    """
+
+    def load(self, data: Buffer) -> orjson.Fragment:
+        raw = bytes(data)
+        if b"\n" in raw or b"\r" in raw:
+            raw = raw.replace(b"\n", b" ").replace(b"\r", b" ")
+        return orjson.Fragment(raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +123,10 @@ class Codec:
             self.adapters.register_loader(info.oid, native)
         elif info.name in ("float4", "float8"):
             self.adapters.register_loader(info.oid, FloatLoader)
-        elif info.name in ("json", "jsonb"):
+        elif info.name == "json":
             self.adapters.register_loader(info.oid, JsonLoader)
+        elif info.name == "jsonb":
+            self.adapters.register_loader(info.oid, JsonbLoader)
         else:
             text = default_adapters.get_loader(0, Format.TEXT)
             assert text is not None
