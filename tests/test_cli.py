@@ -339,6 +339,16 @@ async def test_json_with_line_breaks_is_one_ndjson_line(database_dsn: str, rw_ga
     assert [json.loads(c) for c in next(csv.reader(io.StringIO(cells)))] == list(row.values())
 
 
+async def test_negative_zero_parameter(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select $1::float8 AS f, $1::text AS t, array[$1::float8] AS fs"
+    printed = await outputs(database_dsn, rw_gateway, sql, "-0")
+    for target in ("--dsn", "--url"):
+        assert '"rows":[{"f":-0,"t":"-0","fs":[-0]}]' in printed[target, "json"]
+        assert printed[target, "ndjson"] == '{"f":-0,"t":"-0","fs":[-0]}\n'
+        assert printed[target, "csv"] == "f,t,fs\r\n-0,-0,{-0}\r\n"
+        assert printed[target, "table"].splitlines()[2].split() == ["-0", "-0", "{-0}"]
+
+
 # --- run -----------------------------------------------------------------------------------
 
 SCRIPT = """\

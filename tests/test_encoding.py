@@ -13,7 +13,7 @@ from psycopg.pq import Format
 from support import GatewayClient, query
 
 from gateway import BadRequest, Codec, loads_exact, param_to_text
-from gateway.values._encoding import JSONNumber, _loads_decoded
+from gateway.values._encoding import JSONNumber, NegativeZero, _loads_decoded
 
 
 @pytest.mark.parametrize(
@@ -165,6 +165,17 @@ def test_param_to_text() -> None:
     assert param_to_text([1, None, "NULL", 'q"b\\', [2]]) == b'{"1",NULL,"NULL","q\\"b\\\\",{"2"}}'
     with pytest.raises(BadRequest):
         param_to_text("nul\x00")
+
+
+def test_negative_zero_keeps_its_sign() -> None:
+    body = loads_exact(b'{"a": -0, "b": [-0, 0, -0.0], "c": {"d": -0}}')
+    assert isinstance(body["a"], NegativeZero) and body["a"] == 0
+    assert type(body["b"][1]) is int and isinstance(body["b"][2], JSONNumber)
+    assert param_to_text(body["a"]) == b"-0"
+    assert param_to_text(body["b"]) == b'{"-0","0","-0.0"}'
+    assert param_to_text(body["c"]) == b'{"d":-0}'
+    # compact bodies too (orjson reads -0 as 0: they take the exact decoder)
+    assert isinstance(loads_exact(b'{"params":[-0]}')["params"][0], NegativeZero)
 
 
 def test_json_line_breaks_become_spaces() -> None:

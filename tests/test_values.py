@@ -508,6 +508,16 @@ FORMAT_CASES: list[tuple[str, str, str | None]] = [
     ('E\'\\r\\n{"a\\\\nb":\\n"c\\\\r\\\\n"}\\n\'::json', "[]", None),
     ("array[E'{\"a\":\\n1}'::json, E'\\r\\n[\"s\\\\n\"]\\n'::json, null]", "[]", None),
     ("$1::json", '["[1,\\r\\n2]"]', "E'[1,\\r\\n2]'::json"),
+    # -0 keeps its sign wherever a parameter holds it (-0.0 did already)
+    ("$1::float8", "[-0]", "'-0'::float8"),
+    ("$1::float8", "[-0.0]", "'-0.0'::float8"),
+    ("$1::float4", "[-0]", "'-0'::float4"),
+    ("$1::text", "[-0]", "'-0'::text"),
+    ("$1::int", "[-0]", "'-0'::int"),
+    ("$1::numeric", "[-0]", "'-0'::numeric"),
+    ("$1::float8[]", "[[-0, 0, -0.0, null]]", "'{-0,0,-0.0,NULL}'::float8[]"),
+    ("$1::json", '[{"a": -0, "b": [-0, 0]}]', '\'{"a":-0,"b":[-0,0]}\'::json'),
+    ("$1::jsonb", '[{"a": -0}]', "'{\"a\": -0}'::jsonb"),  # jsonb's numeric has no -0
 ]
 
 

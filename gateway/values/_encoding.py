@@ -224,6 +224,37 @@ class JSONNumber(str):
     __slots__ = ()
 
 
+@mypyc_attr(native_class=False)  # nor of int
+class NegativeZero(int):
+    """The JSON number ``-0``: the integer 0, written back with its sign.
+
+    It is 0 wherever an integer is wanted (an option, an ``int`` parameter),
+    and reaches PostgreSQL as ``-0``: ``'-0'::float8`` is -0, ``'-0'::text``
+    is ``-0``. Python's int has no negative zero; it is the one JSON integer
+    whose `int` would print differently from what the client wrote.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "-0"
+
+    def __str__(self) -> str:
+        return "-0"
+
+
+NEGATIVE_ZERO = NegativeZero(0)
+
+
+def json_int(text: str) -> Any:
+    """A JSON integer's value (``parse_int`` of `json.loads`); ``-0`` keeps its sign."""
+    # Compiled, a result typed int (or `x if c else int(...)`, whose type is int)
+    # is a plain int: mypyc would turn -0 back into 0.
+    if text == "-0":
+        return NEGATIVE_ZERO
+    return int(text)
+
+
 def _reject_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not valid JSON; send non-finite numbers as strings")
 
@@ -242,8 +273,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads_exact(body: bytes) -> Any:
     """Parse request JSON without losing digits.
 
-    Integers become `int` (exact at any size); other numbers stay text as
-    `JSONNumber`, so ``0.10000000000000000555`` reaches PostgreSQL unchanged.
+    Integers become `int` (exact at any size; ``-0`` is `NEGATIVE_ZERO`);
+    other numbers stay text as `JSONNumber`, so ``0.10000000000000000555``
+    reaches PostgreSQL unchanged.
 
     Raises:
         BadRequest: the body is not UTF-8 JSON, uses NaN/Infinity, has a key
@@ -257,9 +289,11 @@ def loads_exact(body: bytes) -> Any:
 
 def _loads_decoded(body: bytes) -> Any:
     """`loads_exact` by the standard library's decoder: any body, every check."""
+    # a hook per integer triples the decoding of a list of them: only when one may be -0
+    decoder = _SIGNED_ZERO_DECODER if b"-0" in body else _DECODER
     try:
         # json.loads' own decoding of bytes, with a decoder built once, not per call
-        value = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        value = decoder.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -315,6 +349,12 @@ def _holds_float(value: Any) -> bool:
 
 _DECODER = json.JSONDecoder(
     parse_float=JSONNumber, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+)
+_SIGNED_ZERO_DECODER = json.JSONDecoder(
+    parse_float=JSONNumber,
+    parse_int=json_int,
+    parse_constant=_reject_constant,
+    object_pairs_hook=_unique_keys,
 )
 
 
@@ -373,6 +413,8 @@ def params_to_text(values: Sequence[Any]) -> list[bytes | None]:
 def _exact_json(value: Any) -> Any:
     if isinstance(value, JSONNumber):
         return orjson.Fragment(value.encode())
+    if isinstance(value, NegativeZero):
+        return orjson.Fragment(b"-0")  # orjson writes an int subclass as its int
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         return orjson.Fragment(str(value).encode())  # orjson stops at 64 bits
     if isinstance(value, dict):
