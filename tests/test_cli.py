@@ -349,6 +349,17 @@ async def test_negative_zero_parameter(database_dsn: str, rw_gateway: str) -> No
         assert printed[target, "table"].splitlines()[2].split() == ["-0", "-0", "{-0}"]
 
 
+async def test_array_with_lower_bounds_is_its_text(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select '[2:3]={1,2}'::int[] AS a, '[0:0][1:1]={{x}}'::text[] AS t, '{1,2}'::int[] AS b"
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {"a": "[2:3]={1,2}", "t": "[0:0][1:1]={{x}}", "b": [1, 2]}
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+        assert one_line(printed[target, "ndjson"]) == row
+        assert printed[target, "csv"] == 'a,t,b\r\n"[2:3]={1,2}",[0:0][1:1]={{x}},"{1,2}"\r\n'
+        assert "[2:3]={1,2}" in printed[target, "table"]
+
+
 # --- run -----------------------------------------------------------------------------------
 
 SCRIPT = """\

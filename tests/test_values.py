@@ -518,6 +518,21 @@ FORMAT_CASES: list[tuple[str, str, str | None]] = [
     ("$1::float8[]", "[[-0, 0, -0.0, null]]", "'{-0,0,-0.0,NULL}'::float8[]"),
     ("$1::json", '[{"a": -0, "b": [-0, 0]}]', '\'{"a":-0,"b":[-0,0]}\'::json'),
     ("$1::jsonb", '[{"a": -0}]', "'{\"a\": -0}'::jsonb"),  # jsonb's numeric has no -0
+    # an array whose lower bounds are not all 1 is its text: a JSON array has none
+    ("'[2:3]={1,2}'::int[]", "[]", None),
+    ("'[0:1][1:2]={{1,2},{3,4}}'::int[]", "[]", None),
+    ("'[1:2][0:0]={{a},{\"b c\"}}'::text[]", "[]", None),
+    ("'[-1:0]={\"a b\",NULL}'::text[]", "[]", None),
+    ("array['[2:3]={1,2}'::int[]]", "[]", None),
+    ('\'[0:1]={"(1,1),(0,0)";"(2,2),(1,1)"}\'::box[]', "[]", None),
+    ('\'[0:0]={"{\\"a\\": 1}"}\'::jsonb[]', "[]", None),
+    ("array_fill(7, array[2, 1], array[0, 1])", "[]", None),
+    ("'[1:2]={1,2}'::int[]", "[]", None),  # lower bound 1: an array
+]
+
+USER_FORMAT_CASES: list[tuple[str, str, str | None]] = [
+    ("'[0:1]={4,5}'::{s}.intarr", "[]", None),
+    ('\'{"[0:1]={4,5}","{6}",NULL}\'::{s}.intarr[]', "[]", None),
 ]
 
 
@@ -585,6 +600,27 @@ async def test_value_in_every_format(
     case: tuple[str, str, str | None],
 ) -> None:
     await check_every_format(gateway, oracle, direct, case)
+
+
+@pytest.mark.parametrize("case", USER_FORMAT_CASES, ids=[c[0] for c in USER_FORMAT_CASES])
+async def test_user_type_value_in_every_format(
+    gateway: GatewayClient,
+    oracle: Oracle,
+    direct: psycopg.Connection[Any],
+    user_types: str,
+    case: tuple[str, str, str | None],
+) -> None:
+    expr, params_json, same_as = case
+    await check_every_format(
+        gateway,
+        oracle,
+        direct,
+        (
+            expr.replace("{s}", user_types),
+            params_json,
+            (same_as or expr).replace("{s}", user_types),
+        ),
+    )
 
 
 async def test_rows_with_line_breaks_are_one_line_each(gateway: GatewayClient) -> None:

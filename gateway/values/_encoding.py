@@ -16,17 +16,18 @@ infers each one's type from the statement, exactly as it does for a literal.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from mypy_extensions import mypyc_attr
 from psycopg import adapters as default_adapters
 from psycopg import postgres
-from psycopg.abc import Buffer
+from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import AdaptersMap, Loader
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
@@ -76,6 +77,42 @@ class JsonLoader(Loader):
         return orjson.Fragment(raw)
 
 
+_OPEN_BOUNDS = ord("[")
+
+
+# subclassed per array type at run time (`_array_loader`); compiled as a native class
+# (a non-native one's methods refuse an instance of such a subclass as `self`)
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ArrayLoader(Loader):
+    """An array as nested lists, or as PostgreSQL's text when a lower bound is not 1.
+
+    A JSON array has no lower bounds: ``'[2:3]={1,2}'::int[]`` as ``[1, 2]``
+    would lose them, so by DESIGN §4's rule such an array goes out as its text,
+    ``"[2:3]={1,2}"``. PostgreSQL writes the bounds of every dimension before
+    the braces when (and only when) one of them does not start at 1. The lists
+    are made by psycopg's array loader of the same type (`nested`), which
+    loads each element with its own type's loader.
+    """
+
+    nested: ClassVar[type[Loader]]
+
+    def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+        super().__init__(oid, context)
+        self._nested = self.nested(oid, context).load
+
+    def load(self, data: Buffer) -> Any:
+        if data[0] == _OPEN_BOUNDS:
+            return bytes(data).decode()
+        return self._nested(data)
+
+
+@functools.cache
+def _array_loader(nested: type[Loader]) -> type[Loader]:
+    """`ArrayLoader` over psycopg's array loader class `nested`; made once per class,
+    as psycopg makes its own (a class is never freed)."""
+    return type(nested.__name__, (ArrayLoader,), {"nested": nested})
+
+
 @dataclass(frozen=True, slots=True)
 class TypeName:
     """What a result column's type is called for clients."""
@@ -113,7 +150,7 @@ class Codec:
             self._register_scalar(info)
         for info in postgres.types:
             if info.array_oid:
-                register_array(info, self.adapters)
+                self._register_array(info)
         self._names.update(_PSEUDO_TYPES)  # text, as the fallback loader reads them
 
     def _register_scalar(self, info: TypeInfo) -> None:
@@ -131,6 +168,13 @@ class Codec:
             text = default_adapters.get_loader(0, Format.TEXT)
             assert text is not None
             self.adapters.register_loader(info.oid, text)
+
+    def _register_array(self, element: TypeInfo) -> None:
+        """Load `element`'s array type with an `ArrayLoader`."""
+        register_array(element, self.adapters)  # psycopg's loader, in C when it can
+        nested = self.adapters.get_loader(element.array_oid, Format.TEXT)
+        assert nested is not None
+        self.adapters.register_loader(element.array_oid, _array_loader(nested))
 
     def is_known(self, oid: int) -> bool:
         return oid in self._names
@@ -166,7 +210,7 @@ class Codec:
             self._names[row.oid] = self.type_name(row.element) + "[]"
             name = self.type_name(row.element)
             element = TypeInfo(name, row.element, row.oid, delimiter=row.delimiter)
-            register_array(element, self.adapters)
+            self._register_array(element)
             return True
         self._names[row.oid] = row.name
         base_loader = self.adapters.get_loader(row.base, Format.TEXT) if row.base else None
