@@ -349,6 +349,18 @@ async def test_negative_zero_parameter(database_dsn: str, rw_gateway: str) -> No
         assert printed[target, "table"].splitlines()[2].split() == ["-0", "-0", "{-0}"]
 
 
+async def test_box_array_parameter(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select $1::box[] AS b"
+    printed = await outputs(database_dsn, rw_gateway, sql, "{(1,1),(0,0);(3,3),(2,2)}")
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [
+            {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}
+        ]
+        assert one_line(printed[target, "ndjson"]) == {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}
+        assert printed[target, "csv"] == 'b\r\n"{(1,1),(0,0);(3,3),(2,2)}"\r\n'
+        assert "{(1,1),(0,0);(3,3),(2,2)}" in printed[target, "table"]
+
+
 async def test_array_with_lower_bounds_is_its_text(database_dsn: str, rw_gateway: str) -> None:
     sql = "select '[2:3]={1,2}'::int[] AS a, '[0:0][1:1]={{x}}'::text[] AS t, '{1,2}'::int[] AS b"
     printed = await outputs(database_dsn, rw_gateway, sql)

@@ -13,7 +13,7 @@ from psycopg.pq import Format
 from support import GatewayClient, query
 
 from gateway import BadRequest, Codec, loads_exact, param_to_text
-from gateway.values._encoding import JSONNumber, NegativeZero, _loads_decoded
+from gateway.values._encoding import JSONNumber, NegativeZero, _loads_decoded, list_params
 
 
 @pytest.mark.parametrize(
@@ -176,6 +176,19 @@ def test_negative_zero_keeps_its_sign() -> None:
     assert param_to_text(body["c"]) == b'{"d":-0}'
     # compact bodies too (orjson reads -0 as 0: they take the exact decoder)
     assert isinstance(loads_exact(b'{"params":[-0]}')["params"][0], NegativeZero)
+
+
+def test_array_literals_take_the_delimiter() -> None:
+    boxes = ["(1,1),(0,0)", None, "(3,3),(2,2)"]
+    assert param_to_text(boxes, ";") == b'{"(1,1),(0,0)";NULL;"(3,3),(2,2)"}'
+    assert param_to_text([boxes[:1], boxes[2:]], ";") == b'{{"(1,1),(0,0)"};{"(3,3),(2,2)"}}'
+    # only lists with a delimiter in their literal need their type's
+    assert list_params([1, [], [1], [[1]], "x"]) is None
+    assert list_params([[1, 2], 3, [[1], [2]], [[1, 2]]]) == {
+        0: [1, 2],
+        2: [[1], [2]],
+        3: [[1, 2]],
+    }
 
 
 def test_json_line_breaks_become_spaces() -> None:

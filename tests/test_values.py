@@ -185,6 +185,7 @@ CREATE DOMAIN {s}.intarr AS int[];
 CREATE DOMAIN {s}.doc AS jsonb;
 CREATE DOMAIN {s}.amount AS numeric(12, 2);
 CREATE DOMAIN {s}.dbox AS box;
+CREATE DOMAIN {s}.boxes AS box[];
 CREATE DOMAIN {s}.dmood AS {s}.mood;
 CREATE TYPE {s}.pair AS (a int, b text, c {s}.mood[]);
 CREATE TYPE {s}.frange AS RANGE (subtype = float8);
@@ -518,6 +519,26 @@ FORMAT_CASES: list[tuple[str, str, str | None]] = [
     ("$1::float8[]", "[[-0, 0, -0.0, null]]", "'{-0,0,-0.0,NULL}'::float8[]"),
     ("$1::json", '[{"a": -0, "b": [-0, 0]}]', '\'{"a":-0,"b":[-0,0]}\'::json'),
     ("$1::jsonb", '[{"a": -0}]', "'{\"a\": -0}'::jsonb"),  # jsonb's numeric has no -0
+    # a list parameter takes its element type's delimiter: ';' for box
+    ("$1::box[]", '[["(1,1),(0,0)", "(3,3),(2,2)"]]', "'{(1,1),(0,0);(3,3),(2,2)}'::box[]"),
+    (
+        "$1::box[]",
+        '[[["(1,1),(0,0)", null], [null, "(3,3),(2,2)"]]]',
+        "'{{(1,1),(0,0);NULL};{NULL;(3,3),(2,2)}}'::box[]",
+    ),
+    ("$1::box[]", '[["(1,1),(0,0)"]]', "'{(1,1),(0,0)}'::box[]"),
+    ("$1::box[]", "[[]]", "'{}'::box[]"),
+    (
+        "row($1::box[], $2::text[], $3::int[])",
+        '[["(1,1),(0,0)", "(3,3),(2,2)"], ["a;b", "c,d"], [[1, 2], [3, 4]]]',
+        "row('{(1,1),(0,0);(3,3),(2,2)}'::box[], '{\"a;b\",\"c,d\"}'::text[],"
+        " '{{1,2},{3,4}}'::int[])",
+    ),
+    (
+        "(SELECT array_agg(b ORDER BY area(b)) FROM unnest($1::box[]) b)",
+        '[["(2,2),(0,0)", "(1,1),(0,0)"]]',
+        "'{(1,1),(0,0);(2,2),(0,0)}'::box[]",
+    ),
     # an array whose lower bounds are not all 1 is its text: a JSON array has none
     ("'[2:3]={1,2}'::int[]", "[]", None),
     ("'[0:1][1:2]={{1,2},{3,4}}'::int[]", "[]", None),
@@ -531,6 +552,17 @@ FORMAT_CASES: list[tuple[str, str, str | None]] = [
 ]
 
 USER_FORMAT_CASES: list[tuple[str, str, str | None]] = [
+    (
+        "$1::{s}.dbox[]",
+        '[["(1,1),(0,0)", "(3,3),(2,2)"]]',
+        "'{(1,1),(0,0);(3,3),(2,2)}'::{s}.dbox[]",
+    ),
+    (
+        "$1::{s}.boxes",
+        '[["(1,1),(0,0)", "(3,3),(2,2)", null]]',
+        "'{(1,1),(0,0);(3,3),(2,2);NULL}'::{s}.boxes",
+    ),
+    ("$1::{s}.intarr", "[[1, 2]]", "'{1,2}'::{s}.intarr"),
     ("'[0:1]={4,5}'::{s}.intarr", "[]", None),
     ('\'{"[0:1]={4,5}","{6}",NULL}\'::{s}.intarr[]', "[]", None),
 ]
@@ -633,6 +665,87 @@ async def test_rows_with_line_breaks_are_one_line_each(gateway: GatewayClient) -
     assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == rows
     arrays = ndjson_lines(await post_query(gateway, sql, fmt="ndjson", shape="arrays"))
     assert [Obj(zip(("i", "pretty", "agg"), line, strict=True)) for line in arrays] == rows
+
+
+async def test_list_parameters_in_a_transaction(
+    gateway: GatewayClient, direct: psycopg.Connection[Any]
+) -> None:
+    """Each statement's lists take their own types' delimiters. A statement that cannot
+    be described before its transaction runs (its table is made by an earlier
+    statement) keeps ``,``, which every built-in type but box takes."""
+    name = f"lists_{uuid.uuid4().hex[:8]}"
+    direct.execute(f"CREATE TABLE {name} (b box[], i int[])")
+    try:
+        statements = [
+            (
+                f"INSERT INTO {name} VALUES ($1, $2) RETURNING b, i",
+                [["(1,1),(0,0)", "(3,3),(2,2)"], [1, 2]],
+            ),
+            ("SELECT $1::box[] AS b, $2::int[] AS i", [["(2,2),(1,1)", "(4,4),(3,3)"], [3, 4]]),
+            (f"CREATE TEMP TABLE {name}_t (i int[], t text[])", []),
+            (f"INSERT INTO {name}_t VALUES ($1, $2) RETURNING i, t", [[5, 6], ["a;b", "c,d"]]),
+        ]
+        resp = await gateway.post(
+            "/v1/transaction",
+            json={"statements": [{"sql": sql, "params": params} for sql, params in statements]},
+        )
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert [result["rows"] for result in body["results"]] == [
+            [{"b": ["(1,1),(0,0)", "(3,3),(2,2)"], "i": [1, 2]}],
+            [{"b": ["(2,2),(1,1)", "(4,4),(3,3)"], "i": [3, 4]}],
+            [],
+            [{"i": [5, 6], "t": ["a;b", "c,d"]}],
+        ]
+    finally:
+        direct.execute(f"DROP TABLE {name}")
+
+
+NAMED_QUERIES = """\
+-- name: signed
+-- params: f float8, fs float8[], j json, t text
+SELECT :f AS f, :fs AS fs, :j AS j, :t AS t;
+
+-- name: boxes
+-- params: b box[]
+SELECT :b AS b, pg_catalog.array_length(:b, 1) AS n;
+"""
+
+
+async def test_named_query_parameters(
+    gateway_factory: Any, tmp_path: Path, direct: psycopg.Connection[Any]
+) -> None:
+    """-0 and box[] lists reach a named query as they reach raw SQL: from a JSON body or a
+    query string, buffered or streamed."""
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "values.sql").write_text(NAMED_QUERIES)
+    client = await gateway_factory(sql_dir=tmp_path, pool_size=1)
+    signed = [{"f": Num("-0"), "fs": [Num("-0"), Num("1")], "j": {"a": Num("-0")}, "t": "-0"}]
+    resp = await client.post(
+        "/v1/queries/signed",
+        data=b'{"params": {"f": -0, "fs": [-0, 1], "j": {"a": -0}, "t": "-0"}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert plain(exact_json(await resp.read()).get("rows")) == signed
+    query = {"f": "-0", "fs": "[-0, 1]", "j": '{"a": -0}', "t": "-0"}
+    resp = await client.get("/v1/queries/signed", params=query)
+    assert plain(exact_json(await resp.read()).get("rows")) == signed
+
+    boxes = [{"b": ["(1,1),(0,0)", "(3,3),(2,2)"], "n": Num("2")}]
+    for fmt in ("json", "ndjson"):
+        resp = await client.post(
+            f"/v1/queries/boxes?format={fmt}",
+            json={"params": {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}},
+        )
+        data = await resp.read()
+        assert resp.status == 200, data
+        rows = exact_json(data).get("rows") if fmt == "json" else ndjson_lines(data)
+        assert plain(rows) == boxes
+    resp = await client.get(
+        "/v1/queries/boxes", params={"b": '["(1,1),(0,0)", "(3,3),(2,2)"]', "format": "csv"}
+    )
+    expected = "SELECT '{(1,1),(0,0);(3,3),(2,2)}'::box[] AS b, 2 AS n"
+    assert await resp.read() == copy_csv(direct, expected)
 
 
 # --- round trips through a table (hypothesis) ---------------------------------------------

@@ -14,6 +14,10 @@ Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
                 DISCARD TEMP; CLOSE ALL; UNLISTEN *
     prepare:    [Close] Parse of a named statement not trusted yet (see `Session.send_prepare`)
 
+A batch with a list parameter of two or more elements is preceded by a round
+trip that describes its statements (Parse; Describe; Sync each), so each array
+literal is written with its type's delimiter (see `Session._describe_lists`).
+
 A read-only job's transaction is ended by the ROLLBACK that opens the next
 segment (or a last ``ROLLBACK; Sync`` closing the batch): ROLLBACK cannot
 fail, so the next job still starts clean, and a read-only job costs one Sync.
@@ -53,7 +57,7 @@ from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatu
 from psycopg.pq.abc import PGconn, PGresult
 
 from .._errors import GatewayError, Timeout, query_error
-from ..values._encoding import TYPE_QUERY, Codec
+from ..values._encoding import TYPE_QUERY, Codec, param_to_text
 from ..values._results import ResultConverter
 from ._jobs import Job, Statement
 from ._libpq import pipeline_sync
@@ -213,6 +217,9 @@ class Session:
             raise ConnectionLost(str(exc)) from exc
 
     async def _run(self, jobs: list[Job]) -> None:
+        listed = [st for job in jobs for st in job.statements if st.lists]
+        if listed:
+            await self._describe_lists(listed)
         plans = await self._run_batch(jobs)
         for plan in plans:
             if plan.retry and not plan.job.done:
@@ -655,6 +662,70 @@ class Session:
         self._prepared.clear()
         self._foreign = False
         self._dirty = False
+
+    # --- list parameters: each array type's own delimiter ---------------------------
+    #
+    # A list parameter goes as an array literal, and what separates its elements
+    # is the element type's delimiter (pg_type.typdelim: ";" for box, "," for
+    # nearly all others). Parameters go with type unknown, so only a describe of
+    # the statement tells. Statements without a list of two or more elements
+    # (nearly all) are not described.
+
+    async def _describe_lists(self, statements: list[Statement]) -> None:
+        """Describe `statements` (one round trip) and write their list parameters
+        again with their types' delimiters.
+
+        Must be called between jobs, with nothing of this session in flight. A
+        statement that does not parse (its error is the job's to report) or names a
+        type that an earlier statement of its transaction creates keeps ``,``.
+
+        Raises:
+            ConnectionLost: the protocol went out of step.
+            psycopg.OperationalError: the connection broke.
+        """
+        described: list[tuple[Statement, PGresult]] = []
+        pending = statements
+        for _ in range(2):  # a late cancel meant for the last batch may land on one
+            for st in pending:
+                self._pg.send_prepare(b"", st.sql)
+                self._pg.send_describe_prepared(b"")
+                pipeline_sync(self._pg)
+            await self._flush()
+            cancelled = []
+            for st in pending:
+                parsed, res = await self._result(), await self._result()
+                await self._sync()
+                if res.status == _COMMAND_OK:
+                    described.append((st, res))
+                elif _field(parsed, DiagnosticField.SQLSTATE) == "57014":
+                    cancelled.append(st)
+            if not cancelled:
+                break
+            pending = cancelled
+        await self.fit_lists(described)
+
+    async def fit_lists(self, described: list[tuple[Statement, PGresult]]) -> None:
+        """Write each statement's list parameters with the delimiter of the array type
+        its description gives them; learn the types the codec does not know yet.
+
+        Raises:
+            ConnectionLost: the protocol went out of step.
+            psycopg.OperationalError: the connection broke.
+        """
+        codec = self._codec
+        typed = [
+            (st, index, res.param_type(index))
+            for st, res in described
+            for index in st.lists or ()
+            if index < res.nparams
+        ]
+        unknown = {oid for _, _, oid in typed if not codec.is_known(oid)}
+        if unknown:
+            await self.learn_types(unknown)
+        for st, index, oid in typed:
+            delimiter = codec.array_delimiter(oid)
+            if delimiter is not None and delimiter != "," and st.lists:
+                st.params[index] = param_to_text(st.lists[index], delimiter)
 
     async def _learn_types(self, deferred: list[tuple[_Plan, list[PGresult]]]) -> None:
         oids = {

@@ -15,7 +15,8 @@ worker cancels the query and gives its connection back at once.
 A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
-    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new
+    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new,
+                                               and list parameters' array delimiters
     execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
                statement (libpq chunked-rows mode); [COMMIT]; Sync
                ROLLBACK; [cleanup]; Sync
@@ -291,6 +292,8 @@ class _StreamRun:
             self._job.fail(_query_error(failed))
             return False
         described = results[-1]
+        if statement.lists:  # the description has the parameters' types too
+            await session.fit_lists([(statement, described)])
         unknown = {
             described.ftype(i)
             for i in range(described.nfields)

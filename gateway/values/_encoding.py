@@ -137,6 +137,8 @@ class Codec:
     def __init__(self) -> None:
         self.adapters = AdaptersMap(types=postgres.types)
         self._names: dict[int, str] = {}
+        #: array types (and domains over them) -> their elements' delimiter
+        self._delimiters: dict[int, str] = {}
         self._install_builtins()
 
     def _install_builtins(self) -> None:
@@ -175,9 +177,15 @@ class Codec:
         nested = self.adapters.get_loader(element.array_oid, Format.TEXT)
         assert nested is not None
         self.adapters.register_loader(element.array_oid, _array_loader(nested))
+        self._delimiters[element.array_oid] = element.delimiter
 
     def is_known(self, oid: int) -> bool:
         return oid in self._names
+
+    def array_delimiter(self, oid: int) -> str | None:
+        """What separates the elements of array type `oid` in its literal (``;`` for
+        box[]); None when `oid` is not an array type, or not learnt yet."""
+        return self._delimiters.get(oid)
 
     def type_name(self, oid: int) -> str:
         """The type's name for column metadata; the oid as text when never learnt."""
@@ -216,6 +224,8 @@ class Codec:
         base_loader = self.adapters.get_loader(row.base, Format.TEXT) if row.base else None
         if base_loader is not None:
             self.adapters.register_loader(row.oid, base_loader)
+        if row.base in self._delimiters:  # a domain over an array type
+            self._delimiters[row.oid] = self._delimiters[row.base]
         return True
 
 
@@ -424,10 +434,12 @@ def _check_encodable(value: Any) -> None:
 # --- parameters ----------------------------------------------------------------
 
 
-def param_to_text(value: Any) -> bytes | None:
+def param_to_text(value: Any, delimiter: str = ",") -> bytes | None:
     """One JSON parameter as PostgreSQL text input; None is SQL NULL.
 
-    Objects become JSON text (for json/jsonb), lists become array literals.
+    Objects become JSON text (for json/jsonb), lists become array literals
+    whose elements are separated by `delimiter`: the array's element type's
+    (``pg_type.typdelim``: ``;`` for box, ``,`` for nearly every other type).
 
     Raises:
         BadRequest: a string holds a NUL byte, which PostgreSQL text cannot hold.
@@ -445,13 +457,34 @@ def param_to_text(value: Any) -> bytes | None:
     if isinstance(value, dict):
         return orjson.dumps(_exact_json(value))
     if isinstance(value, list):
-        return _array_literal(value).encode()
+        return _array_literal(value, delimiter).encode()
     raise BadRequest(f"unsupported parameter type: {type(value).__name__}")
 
 
 def params_to_text(values: Sequence[Any]) -> list[bytes | None]:
-    """`param_to_text` over a parameter list."""
+    """`param_to_text` over a parameter list, arrays delimited by ``,``."""
     return [param_to_text(v) for v in values]
+
+
+def list_params(values: Sequence[Any]) -> dict[int, list[Any]] | None:
+    """The list parameters whose array literal separates elements, by position.
+
+    `params_to_text` writes them with ``,``; once the parameter's type is known,
+    one whose element type has another delimiter is written again with it
+    (`param_to_text`). None when there is none, as for nearly every request.
+    """
+    found = None
+    for index, value in enumerate(values):
+        if isinstance(value, list) and _delimits(value):
+            if found is None:
+                found = {}
+            found[index] = value
+    return found
+
+
+def _delimits(items: list[Any]) -> bool:
+    """Whether the array literal of `items` holds a delimiter (two elements somewhere)."""
+    return len(items) > 1 or any(isinstance(item, list) and _delimits(item) for item in items)
 
 
 def _exact_json(value: Any) -> Any:
@@ -470,15 +503,16 @@ def _exact_json(value: Any) -> Any:
     return value
 
 
-def _array_literal(items: list[Any]) -> str:
-    return "{" + ",".join(_array_element(item) for item in items) + "}"
+def _array_literal(items: list[Any], delimiter: str) -> str:
+    return "{" + delimiter.join(_array_element(item, delimiter) for item in items) + "}"
 
 
-def _array_element(item: Any) -> str:
+def _array_element(item: Any, delimiter: str) -> str:
     if item is None:
         return "NULL"
     if isinstance(item, list):
-        return _array_literal(item)
+        return _array_literal(item, delimiter)
+    # quoted, so a delimiter inside an element is text (box's ',', any type's ';')
     text = param_to_text(item)
     assert text is not None
     escaped = text.decode().replace("\\", "\\\\").replace('"', '\\"')
