@@ -372,6 +372,21 @@ async def test_array_with_lower_bounds_is_its_text(database_dsn: str, rw_gateway
         assert "[2:3]={1,2}" in printed[target, "table"]
 
 
+async def test_json_null_and_sql_null(database_dsn: str, rw_gateway: str) -> None:
+    """Both are null in JSON and NDJSON; ``IS NULL`` tells them apart in every output, and
+    a direct query's CSV and table show json's ``null`` beside NULL."""
+    sql = "select 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {"j": None, "n": None, "j_is_null": False}
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+        assert one_line(printed[target, "ndjson"]) == row
+    assert printed["--dsn", "csv"] == "j,n,j_is_null\r\nnull,,f\r\n"
+    assert printed["--dsn", "table"].splitlines()[2].split() == ["null", "NULL", "f"]
+    # through a gateway, text is rebuilt from the JSON answer, where both are null
+    assert printed["--url", "csv"] == "j,n,j_is_null\r\n,,f\r\n"
+
+
 # --- run -----------------------------------------------------------------------------------
 
 SCRIPT = """\

@@ -549,6 +549,11 @@ FORMAT_CASES: list[tuple[str, str, str | None]] = [
     ('\'[0:0]={"{\\"a\\": 1}"}\'::jsonb[]', "[]", None),
     ("array_fill(7, array[2, 1], array[0, 1])", "[]", None),
     ("'[1:2]={1,2}'::int[]", "[]", None),  # lower bound 1: an array
+    # json null and SQL NULL are both null in JSON; CSV tells them apart
+    ("'null'::json", "[]", None),
+    ("'null'::jsonb", "[]", None),
+    ("NULL::json", "[]", None),
+    ("array['null'::json, NULL]", "[]", None),
 ]
 
 USER_FORMAT_CASES: list[tuple[str, str, str | None]] = [
@@ -665,6 +670,18 @@ async def test_rows_with_line_breaks_are_one_line_each(gateway: GatewayClient) -
     assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == rows
     arrays = ndjson_lines(await post_query(gateway, sql, fmt="ndjson", shape="arrays"))
     assert [Obj(zip(("i", "pretty", "agg"), line, strict=True)) for line in arrays] == rows
+
+
+async def test_json_null_and_sql_null(
+    gateway: GatewayClient, direct: psycopg.Connection[Any]
+) -> None:
+    """Both are null in the JSON formats; CSV, or ``IS NULL`` in the SQL, tells them apart."""
+    sql = "SELECT 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
+    row = exact_json(await post_query(gateway, sql)).get("rows")[0]
+    assert row == Obj((("j", None), ("n", None), ("j_is_null", False)))
+    assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == [row]
+    csv = await post_query(gateway, sql, fmt="csv")
+    assert csv == b"j,n,j_is_null\nnull,,f\n" == copy_csv(direct, sql)
 
 
 async def test_list_parameters_in_a_transaction(
