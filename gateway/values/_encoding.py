@@ -60,6 +60,9 @@ class JsonbLoader(Loader):
         return orjson.Fragment(bytes(data))
 
 
+_LF, _CR = ord("\n"), ord("\r")
+
+
 class JsonLoader(Loader):
     """json text embedded as it was stored, its raw line breaks written as spaces.
 
@@ -72,7 +75,7 @@ class JsonLoader(Loader):
 
     def load(self, data: Buffer) -> orjson.Fragment:
         raw = bytes(data)
-        if b"\n" in raw or b"\r" in raw:
+        if _LF in raw or _CR in raw:  # a byte's value: memchr, several times faster than b"\n"
             raw = raw.replace(b"\n", b" ").replace(b"\r", b" ")
         return orjson.Fragment(raw)
 
