@@ -255,15 +255,23 @@ async def user_types(gateway: GatewayClient, database_dsn: str) -> AsyncIterator
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+async def post_query(
+    client: GatewayClient, sql: str, params_json: str = "[]", *, fmt: str = "json", **options: str
+) -> bytes:
+    """POST /v1/query answered in `fmt`, parameters as raw JSON text; the body of the 200."""
+    extra = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in options.items())
+    body = f'{{"sql": {json.dumps(sql)}, "params": {params_json}{extra}}}'
+    resp = await client.post(
+        f"/v1/query?format={fmt}", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    data = await resp.read()
+    assert resp.status == 200, data
+    return data
+
+
 async def gateway_answer(client: GatewayClient, sql: str, params_json: str = "[]") -> Any:
     """POST /v1/query with the parameters as raw JSON text; the body parsed exactly."""
-    body = f'{{"sql": {exact_dumps(sql)}, "params": {params_json}}}'
-    resp = await client.post(
-        "/v1/query", data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    answer = exact_json(await resp.text())
-    assert resp.status == 200, plain(answer)
-    return answer
+    return exact_json(await post_query(client, sql, params_json))
 
 
 async def value_json(client: GatewayClient, expr: str) -> Any:
@@ -573,20 +581,6 @@ USER_FORMAT_CASES: list[tuple[str, str, str | None]] = [
 ]
 
 
-async def post_query(
-    client: GatewayClient, sql: str, params_json: str = "[]", *, fmt: str = "json", **options: str
-) -> bytes:
-    """POST /v1/query answered in `fmt`, parameters as raw JSON text; the body of the 200."""
-    extra = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in options.items())
-    body = f'{{"sql": {json.dumps(sql)}, "params": {params_json}{extra}}}'
-    resp = await client.post(
-        f"/v1/query?format={fmt}", data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    data = await resp.read()
-    assert resp.status == 200, data
-    return data
-
-
 def ndjson_lines(body: bytes) -> list[Any]:
     """NDJSON rows as a reader that splits on line feeds gets them, parsed exactly."""
     assert body.endswith(b"\n") and b"\r" not in body, body
@@ -595,7 +589,7 @@ def ndjson_lines(body: bytes) -> list[Any]:
 
 async def every_format(client: GatewayClient, sql: str, params_json: str) -> dict[str, Any]:
     """Column ``v`` of the one row of `sql` as each JSON format has it, and the CSV body."""
-    objects = exact_json(await post_query(client, sql, params_json))
+    objects = await gateway_answer(client, sql, params_json)
     arrays = exact_json(await post_query(client, sql, params_json, shape="arrays"))
     (ndjson_object,) = ndjson_lines(await post_query(client, sql, params_json, fmt="ndjson"))
     (ndjson_array,) = ndjson_lines(
@@ -665,7 +659,7 @@ async def test_rows_with_line_breaks_are_one_line_each(gateway: GatewayClient) -
         "SELECT i, row_to_json(t, true) AS pretty, json_agg(t) OVER () AS agg"
         " FROM (VALUES (1, 'a'), (2, E'b\\nc')) AS t(i, s)"
     )
-    rows = exact_json(await post_query(gateway, sql)).get("rows")
+    rows = (await gateway_answer(gateway, sql)).get("rows")
     assert len(rows) == 2
     assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == rows
     arrays = ndjson_lines(await post_query(gateway, sql, fmt="ndjson", shape="arrays"))
@@ -677,7 +671,7 @@ async def test_json_null_and_sql_null(
 ) -> None:
     """Both are null in the JSON formats; CSV, or ``IS NULL`` in the SQL, tells them apart."""
     sql = "SELECT 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
-    row = exact_json(await post_query(gateway, sql)).get("rows")[0]
+    row = (await gateway_answer(gateway, sql)).get("rows")[0]
     assert row == Obj((("j", None), ("n", None), ("j_is_null", False)))
     assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == [row]
     csv = await post_query(gateway, sql, fmt="csv")
@@ -942,5 +936,5 @@ async def test_ndjson_rows_are_lines(gateway: GatewayClient, documents: list[str
     assert [row.get("j") for row in objects] == expected
     arrays = ndjson_lines(await post_query(gateway, sql, params, fmt="ndjson", shape="arrays"))
     assert [row[1] for row in arrays] == expected
-    answer = exact_json(await post_query(gateway, sql, params)).get("rows")
+    answer = (await gateway_answer(gateway, sql, params)).get("rows")
     assert [row.get("j") for row in answer] == expected
