@@ -5,6 +5,13 @@ run DISCARD ALL because a job left state in the session beyond its transaction
 (noted from each statement's command tag), or teach the codec the types of new
 columns. Each is a statement of the gateway's own in a segment of its own. At its
 start a session learns the roles it runs as (`roles`).
+
+A list parameter goes as an array literal, and what separates its elements is
+the element type's delimiter (pg_type.typdelim: ";" for box, "," for nearly all
+others). Parameters go with type unknown, so only a describe of the statement
+tells: a batch with a list parameter of two or more elements is preceded by one
+round trip that describes those statements (`describe_lists`); other batches
+(nearly all) are not.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from psycopg.pq import ExecStatus
+from psycopg.pq import DiagnosticField, ExecStatus
 from psycopg.pq.abc import PGconn, PGresult
 
-from ..values._encoding import TYPE_QUERY, Codec
+from ..values._encoding import TYPE_QUERY, Codec, param_to_text
+from ._jobs import Statement
 from ._libpq import pipeline_sync
 from ._planner import UNLOCK
 from ._prepared import PreparedStatements
@@ -104,6 +112,62 @@ class Housekeeping:
         if res.status != ExecStatus.TUPLES_OK or res.ntuples != 1:
             raise ConnectionLost(f"the session's roles could not be read: {result_error(res)}")
         return [res.get_value(0, 0), res.get_value(0, 1)]
+
+    async def describe_lists(self, statements: list[Statement]) -> None:
+        """Describe `statements` (one round trip) and write their list parameters
+        again with their types' delimiters.
+
+        Must be called between jobs, with nothing of this session in flight. A
+        statement that does not parse (its error is the job's to report) or names a
+        type that an earlier statement of its transaction creates keeps ``,``.
+
+        Raises:
+            ConnectionLost: the protocol went out of step.
+            psycopg.OperationalError: the connection broke.
+        """
+        described: list[tuple[Statement, PGresult]] = []
+        pending = statements
+        for _ in range(2):  # a late cancel meant for the last batch may land on one
+            for st in pending:
+                self._pg.send_prepare(b"", st.sql)
+                self._pg.send_describe_prepared(b"")
+                pipeline_sync(self._pg)
+            await self._wire.flush()
+            cancelled = []
+            for st in pending:
+                parsed, res = await self._wire.result(), await self._wire.result()
+                await self._wire.sync()
+                if res.status == ExecStatus.COMMAND_OK:
+                    described.append((st, res))
+                elif parsed.error_field(DiagnosticField.SQLSTATE) == b"57014":
+                    cancelled.append(st)
+            if not cancelled:
+                break
+            pending = cancelled
+        await self.fit_lists(described)
+
+    async def fit_lists(self, described: list[tuple[Statement, PGresult]]) -> None:
+        """Write each statement's list parameters with the delimiter of the array type
+        its description gives them; learn the types the codec does not know yet.
+
+        Raises:
+            ConnectionLost: the protocol went out of step.
+            psycopg.OperationalError: the connection broke.
+        """
+        codec = self._codec
+        typed = [
+            (st, index, res.param_type(index))
+            for st, res in described
+            for index in st.lists or ()
+            if index < res.nparams
+        ]
+        unknown = {oid for _, _, oid in typed if not codec.is_known(oid)}
+        if unknown:
+            await self.learn_types(unknown)
+        for st, index, oid in typed:
+            delimiter = codec.array_delimiter(oid)
+            if delimiter is not None and delimiter != "," and st.lists:
+                st.params[index] = param_to_text(st.lists[index], delimiter)
 
     async def learn_types_of(self, results: Iterable[PGresult]) -> None:
         """Teach the codec the column types of `results` it does not know yet."""

@@ -11,6 +11,7 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._errors import GatewayError
 from ..values._results import StatementResult
@@ -26,14 +27,19 @@ class JobState(enum.Enum):
 class Statement:
     """One SQL statement with its parameters already in PostgreSQL text form.
 
-    Not frozen, though never changed: one is made per request, and a frozen
-    dataclass takes three times as long to build.
+    Not frozen: one is made per request (a frozen dataclass takes three times
+    as long to build), and the connection that runs it writes a list parameter
+    again once the parameter's type shows its array delimiter (see `lists`).
     """
 
     sql: bytes
     params: list[bytes | None] = field(default_factory=list)
     #: name of a prepared statement to use instead of `sql` (named queries)
     prepared: bytes | None = None
+    #: list parameters (by position) whose array literal in `params` separates
+    #: elements with ``,``, which box[] and a few other types do not take
+    #: (`gateway.values.list_params`); None: there is none
+    lists: dict[int, list[Any]] | None = None
 
 
 class Job:

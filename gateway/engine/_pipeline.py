@@ -128,6 +128,9 @@ class Session:
     async def _run(self, jobs: list[Job]) -> None:
         if self._planner.roles is None:
             self._planner.roles = await self.roles()
+        listed = [st for job in jobs for st in job.statements if st.lists]
+        if listed:
+            await self.housekeeping.describe_lists(listed)
         plans = await self._run_batch(jobs)
         for plan in plans:
             if plan.retry and not plan.job.done:

@@ -15,7 +15,8 @@ worker cancels the query and gives its connection back at once.
 A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
-    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new
+    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new,
+                                               and list parameters' array delimiters
     execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
                statement (libpq chunked-rows mode); [last]; [COMMIT]; Sync
                ROLLBACK; cleanup or unlock; Sync
@@ -299,7 +300,10 @@ class _StreamRun:
         if failed is not None:
             self._job.fail(result_error(failed))
             return False
-        await self._housekeeping.learn_types_of([results[-1]])
+        described = results[-1]
+        if statement.lists:  # the description has the parameters' types too
+            await self._housekeeping.fit_lists([(statement, described)])
+        await self._housekeeping.learn_types_of([described])
         return True
 
     # --- round trip 2: the rows ------------------------------------------------------------

@@ -21,7 +21,7 @@ from .._settings import Settings
 from ..catalog._catalog import NamedQuery
 from ..engine._jobs import Job, Statement
 from ..engine._stream import StreamJob
-from ..values._encoding import loads_exact, params_to_text
+from ..values._encoding import list_params, loads_exact, params_to_text
 from ..values._formats import OutputFormat, stream_encoder
 
 SHAPES = ("objects", "arrays")
@@ -203,7 +203,7 @@ def sql_statement(sql: Any, params: Any, where: str) -> Statement:
         raise BadRequest(f"{where}.params must be a list (PostgreSQL's $1, $2, …)")
     if len(params) > MAX_PARAMS:
         raise BadRequest(f"{where}.params: at most {MAX_PARAMS} parameters")
-    return Statement(text, params_to_text(params))
+    return Statement(text, params_to_text(params), None, list_params(params))
 
 
 def _check_sql(sql: str) -> bytes | str:
@@ -251,7 +251,10 @@ def named_statement(
     """A named query bound to its parameters, run as a prepared statement."""
     bound = query.bind(values, from_query_string=from_query_string)
     return Statement(
-        query.sql.encode(), params_to_text(bound), prepared=b"pgqg_" + query.name.encode()
+        query.sql.encode(),
+        params_to_text(bound),
+        prepared=b"pgqg_" + query.name.encode(),
+        lists=list_params(bound),
     )
 
 
