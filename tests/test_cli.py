@@ -135,6 +135,24 @@ def test_query_error_prints_postgres_message_detail_and_hint(database_dsn: str) 
     ]
 
 
+@pytest.mark.parametrize(
+    ("sql", "params", "message"),
+    [
+        ("select $1::int + $2::int", ["1"], "the statement has 2 parameters ($1, $2); 1 given"),
+        ("select $1::int", ["1", "2"], "the statement has 1 parameter ($1); 2 given"),
+        ("select $1::int", [], "the statement has 1 parameter ($1); 0 given"),
+        ("select 1", ["1"], "the statement has no parameters; 1 given"),
+    ],
+)
+async def test_a_wrong_parameter_count_reads_the_same_directly_and_through_a_gateway(
+    database_dsn: str, rw_gateway: str, sql: str, params: list[str], message: str
+) -> None:
+    expected = f"ERROR:  {message} (SQLSTATE 08P01)\n"
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, *params)
+    gateway = await pgqg_async("query", "--url", rw_gateway, sql, *params)
+    assert (direct.exit_code, direct.stderr) == (gateway.exit_code, gateway.stderr) == (1, expected)
+
+
 def test_query_takes_one_statement(database_dsn: str) -> None:
     result = pgqg("query", "--dsn", database_dsn, "select 1; select 2")
     assert result.exit_code == 2
@@ -276,6 +294,11 @@ async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: 
     )
     assert result.exit_code == 1
     assert "SQLSTATE 25006" in result.stderr  # read-only, enforced by PostgreSQL
+    assert result.stderr.splitlines() == [
+        "ERROR:  cannot execute CREATE TABLE in a read-only transaction: raw SQL is read-only"
+        " on this gateway (SQLSTATE 25006)",
+        "HINT:  writes need PGQG_RAW_SQL=read-write (pgqg serve --raw-sql read-write)",
+    ]
 
 
 def test_query_unreachable_gateway() -> None:

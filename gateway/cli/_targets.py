@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import orjson
 import psycopg
 from psycopg.adapt import Transformer
-from psycopg.pq import ExecStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 
-from .._errors import DiagnosticError
+from .._errors import DiagnosticError, client_message, parameter_count_message
 from .._settings import Settings
 from ..engine._pool import session_options
 from ..values._encoding import TYPE_QUERY, Codec
@@ -179,9 +179,9 @@ class DirectTarget:
         except psycopg.OperationalError as exc:
             if self._conn.closed or self._conn.broken:
                 raise TargetUnavailable(f"the database connection broke: {_oneline(exc)}") from None
-            raise _failed(exc) from None
+            raise self._failed(exc, sql, params) from None
         except psycopg.Error as exc:
-            raise _failed(exc) from None
+            raise self._failed(exc, sql, params) from None
         return Outcome(
             columns=result_columns(result, self._codec),
             rows=rows,
@@ -191,6 +191,32 @@ class DirectTarget:
             truncated=False,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    def _failed(self, exc: psycopg.Error, sql: str, params: list[str] | None) -> StatementFailed:
+        """The error to report: the gateway's words when the parameter count is wrong.
+
+        psycopg declares one parameter per value it sends, so a count that does
+        not fit reaches PostgreSQL as other errors ("could not determine data
+        type of parameter $2", "there is no parameter $1"); the statement's own
+        count is asked for, as the gateway's unnamed Parse sees it.
+        """
+        if params is not None:
+            needed = self._parameter_count(sql)
+            if needed is not None and needed != len(params):
+                return StatementFailed(
+                    parameter_count_message(needed, len(params)), sqlstate="08P01"
+                )
+        return _failed(exc)
+
+    def _parameter_count(self, sql: str) -> int | None:
+        """How many parameters PostgreSQL finds in `sql`; None if it cannot tell."""
+        pgconn = self._conn.pgconn
+        if pgconn.transaction_status != TransactionStatus.IDLE:
+            return None  # an unnamed statement here would not change the outcome
+        if pgconn.prepare(b"", sql.encode(), None).status != ExecStatus.COMMAND_OK:
+            return None
+        described = pgconn.describe_prepared(b"")
+        return described.nparams if described.status == ExecStatus.COMMAND_OK else None
 
     def _learn(self, oids: list[int]) -> None:
         """Learn names (and array element types) of types the codec does not know."""
@@ -217,7 +243,7 @@ def _failed(exc: psycopg.Error) -> StatementFailed:
     diag = exc.diag
     position = diag.statement_position
     return StatementFailed(
-        diag.message_primary or _oneline(exc),
+        client_message(diag.message_primary or _oneline(exc), diag.sqlstate),
         sqlstate=diag.sqlstate,
         detail=diag.message_detail,
         hint=diag.message_hint,

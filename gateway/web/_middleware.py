@@ -16,15 +16,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(error: GatewayError) -> web.Response:
-    """The JSON error body, with Retry-After when the error suggests one."""
-    headers = {}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(error.retry_after)
+    """The JSON error body, with the headers the error asks for (Retry-After, Allow)."""
     return web.Response(
         body=orjson.dumps(error.to_dict()),
         status=error.status,
         content_type="application/json",
-        headers=headers,
+        headers=error.headers(),
     )
 
 
@@ -32,7 +29,10 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("no such endpoint; see /openapi.json")
     if exc.status == 405:
-        return MethodNotAllowed(f"method not allowed; allowed: {exc.headers.get('Allow', '')}")
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(
+            f"method not allowed; allowed: {allow}", allow=[allow] if allow else []
+        )
     if exc.status == 413:
         return TooLarge(exc.text or "request body too large")
     if exc.status < 500:
@@ -50,10 +50,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(exc))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        return error_response(_from_http_exception(exc))
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(GatewayError("internal error; see the gateway's log"))
