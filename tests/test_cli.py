@@ -499,6 +499,45 @@ def test_help_lists_every_command() -> None:
     assert "init" in pgqg("db", "--help").stdout
 
 
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    toml = tmp_path / "pgqg.toml"
+    toml.write_text("port = \n")
+    result = pgqg("serve", "--config", str(toml))
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"Error: {toml}: not valid TOML: Invalid value (at line 1, column 8)\n"
+    toml.write_text("pool-size = 2\n")
+    result = pgqg("serve", "--config", str(toml))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: invalid settings: unknown setting 'pool-size' in {toml} (did you mean"
+        " 'pool_size'?)"
+    )
+
+
+def test_a_bad_named_query_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "queries").mkdir()
+    bad = tmp_path / "queries" / "bad.sql"
+    bad.write_text("-- name: q\n-- params: a int\nSELECT 1\n")
+    # refused before anything starts: no embedded server, no port
+    result = pgqg("serve", "--port", "0", env={"PGQG_SQL_DIR": str(tmp_path)})
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"Error: bad named-query file {bad}:2: parameter 'a' is declared but not used by 'q'\n"
+    )
+
+
+def test_an_unknown_pgqg_variable_is_warned_of_once(database_dsn: str) -> None:
+    result = pgqg(
+        "query", "--dsn", database_dsn, "select 1 AS x", "--format", "csv",
+        env={"PGQG_POOLSIZE": "3"},
+    )  # fmt: skip
+    assert (result.exit_code, raw(result)) == (0, "x\r\n1\r\n")
+    assert result.stderr == (
+        "pgqg: warning: PGQG_POOLSIZE is not a setting and is ignored; did you mean"
+        " PGQG_POOL_SIZE?\n"
+    )
+
+
 def test_serve_fails_at_once_on_a_taken_port(database_dsn: str, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

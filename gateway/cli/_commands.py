@@ -27,7 +27,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .._build import compiled_modules
-from .._settings import ConfigError, Settings, load_settings
+from .._settings import (
+    ConfigError,
+    ConfigFileError,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
+from ..catalog import Catalog, CatalogError
 from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
 from ..web._server import serve
 from ._demo import DEMO_FILES, DemoError, load_demo
@@ -59,15 +66,27 @@ def main() -> None:
     pgqg run migrations.sql --dsn postgresql://...
     pgqg db init --dsn postgresql://...
     """
+    for warning in unknown_variables():
+        click.echo(f"pgqg: warning: {warning}", err=True)
 
 
 # --- settings, targets, errors ---------------------------------------------------------
 
 
+class _BadFile(click.ClickException):
+    """A file the command reads is malformed: one line naming file and line, exit 2
+    (a usage error, as click exits for a bad flag)."""
+
+    exit_code = 2
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
-    """Load the settings; a bad value is a usage error naming the setting."""
+    """Load the settings; a bad value is a usage error naming the setting, a bad
+    ``--config`` file one line naming the file."""
     try:
         return load_settings(config, **overrides)
+    except ConfigFileError as exc:
+        raise _BadFile(str(exc)) from None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -269,6 +288,7 @@ def serve_command(
         shutdown_grace_s=shutdown_grace_s,
     )
     _check_listen_address(settings)
+    _check_catalog(settings)
     if settings.dsn:
         click.echo(f"pgqg: serving {_describe_dsn(settings.dsn)}")
         _serve(settings, settings.dsn, _announce(settings, demo=False))
@@ -293,12 +313,23 @@ def _check_listen_address(settings: Settings) -> None:
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
 
+def _check_catalog(settings: Settings) -> None:
+    """Fail now, before an embedded server is started for nothing, when a named-query
+    file is malformed (the gateway would refuse to start with it)."""
+    try:
+        Catalog.load(settings.sql_dir / "queries")
+    except CatalogError as exc:
+        raise _BadFile(f"bad named-query file {exc}") from None
+
+
 def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> None:
     """`serve`, with a taken port (or another socket error at start) as one line."""
     try:
         serve(settings, dsn, on_ready=on_ready)
     except OSError as exc:
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
+    except CatalogError as exc:  # a file changed since _check_catalog read it
+        raise _BadFile(f"bad named-query file {exc}") from None
 
 
 def _serve_embedded(settings: Settings) -> None:
