@@ -278,6 +278,44 @@ async def test_query_through_the_gateway_with_parameters(rw_gateway: str) -> Non
     assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+async def test_query_through_the_gateway_streams_every_row(
+    gateway_factory: ClientFactory, database_dsn: str, fmt: str
+) -> None:
+    # more rows than the gateway's max_rows: its JSON answer would stop there
+    url = str((await gateway_factory(max_rows=100)).make_url("")).rstrip("/")
+    sql = "select g, repeat('x', g % 7) AS pad, E'a\\nb' AS nl from generate_series(1, 2500) g"
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", fmt)
+    gateway = await pgqg_async("query", "--url", url, sql, "--format", fmt)
+    assert direct.exit_code == gateway.exit_code == 0, (direct.output, gateway.output)
+    assert raw(gateway) == raw(direct)
+    assert gateway.stderr == ""
+    lines = raw(gateway).count("\n")
+    assert lines == (1 + 2500 * 2 if fmt == "csv" else 2500)  # a header; a LF in every row
+
+
+async def test_a_lone_backslash_dot_is_quoted_as_copy_does(
+    database_dsn: str, rw_gateway: str
+) -> None:
+    sql = "select '\\.' AS x"  # COPY's end-of-data marker, alone on its line
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", "csv")
+    gateway = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "csv")
+    assert raw(direct) == raw(gateway) == 'x\r\n"\\."\r\n'
+
+
+async def test_query_through_the_gateway_a_stream_that_fails_midway(rw_gateway: str) -> None:
+    sql = "select g, 1 / (g - 4000) AS x from generate_series(1, 5000) g"
+    ndjson = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "ndjson")
+    assert ndjson.exit_code == 1
+    assert ndjson.stderr == "ERROR:  division by zero (SQLSTATE 22012)\n"
+    rows = [json.loads(line) for line in ndjson.stdout.splitlines()]
+    assert rows and rows == [{"g": g, "x": -1 if g > 3000 else 0} for g in range(1, len(rows) + 1)]
+    csv = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "csv")
+    assert csv.exit_code == 1
+    assert "cut its answer short" in csv.stderr
+    assert raw(csv).startswith("g,x\r\n1,0\r\n")
+
+
 async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: str) -> None:
     result = await pgqg_async("query", "--url", rw_gateway, "select 1/0")
     assert result.exit_code == 1

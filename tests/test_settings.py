@@ -65,7 +65,11 @@ def test_a_toml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "meant"),
-    [("pool-size", "pool_size"), ("poolsize", "pool_size"), ("statement_timeout", "statement_timeout_ms")],
+    [
+        ("pool-size", "pool_size"),
+        ("poolsize", "pool_size"),
+        ("statement_timeout", "statement_timeout_ms"),
+    ],
 )
 def test_an_unknown_toml_key_names_the_setting_it_probably_meant(
     tmp_path: Path, key: str, meant: str

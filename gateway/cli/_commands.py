@@ -430,6 +430,10 @@ def query_command(
             param_hint="SQL",
         )
     target = _open_target(_settings(config, dsn=dsn), url)
+    if isinstance(target, GatewayTarget) and fmt in ("csv", "ndjson"):
+        # every row, streamed, as directly: not the JSON answer cut at max_rows
+        _stream_through(target, sql, list(params), fmt, shape)
+        return
     try:
         outcome = target.run(sql, list(params))
     except StatementFailed as exc:
@@ -450,6 +454,23 @@ def query_command(
     )
     if outcome.truncated and fmt != "table":
         click.echo("pgqg: the gateway cut the result at its max_rows", err=True)
+
+
+def _stream_through(
+    target: GatewayTarget, sql: str, params: list[str], fmt: str, shape: str
+) -> None:
+    """Print a gateway's streamed rows as they come; exit 1 when the statement fails."""
+    out = sys.stdout.buffer  # not click.get_binary_stream (deprecated in click 8.5)
+    try:
+        for chunk in target.stream(sql, params, fmt, shape):
+            out.write(chunk)
+            out.flush()
+    except StatementFailed as exc:
+        for line in _error_lines(exc):
+            click.echo(line, err=True)
+        sys.exit(1)
+    except TargetUnavailable as exc:
+        _fail(str(exc))
 
 
 # --- run -------------------------------------------------------------------------------
