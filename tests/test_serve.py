@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import pytest
 
 from gateway.embedded._postgres import server_processes
@@ -188,3 +189,25 @@ def test_sigterm_while_starting_leaves_nothing_running(home: Path, data_dir: Pat
         served.kill()
     assert status == 0, served.output
     assert_nothing_left(served, data_dir)
+
+
+@pytest.mark.slow
+def test_a_second_serve_on_a_data_dir_in_use_says_to_use_another(
+    home: Path, data_dir: Path, embedded_factory: Any
+) -> None:
+    running = embedded_factory(data_dir)  # the first gateway's server, as far as we know
+    second = Served(clean_env(home, data_dir, free_port()), home / "second.log")
+    try:
+        status = second.proc.wait(timeout=READY_TIMEOUT_S)
+    finally:
+        second.kill()
+    assert status == 1, second.output
+    assert second.output.splitlines()[-1] == (
+        f"pgqg: another PostgreSQL server already runs on {data_dir} (another pgqg serve?):"
+        " give this gateway its own data directory with --data-dir (PGQG_DATA_DIR), or stop"
+        " the other gateway first"
+    )
+    assert "kill" not in second.output and "pg_ctl" not in second.output
+    assert running.is_running()  # left alone, and serving
+    with psycopg.connect(running.dsn) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

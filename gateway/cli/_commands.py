@@ -334,7 +334,7 @@ def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> Non
 
 def _serve_embedded(settings: Settings) -> None:
     """Start the embedded server, load the demo once, serve, and always stop it."""
-    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres
+    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres, server_processes
 
     signals = _StopSignals()
     signals.install()
@@ -344,7 +344,17 @@ def _serve_embedded(settings: Settings) -> None:
     embedded = EmbeddedPostgres(data_dir)
     try:
         started = time.monotonic()
-        embedded.start()
+        try:
+            embedded.start()
+        except EmbeddedError:
+            if not embedded.is_running() and server_processes(data_dir):
+                # another gateway's server, most likely: never stop it under that gateway
+                _fail(
+                    f"another PostgreSQL server already runs on {data_dir} (another"
+                    " pgqg serve?): give this gateway its own data directory with"
+                    " --data-dir (PGQG_DATA_DIR), or stop the other gateway first"
+                )
+            raise
         how = "created and started" if embedded.initialized_now else "started"
         click.echo(f"  PostgreSQL {how} in {time.monotonic() - started:.1f} s")
         signals.check()
