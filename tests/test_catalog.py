@@ -211,6 +211,13 @@ def test_values_that_fit(type_: str, fits: list[object]) -> None:
         assert query.bind({"p": value}) == [value]
 
 
+def test_integral_numbers_are_integers_as_json_schema_has_them() -> None:
+    # JSON Schema's "integer" takes 1000.0 and 1e3; PostgreSQL's integer input does not
+    query = query_with("a int, b bigint[]", "SELECT :a, :b")
+    body = loads_exact(b'{"a": 1000.0, "b": [1e3, null, -2.50e1, 7]}')
+    assert query.bind(body) == [1000, [1000, None, -25, 7]]
+
+
 @pytest.mark.parametrize(
     ("type_", "value", "got"),
     [
@@ -226,7 +233,8 @@ def test_values_that_fit(type_: str, fits: list[object]) -> None:
         ("boolean", "true", "a string"),
         ("text", 1, "an integer"),
         ("text", JSONNumber("1.5"), "a number"),
-        ("int", JSONNumber("1.0"), "a number"),
+        ("int", JSONNumber("1.5"), "a number"),
+        ("int", JSONNumber("1e200"), "a number"),  # no integer anyone means
         ("text", ["a"], "an array"),
         ("date", 20240101, "an integer"),
         ("int[]", 1, "an integer"),

@@ -26,7 +26,7 @@ from pglast.stream import RawStream
 from .._errors import BadRequest, UnknownQuery
 from ..values._encoding import JSONNumber
 
-__all__ = ["Catalog", "CatalogError", "NamedQuery", "Param"]
+__all__ = ["Catalog", "CatalogError", "NamedQuery", "Param", "integral_number"]
 
 
 class CatalogError(Exception):
@@ -157,6 +157,26 @@ class _Misfit(Exception):
     """A value does not fit its parameter's type; the binder words the error."""
 
 
+#: an integral number written with a fraction or exponent (``1000.0``, ``1e3``) is an
+#: integer for JSON Schema; past this many digits it is no integer anyone means
+_INTEGRAL_DIGITS = 100
+
+
+def integral_number(value: object) -> int | None:
+    """The integer a JSON number with a fraction or exponent spells (``1000.0``,
+    ``1e3``), as JSON Schema's "integer" takes it; None when it is no integer
+    (``1.5``), or one of more than 100 digits."""
+    if not isinstance(value, JSONNumber):
+        return None
+    try:
+        number = Decimal(value)
+    except ArithmeticError:
+        return None
+    if not number.is_finite() or number.adjusted() >= _INTEGRAL_DIGITS:
+        return None
+    return int(number) if number == number.to_integral_value() else None
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -179,7 +199,9 @@ def _fits(kind: _Kind, value: object) -> bool:
     """Whether a JSON scalar (not null) fits *kind*."""
     if kind is _Kind.INTEGER:
         # a digit string too: int8 goes out as a string and must come back in as one
-        if isinstance(value, str) and not isinstance(value, JSONNumber):
+        if isinstance(value, JSONNumber):
+            return integral_number(value) is not None  # 1000.0 is an integer too
+        if isinstance(value, str):
             return _INTEGER_TEXT.fullmatch(value) is not None
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is _Kind.NUMBER:
@@ -233,12 +255,23 @@ def _from_json(info: _TypeInfo, value: object) -> object:
         _check_array(info.kind, value)
     elif not _fits(info.kind, value):
         raise _Misfit(f"{info.kind.value}, not {_json_type(value)}")
+    if info.kind is _Kind.INTEGER:
+        return _integers(value)
     if info.kind is not _Kind.JSON:
         return value
     if info.is_array:
         assert isinstance(value, list)  # _check_array made sure
         return [None if item is None else _json_text(item) for item in value]
     return _json_text(value)
+
+
+def _integers(value: object) -> object:
+    """*value* (or its nested elements) with each ``1000.0`` as the integer 1000:
+    PostgreSQL's integer input refuses the fraction."""
+    if isinstance(value, list):
+        return [_integers(item) for item in value]
+    integral = integral_number(value)
+    return value if integral is None else integral
 
 
 def _reject_constant(name: str) -> object:
@@ -284,6 +317,62 @@ class Param:
 
     name: str
     type: str
+
+    def json_schema(self, *, in_query_string: bool = False) -> dict[str, object]:
+        """The JSON Schema of the values `NamedQuery.bind` takes for this parameter:
+        from a JSON body (null, SQL NULL, included), or `in_query_string` as text."""
+        info = _type_info(self.type)
+        if in_query_string:
+            schema = _text_schema(info)
+        elif info.is_array:
+            element = _nullable(_SCHEMA_BY_KIND[info.kind])
+            items = element if info.kind is _Kind.JSON else {"anyOf": [element, _ARRAY]}
+            schema = _nullable({**_ARRAY, "items": items})
+        else:
+            schema = _nullable(_SCHEMA_BY_KIND[info.kind])
+        return {**schema, "description": f"PostgreSQL {self.type}"}
+
+
+_ARRAY: dict[str, object] = {"type": "array"}
+_INTEGER_PATTERN = "^[+-]?[0-9]+$"
+#: `_NUMERIC_TEXT` and `_BOOLEAN_TEXT` for JSON Schema, whose patterns take no flags
+_NUMERIC_PATTERN = (
+    r"^(?:[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+    "|[+-]?[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn])$"
+)
+_BOOLEAN_PATTERN = (
+    "^(?:[Tt](?:[Rr][Uu][Ee])?|[Ff](?:[Aa][Ll][Ss][Ee])?|[Yy][Ee][Ss]|[Nn][Oo]|[01])$"
+)
+_SCHEMA_BY_KIND: dict[_Kind, dict[str, object]] = {
+    # JSON Schema's integers include 1000.0, which `integral_number` takes too
+    _Kind.INTEGER: {"type": ["integer", "string"], "pattern": _INTEGER_PATTERN},
+    _Kind.NUMBER: {"type": ["number", "string"], "pattern": _NUMERIC_PATTERN},
+    _Kind.BOOLEAN: {"type": "boolean"},
+    _Kind.JSON: {},
+    _Kind.TEXT: {"type": "string"},
+}
+
+
+def _nullable(schema: dict[str, object]) -> dict[str, object]:
+    """*schema*, or null (any type is NULL in SQL)."""
+    kind = schema.get("type")
+    if kind is None:
+        return schema  # any JSON value already
+    kinds = kind if isinstance(kind, list) else [kind]
+    return {**schema, "type": [*kinds, "null"]}
+
+
+def _text_schema(info: _TypeInfo) -> dict[str, object]:
+    """What a query-string value of this type must spell (`_from_text`)."""
+    if info.is_array or info.kind is _Kind.JSON:
+        return {"type": "string", "contentMediaType": "application/json"}
+    if info.kind is _Kind.INTEGER:
+        return {"type": "integer"}
+    if info.kind is _Kind.NUMBER:
+        return {"type": "string", "pattern": _NUMERIC_PATTERN}
+    if info.kind is _Kind.BOOLEAN:
+        return {"type": "string", "pattern": _BOOLEAN_PATTERN}
+    return {"type": "string"}
 
 
 @dataclass(frozen=True, slots=True)
