@@ -7,7 +7,8 @@ benchmark's point selects about 17 % faster. ``PGQG_COMPILE=0 pip install ...``
 installs them as plain Python, and so does an install on a machine without a C
 compiler or Python's headers (`can_compile`), as aiohttp's and yarl's do.
 
-The dispatcher stays Python: compiled, a connection worker cancelled while
+The dispatcher and its parts (the queue, the wake-ups, the workers and their
+leases) stay Python: compiled, a connection worker cancelled while
 idle under uvloop did not stop (mypyc 2.4; "invalid exception object" in the
 task step), so the gateway did not shut down.
 
@@ -54,6 +55,12 @@ COMPILED_MODULES = (
     "values._formats",
     "engine._costs",
     "engine._pipeline",
+    "engine._planner",
+    "engine._prepared",
+    "engine._wire",
+    "engine._cancel",
+    "engine._reader",
+    "engine._housekeeping",
     "engine._libpq",
     "values._results",
 )

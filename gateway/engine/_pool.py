@@ -147,19 +147,7 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> GatewayPoo
         max_size=settings.pool_size,
         open=False,
         name=name,
-        kwargs={
-            "autocommit": True,
-            "application_name": APPLICATION_NAME if name == "pgqg" else f"pgqg-{name}",
-            "options": session_options(settings),
-            "client_encoding": "UTF8",
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            # A server that vanishes without closing the connection (a network
-            # partition, a host power-off) is noticed in about 25 s, not hours.
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
-        },
+        kwargs=connect_kwargs(settings, APPLICATION_NAME if name == "pgqg" else f"pgqg-{name}"),
         check=AsyncConnectionPool.check_connection,
         reset=reset_connection,
         max_lifetime=settings.pool_max_lifetime_s,
@@ -168,6 +156,23 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> GatewayPoo
         # GatewayPool.reconnect_failed takes over from there
         reconnect_timeout=0,
     )
+
+
+def connect_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
+    """How every connection of the gateway connects: the pool's and the LISTEN one."""
+    return {
+        "autocommit": True,
+        "application_name": application_name,
+        "options": session_options(settings),
+        "client_encoding": "UTF8",
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        # A server that vanishes without closing the connection (a network
+        # partition, a host power-off) is noticed in about 25 s, not hours.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
 
 
 async def reset_connection(conn: AsyncConnection[Any]) -> None:

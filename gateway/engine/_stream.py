@@ -34,16 +34,14 @@ away, or the row limit is reached in a read-only stream, the query is cancelled
 on the server and the rest of its output discarded, so the connection is free
 again at once.
 
-`_StreamRun` is a friend of `Session`: it uses the session's protocol helpers and
-bookkeeping (prepared statements, session-state clean-up) rather than copies of
-them; mypy --strict checks that they still match.
+`_StreamRun` shares the session's parts (`Wire`, `PreparedStatements`,
+`Housekeeping`, `Cancels`) rather than copies of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 
 import psycopg
 from psycopg.adapt import Transformer
@@ -54,16 +52,9 @@ from .._errors import BadRequest, GatewayError, Timeout
 from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
 from ._jobs import Job, JobState, Statement
-from ._pipeline import (
-    _COMMIT,
-    _ROLLBACK,
-    ConnectionLost,
-    Session,
-    _query_error,
-    begin_command,
-    send_cleanup,
-    wake_future,
-)
+from ._pipeline import Session
+from ._planner import COMMIT, ROLLBACK, begin_command, send_cleanup
+from ._wire import ConnectionLost, result_error, wake_future
 
 #: encoded chunks a stream may hold between the connection worker and the client
 BUFFERED_CHUNKS = 4
@@ -217,10 +208,13 @@ class _StreamRun:
 
     def __init__(self, session: Session, job: StreamJob) -> None:
         self._session = session
-        self._pg = session._pg
-        self._codec = session._codec
+        self._wire = session.wire
+        self._pg = session.wire.pg
+        self._prepared = session.prepared
+        self._housekeeping = session.housekeeping
+        self._codec = session.codec
         self._job = job
-        self._tx = Transformer(session._codec.adapters)
+        self._tx = Transformer(session.codec.adapters)
         self._loop = asyncio.get_running_loop()
         self._columns: list[Column] | None = None
         self._begun = False
@@ -235,20 +229,20 @@ class _StreamRun:
         if not await self._describe(statement) or self._job.stopped.done():
             return
         closing = self._send(statement)
-        await self._session._flush()
+        await self._wire.flush()
         if await self._read_setup():
             self._chunked_rows_mode()
         await self._read_statement()
         if not self._job.read_only:
             self._note_error(await self._one_result())
-        await self._session._sync()
+        await self._wire.sync()
         for _ in range(closing):
-            await self._session._result()
-        await self._session._sync()
+            await self._wire.result()
+        await self._wire.sync()
         if self._cancelled:
             await self._after_cancel()
-        if self._session._dirty:
-            await self._session._discard()
+        if self._housekeeping.dirty:
+            await self._housekeeping.discard()
         await self._end()
 
     async def _after_cancel(self) -> None:
@@ -258,46 +252,39 @@ class _StreamRun:
         rest was drained): a ROLLBACK it interrupted is run again, and a read-write
         job's cleanup is redone by DISCARD ALL.
         """
-        self._pg.send_query_params(_ROLLBACK, None)
+        self._pg.send_query_params(ROLLBACK, None)
         self._pg.pipeline_sync()
-        await self._session._flush()
-        await self._session._result()
-        await self._session._sync()
+        await self._wire.flush()
+        await self._wire.result()
+        await self._wire.sync()
         if not self._job.read_only:
-            self._session._dirty = True
+            self._housekeeping.dirty = True
 
     # --- round trip 1: what the columns are ------------------------------------------------
 
     async def _describe(self, statement: Statement) -> bool:
         """Parse and describe the statement; learn new column types. False if it failed."""
-        session = self._session
-        prepared = session.send_prepare(statement)
-        prepares = () if prepared is None else (prepared,)
-        queued = len(prepares) * session.prepare_messages
-        name = session.trusted_name(statement)
+        wire, prepared = self._wire, self._prepared
+        name = prepared.send_prepare(statement)
+        prepares = () if name is None else (name,)
+        queued = len(prepares) * prepared.messages
+        name = prepared.trusted_name(statement)
         if name is None:  # raw, or a name run unnamed: describe its text
             name = b""
             self._pg.send_prepare(name, statement.sql)
             queued = 1
         self._pg.send_describe_prepared(name)
         self._pg.pipeline_sync()
-        await session._flush()
-        results = [await session._result() for _ in range(queued + 1)]
-        await session._sync()
+        await wire.flush()
+        results = [await wire.result() for _ in range(queued + 1)]
+        await wire.sync()
         if prepares:
-            session._prepared_results(prepares, results)
+            prepared.forget_failed(prepares, results)
         failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
         if failed is not None:
-            self._job.fail(_query_error(failed))
+            self._job.fail(result_error(failed))
             return False
-        described = results[-1]
-        unknown = {
-            described.ftype(i)
-            for i in range(described.nfields)
-            if not self._codec.is_known(described.ftype(i))
-        }
-        if unknown:
-            await session.learn_types(unknown)
+        await self._housekeeping.learn_types_of([results[-1]])
         return True
 
     # --- round trip 2: the rows ------------------------------------------------------------
@@ -309,11 +296,11 @@ class _StreamRun:
         pg.send_query_params(_NO_TIMEOUT, None)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
-        self._session.send_statement(statement)
+        self._prepared.send_statement(statement)
         if not job.read_only:
-            pg.send_query_params(_COMMIT, None)
+            pg.send_query_params(COMMIT, None)
         pg.pipeline_sync()
-        pg.send_query_params(_ROLLBACK, None)
+        pg.send_query_params(ROLLBACK, None)
         closing = 1 if job.read_only else 1 + send_cleanup(pg)
         pg.pipeline_sync()
         return closing
@@ -341,7 +328,7 @@ class _StreamRun:
                 await self._rows(res)
             elif res.status == ExecStatus.COMMAND_OK:
                 self._columns = self._columns or []
-                self._session._note_session_state(res)
+                self._housekeeping.note(res)
             elif res.status == ExecStatus.EMPTY_QUERY:
                 self._note(BadRequest("the statement is empty"))
             else:
@@ -403,7 +390,7 @@ class _StreamRun:
 
     def _note_error(self, res: PGresult) -> None:
         if res.status == ExecStatus.FATAL_ERROR:
-            self._note(_query_error(res))
+            self._note(result_error(res))
 
     def _note(self, error: GatewayError) -> None:
         """Keep the first error; after a stop, errors are the cancel's echo."""
@@ -429,7 +416,7 @@ class _StreamRun:
         """Wait for the socket; watch the client and the stall limit unless stopping."""
         ready: asyncio.Future[None] = self._loop.create_future()
         fd = self._pg.socket
-        self._session.unwatch()  # one reader per fd: the session's gives way to ours
+        self._wire.unwatch()  # one reader per fd: the session's gives way to ours
         self._loop.add_reader(fd, wake_future, ready, None)
         watched: set[asyncio.Future[None]] = {ready}
         if not self._stopping:
@@ -460,5 +447,4 @@ class _StreamRun:
         if cancel:
             self._cancelled = True
             # best effort: if the cancel is lost, the rest is read and dropped
-            with contextlib.suppress(psycopg.Error, OSError):
-                await self._session._conn.cancel_safe(timeout=5)
+            await self._session.cancels.send()

@@ -9,9 +9,11 @@ from aiohttp import web
 from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
+from ..engine._listener import Listener
 from ..engine._pool import make_pool
 from ..values._encoding import Codec
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, POOL, SETTINGS
+from . import _events
+from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, POOL, SETTINGS
 from ._middleware import error_middleware
 from ._routes import routes
 
@@ -36,7 +38,10 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
     app.add_routes(routes)
+    app.add_routes(_events.routes)
     app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(listener_ctx)
+    app.on_shutdown.append(end_event_streams)
     app.on_shutdown.append(drain_requests)
     return app
 
@@ -52,6 +57,14 @@ async def drain_requests(app: web.Application) -> None:
     dispatcher = app.get(DISPATCHER)
     if dispatcher is not None:
         await dispatcher.drain(app[SETTINGS].shutdown_grace_s)
+
+
+async def end_event_streams(app: web.Application) -> None:
+    """On shutdown, end every live event stream at once: they would never end by
+    themselves, and aiohttp waits for its handlers."""
+    listener = app.get(LISTENER)
+    if listener is not None:
+        listener.end_streams()
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -70,3 +83,13 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
         await pool.close()
+
+
+async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Make the LISTEN connection's owner (it connects on the first subscriber); close it."""
+    listener = Listener(app[DSN], app[SETTINGS])
+    try:
+        app[LISTENER] = listener
+        yield
+    finally:
+        await listener.close()

@@ -10,6 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
+from ..engine._listener import Listener
 from ..values._encoding import Codec
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -18,3 +19,4 @@ CODEC = web.AppKey("codec", Codec)
 DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", AsyncConnectionPool[Any])
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+LISTENER = web.AppKey("listener", Listener)

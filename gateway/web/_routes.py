@@ -27,7 +27,7 @@ from ..engine._dispatcher import probe_job
 from ..engine._jobs import Statement
 from ..values._formats import OutputFormat, negotiate
 from ..values._results import StatementResult
-from ._app_keys import CATALOG, DISPATCHER, POOL, SETTINGS
+from ._app_keys import CATALOG, DISPATCHER, LISTENER, POOL, SETTINGS
 from ._openapi import openapi_document
 from ._requests import (
     RESERVED_QUERY_KEYS,
@@ -306,9 +306,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Dispatcher and pool figures: queue depth, per-connection load."""
+    """Dispatcher and pool figures: queue depth, per-connection load; live event streams."""
     body = request.app[DISPATCHER].stats()
     body["pool"] = request.app[POOL].get_stats()
+    body["subscribers"] = request.app[LISTENER].subscribers
+    body["listen"] = request.app[LISTENER].stats()
     return json_response(body)
 
 

@@ -1,0 +1,156 @@
+"""The batch reader: a pipelined batch's results read back, each job resolved from its own.
+
+Results come in the order `Planner` sent them. Each job is resolved as soon
+as its own segment is read, before its cleanup segment: a write whose COMMIT
+succeeded is reported done even if the connection breaks right after. A job
+whose result holds a column type the codec does not know yet is held back
+until the batch's end, when the session learns the types.
+
+A failed job that had no effect runs once more on its own (`Plan.retry`): one
+hit by a cancel meant for another job of the batch, one whose transaction a
+late cancel left aborted, and VACUUM and friends, which refuse a transaction
+block (read-write jobs only).
+"""
+
+from __future__ import annotations
+
+import time
+
+from psycopg.pq import ExecStatus
+from psycopg.pq.abc import PGresult
+
+from .._errors import GatewayError, Timeout
+from ..values._results import ResultConverter
+from ._cancel import Cancels
+from ._housekeeping import Housekeeping
+from ._jobs import Job
+from ._planner import Plan
+from ._prepared import PreparedStatements
+from ._wire import Wire, result_error
+
+_USER_CANCEL = "canceling statement due to user request"
+# ExecStatus members as plain constants: an enum attribute costs a lookup per result
+_FATAL_ERROR = ExecStatus.FATAL_ERROR
+
+
+class BatchReader:
+    """Reads one session's batches back and resolves their jobs."""
+
+    def __init__(
+        self,
+        wire: Wire,
+        cancels: Cancels,
+        prepared: PreparedStatements,
+        housekeeping: Housekeeping,
+        results: ResultConverter,
+    ) -> None:
+        self._wire = wire
+        self._pg = wire.pg
+        self._cancels = cancels
+        self._prepared = prepared
+        self._housekeeping = housekeeping
+        self._results = results
+
+    async def read(self, plans: list[Plan]) -> list[tuple[Plan, list[PGresult]]]:
+        """Read the jobs' results in order, resolving each job as soon as its own
+        segment is read; return the jobs held (with their statements' results)
+        while one of their types is unknown.
+
+        Results libpq holds already (most of a batch's) are taken without a
+        coroutine each.
+        """
+        pg, wire, cancels = self._pg, self._wire, self._cancels
+        deferred = []
+        mark = time.perf_counter()
+        for plan in plans:
+            job = cancels.head = plan.job
+            # abandoned while waiting behind other jobs of the batch: cancelled if
+            # we have to wait for it, that is while the server may still run it
+            cancels.wanted = job.done
+            before = plan.rollback_first + len(plan.prepares) * self._prepared.messages + plan.setup
+            results = []
+            try:
+                for _ in range(before + len(job.statements) * (1 + plan.guarded) + plan.commit):
+                    results.append(await wire.result() if pg.is_busy() else wire.take_result())
+            finally:
+                cancels.head = None
+                cancels.wanted = False
+            if pg.is_busy():
+                await wire.sync()
+            else:
+                wire.take_sync()
+            raw = self._settle(plan, results, before)
+            if raw is not None:
+                deferred.append((plan, raw))
+            for _ in range(plan.cleanup):
+                await wire.result()
+            if plan.cleanup:
+                await wire.sync()
+            # how long the connection was held by this job: results that came
+            # in one packet with the previous job's cost (nearly) nothing
+            now = time.perf_counter()
+            job.cost_s, mark = now - mark, now
+        return deferred
+
+    def _settle(self, plan: Plan, results: list[PGresult], before: int) -> list[PGresult] | None:
+        """Resolve the job from its segment's results, the statements' from `before` on;
+        return the statements' results instead while one of their types is unknown."""
+        if plan.prepares:
+            self._prepared.forget_failed(plan.prepares, results[plan.rollback_first :])
+        step = 1 + plan.guarded  # guarded, each statement's result follows its guard's
+        raw = results[before + step - 1 : before + step * len(plan.job.statements) : step]
+        for res in raw:
+            self._housekeeping.note(res)
+        # after an error PostgreSQL skips the rest of the segment: one error at most
+        for res in results:
+            if res.status == _FATAL_ERROR:
+                self._fail(plan, res, first=res is results[0])
+                return None
+        return None if self.deliver(plan.job, raw) else raw
+
+    def _fail(self, plan: Plan, res: PGresult, *, first: bool) -> None:
+        """Fail the job with `res`'s error, or mark it to run again; `first`: the
+        error came from the job's very first message, before anything of it ran."""
+        error = result_error(res)
+        job = plan.job
+        if not plan.retrying and not job.done and self._should_retry(plan, error, first):
+            plan.retry = True
+        elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
+            job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
+        else:
+            job.fail(error)
+
+    def _should_retry(self, plan: Plan, error: GatewayError, first: bool) -> bool:
+        """Whether the failed job had no effect and can simply run again."""
+        job = plan.job
+        sent = self._cancels.sent
+        if error.sqlstate == "57014" and sent and _USER_CANCEL in error.message:
+            return job not in sent  # hit by a cancel meant for another job
+        if error.sqlstate == "25P02" and first:
+            # A cancel meant for the job before landed on that job's cleanup
+            # ROLLBACK, leaving its transaction aborted: this one never started
+            # (and its own cleanup ROLLBACK ends that transaction).
+            return True
+        if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
+            # VACUUM and friends refuse a transaction block: run alone, unwrapped
+            plan.wrapped = False
+            return not job.transaction and len(job.statements) == 1
+        return False
+
+    def deliver(self, job: Job, raw: list[PGresult]) -> bool:
+        """Resolve `job` from its statements' results; False, with nothing done,
+        while one of their types is unknown."""
+        if job.done:
+            return True
+        results = []
+        try:
+            for res in raw:
+                converted = self._results.convert(res, job.shape, job.max_rows)
+                if converted is None:
+                    return False
+                results.append(converted)
+        except GatewayError as exc:
+            job.fail(exc)
+        else:
+            job.resolve(results)
+        return True
