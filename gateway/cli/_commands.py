@@ -11,12 +11,13 @@ not be reached, 2 for a usage error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -440,41 +441,31 @@ def query_command(
             param_hint="SQL",
         )
     target = _open_target(_settings(config, dsn=dsn), url)
-    if isinstance(target, GatewayTarget) and fmt in ("csv", "ndjson"):
-        # every row, streamed, as directly: not the JSON answer cut at max_rows
-        _stream_through(target, sql, list(params), fmt, shape)
-        return
+    # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
+    out = sys.stdout.buffer
     try:
-        outcome = target.run(sql, list(params))
-    except StatementFailed as exc:
-        for line in _error_lines(exc):
-            click.echo(line, err=True)
-        sys.exit(1)
-    except TargetUnavailable as exc:
-        _fail(str(exc))
+        with _failures_reported():
+            if isinstance(target, GatewayTarget) and fmt in ("csv", "ndjson"):
+                # every row, streamed as it comes, as directly: not the JSON answer
+                # cut at the gateway's max_rows
+                for chunk in target.stream(sql, list(params), fmt, shape):
+                    out.write(chunk)
+                    out.flush()
+                return
+            outcome = target.run(sql, list(params))
     finally:
         target.close()
-    write_outcome(
-        outcome,
-        fmt,
-        shape=shape,
-        # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
-        binary_out=sys.stdout.buffer,
-        console=Console(highlight=False),
-    )
+    write_outcome(outcome, fmt, shape=shape, binary_out=out, console=Console(highlight=False))
     if outcome.truncated and fmt != "table":
         click.echo("pgqg: the gateway cut the result at its max_rows", err=True)
 
 
-def _stream_through(
-    target: GatewayTarget, sql: str, params: list[str], fmt: str, shape: str
-) -> None:
-    """Print a gateway's streamed rows as they come; exit 1 when the statement fails."""
-    out = sys.stdout.buffer  # not click.get_binary_stream (deprecated in click 8.5)
+@contextlib.contextmanager
+def _failures_reported() -> Iterator[None]:
+    """A failed statement printed as psql prints it, exit 1; an unreachable target
+    one line, exit 1."""
     try:
-        for chunk in target.stream(sql, params, fmt, shape):
-            out.write(chunk)
-            out.flush()
+        yield
     except StatementFailed as exc:
         for line in _error_lines(exc):
             click.echo(line, err=True)
