@@ -7,8 +7,9 @@
    deployments have it) in a temporary directory, unless ``--dsn`` names one, and loads
    pgbench's tables (``pgbench -i -s 10``, over TCP with the password).
 2. Starts every target as its own process on its own 127.0.0.1 port, with the same pool
-   size: pgqg (``python -m gateway serve``) and the baselines of ``bench/baselines.py``.
-   Each must answer a point select correctly before it is measured.
+   size: pgqg (``python -m gateway serve``), pgqg again with ``PGQG_METRICS=false``
+   (``pgqg-nometrics``: what ``/metrics`` costs) and the baselines of
+   ``bench/baselines.py``. Each must answer a point select correctly before it is measured.
 3. Warms each target up, then runs ``--rounds`` interleaved rounds: in each round every
    target in turn (the order rotates from round to round) gets
    ``wrk -t2 -c32 -d{duration}s`` with ``bench/wrk/point_select.lua`` (a random aid per
@@ -64,11 +65,14 @@ RESULTS_DIR = BENCH_DIR / "results"
 POINT_SELECT = "SELECT aid, abalance FROM pgbench_accounts WHERE aid = $1"
 
 PGQG = "pgqg"
+#: pgqg itself with PGQG_METRICS=false: what /metrics costs it, in the same run
+PGQG_NO_METRICS = "pgqg-nometrics"
 PGBENCH = "pgbench -S"
 #: the HTTP targets, in the order of the first round; bench/baselines.py's kinds
 BASELINES = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 LABELS = {
     PGQG: "pgqg",
+    PGQG_NO_METRICS: "pgqg, metrics off (PGQG_METRICS=false)",
     "connect": "connect per request (psycopg)",
     "psycopg_pool": "aiohttp + psycopg_pool",
     "asyncpg": "aiohttp + asyncpg pool",
@@ -78,6 +82,8 @@ LABELS = {
 }
 #: issue 6's targets: pgqg's req/s over each baseline's, at 32 clients
 TARGETS = {"psycopg_pool": 1.8, "asyncpg": 1.4, "connect": 50.0, "static": 0.5}
+#: issue 22's: metrics cost a point select less than 5 %
+TARGETS[PGQG_NO_METRICS] = 0.95
 CONCURRENCY_SWEEP = (1, 8, 32, 128, 512)
 POOL_SWEEP = (1, 2, 4, 8, 16)
 
@@ -399,8 +405,12 @@ class Bench:
         """pgqg or a baseline on a free port, with `pool_size` connections."""
         port = free_port()
         common = ["--dsn", self.dsn, "--port", str(port), "--pool-size", str(pool_size)]
-        if name == PGQG:
+        env = {}
+        if name.startswith(PGQG):
             argv = [sys.executable, "-m", "gateway", "serve", *common]
+            env["PGQG_LOG_LEVEL"] = "warning"
+            if name == PGQG_NO_METRICS:
+                env["PGQG_METRICS"] = "false"
         else:
             argv = [sys.executable, str(BENCH_DIR / "baselines.py"), "--kind", name, *common]
         return Server(
@@ -409,7 +419,7 @@ class Bench:
             port=port,
             log_path=RESULTS_DIR / "logs" / f"{name}.log",
             # pgqg's own defaults otherwise (read-only raw SQL, max_batch 32, ...)
-            env={"PGQG_LOG_LEVEL": "warning"} if name == PGQG else {},
+            env=env,
         )
 
     def start(self, server: Server) -> Server:
@@ -795,9 +805,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--against",
         type=_targets,
-        default=[*BASELINES, PGBENCH],
+        default=[*BASELINES, PGQG_NO_METRICS, PGBENCH],
         metavar="NAME,...",
-        help=f"what pgqg is compared with (all): {', '.join(BASELINES)}, pgbench",
+        help="what pgqg is compared with (all): "
+        + ", ".join([*BASELINES, PGQG_NO_METRICS, "pgbench"]),
     )
     p.add_argument("--profile", action="store_true", help="also py-spy pgqg under load")
     p.add_argument(
@@ -823,7 +834,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _targets(text: str) -> list[str]:
     """``--against``'s comma-separated names, in the baselines' order."""
-    known = (*BASELINES, PGBENCH)
+    known = (*BASELINES, PGQG_NO_METRICS, PGBENCH)
     wanted = {PGBENCH if n.strip() == "pgbench" else n.strip() for n in text.split(",")}
     if unknown := wanted.difference(known):  # an empty name is unknown too
         names = ", ".join(map(repr, sorted(unknown)))

@@ -151,6 +151,19 @@ class Settings(BaseSettings):
                         " not starting with a digit, at most 63), a prefix ending in *, or *"
                     )
         return rules
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as readable text, or one JSON object per line."
+    )
+    metrics: bool = Field(
+        True, description="Serve /metrics (Prometheus) and count every request for it."
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "metrics_dir", "PGQG_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR"
+        ),
+        description="Shared folder where several gateway processes add up their /metrics.",
+    )
 
     @classmethod
     def settings_customise_sources(

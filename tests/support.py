@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.catalog import NamedQuery, parse_queries
 
@@ -164,3 +165,40 @@ class Served:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+# --- /metrics, parsed by prometheus-client ------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+async def scrape(client: GatewayClient) -> Samples:
+    """Every sample of ``/metrics``, parsed by prometheus-client, by (name, labels)."""
+    resp = await client.get("/metrics")
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            samples[s.name, frozenset(s.labels.items())] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when it is not there (a counter not yet moved)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def wait_for_metric(
+    client: GatewayClient, name: str, at_least: float, timeout: float = 20.0, **labels: str
+) -> Samples:
+    """Scrape until the sample reaches `at_least`; fails after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            samples = await scrape(client)
+            if value(samples, name, **labels) >= at_least:
+                return samples
+            await asyncio.sleep(0.05)

@@ -22,7 +22,17 @@ import aiohttp
 import psutil
 import psycopg
 import pytest
-from support import GatewayClient, Served, assert_error, get_stats, query
+from support import (
+    GatewayClient,
+    Served,
+    assert_error,
+    get_stats,
+    moved,
+    query,
+    scrape,
+    value,
+    wait_for_metric,
+)
 
 from gateway.engine._listener import Event, EventKind
 from gateway.web._events import encode
@@ -161,6 +171,22 @@ async def test_notifications_arrive_as_events(
         assert await stream.event() == {"event": "notify", "id": f"{name}:{seq}", "data": payload}
     await admin.execute(f"NOTIFY {name}")  # the NOTIFY statement, without a payload
     assert await stream.event() == {"event": "notify", "id": f"{name}:6", "data": ""}
+    stream.close()
+
+
+async def test_metrics_count_subscribers_and_events(
+    live: GatewayClient, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    before = await scrape(live)
+    name = channel()
+    stream = await open_stream(live, name)
+    await notify(admin, name, "a", "b", "c")
+    for _ in range(3):
+        await stream.event()
+    delivered = value(before, "pgqg_listen_delivered_total")
+    after = await wait_for_metric(live, "pgqg_listen_delivered_total", delivered + 3)
+    assert value(after, "pgqg_listen_subscribers") >= 1
+    assert moved(before, after, "pgqg_listen_received_total") >= 3
     stream.close()
 
 

@@ -391,7 +391,7 @@ class NamedQuery:
     ) -> list[object]:
         """The parameter values in ``$n`` order, checked against the declared types.
 
-        *values* come from a JSON body (as `gateway._encoding.loads_exact` parses
+        *values* come from a JSON body (as `gateway.values.loads_exact` parses
         it: non-integer numbers are `JSONNumber` text), or with
         *from_query_string* from a URL's query string: every value a str,
         checked by the same rules and converted (``"42"`` for an int gives 42,

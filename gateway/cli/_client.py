@@ -101,11 +101,7 @@ class GatewayClient:
             GatewayUnreachable: no usable answer.
         """
         body = json.dumps({"sql": sql, "params": params, "shape": "arrays"}).encode()
-        with self._post("/v1/query", body, "application/json") as response:
-            try:
-                result = self._decode(self._read(response.read))
-            except StreamCut as exc:
-                raise GatewayUnreachable(str(exc)) from None
+        result = self._decode(self._read_all(self._post("/v1/query", body, "application/json")))
         if not isinstance(result, dict) or "columns" not in result or "rows" not in result:
             raise GatewayUnreachable(f"{self.url} did not answer with a query result")
         return result
@@ -128,6 +124,37 @@ class GatewayClient:
             while chunk := self._read(response.read1, STREAM_CHUNK):
                 yield chunk
 
+    def get(self, path: str) -> bytes:
+        """The body of ``GET path`` (``/v1/stats``, ``/metrics``), as it came.
+
+        Raises:
+            GatewayRefused: the gateway answered with an error (a 404 for
+                ``/metrics`` when its metrics are off).
+            GatewayUnreachable: no usable answer.
+        """
+        return self._read_all(self._open(urllib.request.Request(self.url + path, method="GET")))
+
+    def _post(self, path: str, body: bytes, accept: str) -> http.client.HTTPResponse:
+        request = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Accept": accept},
+        )
+        return self._open(request)
+
+    def _read_all(self, response: http.client.HTTPResponse) -> bytes:
+        """The whole body of `response`, which is closed after.
+
+        Raises:
+            GatewayUnreachable: it stopped short, or the connection failed.
+        """
+        with response:
+            try:
+                return self._read(response.read)
+            except StreamCut as exc:
+                raise GatewayUnreachable(str(exc)) from None
+
     def _read(self, read: Callable[..., bytes], *size: int) -> bytes:
         """`read(*size)` of an answer's body.
 
@@ -147,19 +174,14 @@ class GatewayClient:
             raise StreamCut(f"the connection to {self.url} broke: {exc}") from None
         return data
 
-    def _post(self, path: str, body: bytes, accept: str) -> http.client.HTTPResponse:
-        """The gateway's successful answer, its body unread (the caller closes it).
+    def _open(self, request: urllib.request.Request) -> http.client.HTTPResponse:
+        """The gateway's successful answer to `request`, its body unread (the caller
+        closes it).
 
         Raises:
             GatewayRefused: it answered with an error.
             GatewayUnreachable: no usable answer.
         """
-        request = urllib.request.Request(
-            self.url + path,
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json", "Accept": accept},
-        )
         try:
             response: http.client.HTTPResponse = urllib.request.urlopen(
                 request, timeout=self._timeout

@@ -1,7 +1,7 @@
-"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init.
+"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top.
 
 click parses the command line; rich draws tables and progress bars; statements of a
-file are split by `gateway._sqlfile` on PostgreSQL's own scanner. Every setting comes
+file are split by `gateway.catalog._sqlfile` on PostgreSQL's own scanner. Every setting comes
 from `load_settings` (defaults < ``--config`` TOML < environment < flags): this module
 reads no environment variable itself.
 
@@ -38,9 +38,11 @@ from .._settings import (
 from ..catalog import Catalog, CatalogError
 from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
 from ..web._server import serve
+from ._client import GatewayRefused, GatewayUnreachable
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
 from ._targets import DirectTarget, GatewayTarget, StatementFailed, Target, TargetUnavailable
+from ._top import run_top
 
 _CONFIG = click.option(
     "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML settings file."
@@ -66,6 +68,7 @@ def main() -> None:
     pgqg query 'select $1::int + 1' 41
     pgqg run migrations.sql --dsn postgresql://...
     pgqg db init --dsn postgresql://...
+    pgqg top --url http://127.0.0.1:8080
     """
     for warning in unknown_variables():
         click.echo(f"pgqg: warning: {warning}", err=True)
@@ -225,7 +228,7 @@ def _announce(
     def on_ready(_listen_url: str) -> None:
         click.echo(f"pgqg is serving on {url}")
         if not compiled_modules():
-            click.echo("  the request path is plain Python, not compiled (see the README)")
+            click.echo("  the request path is plain Python, not compiled (see docs/performance.md)")
         if demo:
             click.echo(f"  try:  curl '{url}/v1/queries/book_by_id?id=7'")
             click.echo(f"        pgqg query --url {url} 'select count(*) from book'")
@@ -582,6 +585,38 @@ def _run_statements(
                 _fail(f"{exc} (at statement {statement.number}, line {statement.line})")
             progress.advance(task)
     return failed
+
+
+# --- top -------------------------------------------------------------------------------
+
+
+@main.command("top")
+@_CONFIG
+@_URL
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between frames.",
+)
+@click.option("--once", is_flag=True, help="Print one frame (two samples apart) and exit.")
+def top_command(config: Path | None, url: str | None, interval: float, once: bool) -> None:
+    """A live view of a running gateway: its queue, each connection's load,
+    throughput and latency percentiles. Ctrl-C to stop.
+
+    Without --url: the gateway on PGQG_HOST:PGQG_PORT.
+
+    \b
+    pgqg top --url http://127.0.0.1:8080
+    """
+    target = url or _local_url(_settings(config))
+    try:
+        run_top(target, interval=interval, once=once, console=Console(highlight=False))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
+    except (GatewayUnreachable, GatewayRefused) as exc:
+        _fail(str(exc))
 
 
 # --- db --------------------------------------------------------------------------------

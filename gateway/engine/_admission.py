@@ -20,14 +20,17 @@ from ._stream import StreamJob
 from ._wakeups import IdleWorkers
 
 
-def expire(job: Job, now: float, queue_s: float | None) -> None:
-    """Abandon `job` if its deadline passed, or (`queue_s`: queued) it waited that long."""
+def expire(job: Job, now: float, queue_s: float | None) -> bool:
+    """Abandon `job` if its deadline passed, or (`queue_s`: queued) it waited that long;
+    True when its deadline passed."""
     if job.future.done():  # answered, abandoned, or a stream under way
-        return
+        return False
     if now >= job.deadline:
         job.abandon(Timeout("the request's deadline passed"))
-    elif queue_s is not None and now >= job.enqueued_at + queue_s:
+        return True
+    if queue_s is not None and now >= job.enqueued_at + queue_s:
         job.abandon(Overloaded("the job waited too long in the gateway's queue"))
+    return False
 
 
 class JobQueue:
@@ -68,10 +71,10 @@ class JobQueue:
         """A request no longer waits for its job."""
         self.pending -= 1
 
-    def expire(self, now: float) -> None:
-        """Refuse the queued jobs past their queue timeout or deadline."""
-        for job in self.jobs:
-            expire(job, now, self._queue_s)
+    def expire(self, now: float) -> int:
+        """Refuse the queued jobs past their queue timeout or deadline; return how
+        many were past their deadline."""
+        return sum(expire(job, now, self._queue_s) for job in self.jobs)
 
     def take_batch(self, connected: int) -> list[Job]:
         """Jobs to run next, of `connected` workers' share (the queue is not empty).

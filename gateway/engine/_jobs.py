@@ -41,16 +41,21 @@ class Job:
 
     `read_only` runs the job in a READ ONLY transaction (PostgreSQL enforces it).
     `transaction` runs several statements all or nothing; `isolation` names its
-    isolation level. `deadline` is on the event loop's clock.
+    isolation level. `deadline` is on the event loop's clock. `comment` (a SQL
+    comment such as ``/* request_id=… */ ``) goes in front of each statement
+    sent as text, where ``pg_stat_activity`` shows it; error positions are
+    given without it.
 
     The dispatcher marks a job `cheap` when its statement (known by
     `cost_key`) recently ran quickly; `cost_s` is how long it held its
-    connection, once run.
+    connection, once run. `started_at` (`time.perf_counter`) is when a
+    connection took it, 0.0 before.
     """
 
     __slots__ = (
         "_on_abandon",
         "cheap",
+        "comment",
         "cost_key",
         "cost_s",
         "deadline",
@@ -61,6 +66,7 @@ class Job:
         "max_rows",
         "read_only",
         "shape",
+        "started_at",
         "state",
         "statements",
         "transaction",
@@ -77,6 +83,7 @@ class Job:
         transaction: bool = False,
         isolation: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        comment: bytes = b"",
     ) -> None:
         if loop is None:
             loop = asyncio.get_running_loop()
@@ -87,9 +94,11 @@ class Job:
         self.shape = shape
         self.transaction = transaction
         self.isolation = isolation
+        self.comment = comment
         self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
         self.state = JobState.QUEUED
         self.enqueued_at = 0.0  # set by the dispatcher as it queues the job
+        self.started_at = 0.0  # set by the dispatcher as a connection takes the job
         self._on_abandon: Callable[[Job], None] | None = None
         self.cheap = False
         self.cost_key: int | None = None

@@ -136,7 +136,7 @@ class Planner:
         for st in job.statements:
             if guarded:
                 pg.send_query_params(_READ_ONLY_GUARD, None)
-            self._prepared.send_statement(st)
+            self._prepared.send_statement(st, job.comment)
         if wrapped and not job.read_only:
             pg.send_query_params(COMMIT, None)
             plan.commit = True

@@ -111,8 +111,8 @@ class BatchReader:
     def _fail(self, plan: Plan, res: PGresult, *, first: bool) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
         error came from the job's very first message, before anything of it ran."""
-        error = result_error(res)
         job = plan.job
+        error = result_error(res, job.comment)
         if not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:

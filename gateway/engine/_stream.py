@@ -75,6 +75,7 @@ class StreamJob(Job):
         "_writable",
         "encoder",
         "row_limit",
+        "rows_sent",
         "stall_s",
         "stopped",
     )
@@ -88,9 +89,14 @@ class StreamJob(Job):
         deadline: float,
         row_limit: int | None,
         stall_s: float,
+        comment: bytes = b"",
     ) -> None:
-        super().__init__([statement], read_only=read_only, deadline=deadline, max_rows=0)
+        super().__init__(
+            [statement], read_only=read_only, deadline=deadline, max_rows=0, comment=comment
+        )
         self.encoder = encoder
+        #: rows handed to the client so far
+        self.rows_sent = 0
         self.row_limit = row_limit
         self.stall_s = stall_s
         #: set when nobody will read the rest: the worker stops and cancels the query
@@ -296,7 +302,7 @@ class _StreamRun:
         pg.send_query_params(_NO_TIMEOUT, None)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
-        self._prepared.send_statement(statement)
+        self._prepared.send_statement(statement, job.comment)
         if not job.read_only:
             pg.send_query_params(COMMIT, None)
         pg.pipeline_sync()
@@ -352,6 +358,7 @@ class _StreamRun:
             take = min(take, self._job.row_limit - self._sent)
         body = self._job.encoder.rows(res, self._tx, take) if take else b""
         self._sent += take
+        self._job.rows_sent = self._sent
         if (head or body) and not await self._job.put(head + body):
             await self._stop()
         elif self._job.row_limit is not None and self._sent >= self._job.row_limit:
@@ -390,7 +397,7 @@ class _StreamRun:
 
     def _note_error(self, res: PGresult) -> None:
         if res.status == ExecStatus.FATAL_ERROR:
-            self._note(result_error(res))
+            self._note(result_error(res, self._job.comment))
 
     def _note(self, error: GatewayError) -> None:
         """Keep the first error; after a stop, errors are the cancel's echo."""

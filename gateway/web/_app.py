@@ -13,8 +13,9 @@ from ..engine._listener import Listener
 from ..engine._pool import make_pool
 from ..values._encoding import Codec
 from . import _events
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, POOL, SETTINGS
-from ._middleware import error_middleware
+from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
+from ._observe import observe_middleware
 from ._routes import routes
 
 
@@ -24,6 +25,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     The catalog is loaded here, so a broken ``sql/queries`` fails at once. The
     pool and dispatcher are opened by a cleanup context: start-up does not
     wait for the database, and they are closed only if they were opened.
+    With ``metrics`` on, ``GET /metrics`` reads them (and the front end's counters).
 
     Raises:
         ValueError: no DSN given and none in the settings.
@@ -32,7 +34,12 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     dsn = dsn or settings.dsn
     if not dsn:
         raise ValueError("no database: pass a DSN or set PGQG_DSN / DATABASE_URL")
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    http_metrics = HttpMetrics() if settings.metrics else None
+    app = web.Application(
+        # one middleware: a layer costs every request (aiohttp's, and the call)
+        middlewares=[observe_middleware(http_metrics)],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[DSN] = dsn
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
@@ -42,6 +49,14 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(listener_ctx)
     app.on_shutdown.append(end_event_streams)
+    if http_metrics is not None:
+        shared = None
+        if settings.metrics_dir is not None:
+            settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+            shared = SharedMetrics(settings.metrics_dir)
+        app[METRICS] = MetricsSource(http_metrics, shared)
+        app.router.add_get("/metrics", metrics_handler(app[METRICS]))
+        app.cleanup_ctx.append(metrics_ctx)  # after the database's: it reads the engine
     app.on_shutdown.append(drain_requests)
     return app
 
@@ -93,3 +108,13 @@ async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await listener.close()
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Let ``/metrics`` read the dispatcher and the pool while they are open;
+    with several processes, publish this one's figures meanwhile."""
+    source = app[METRICS]
+    source.attach(app[DISPATCHER], app[POOL], app.get(LISTENER))
+    try:
+        async with publishing(source):
+            yield
+    finally:
+        source.attach(None, None)

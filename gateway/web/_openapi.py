@@ -371,6 +371,19 @@ def _paths(catalog: Catalog) -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (404 when PGQG_METRICS is false)",
+                "responses": {
+                    "200": {
+                        "description": "every pgqg_* metric, in Prometheus' text format"
+                        " (OpenMetrics when the Accept header asks for it)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": {"$ref": "#/components/responses/Error"},
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "This document",

@@ -266,8 +266,10 @@ def make_job(
     transaction: bool = False,
     isolation: str | None = None,
     loop: asyncio.AbstractEventLoop,
+    comment: bytes = b"",
 ) -> Job:
-    """A job whose deadline is `options.timeout_ms` from now on `loop`'s clock.
+    """A job whose deadline is `options.timeout_ms` from now on `loop`'s clock;
+    `comment` goes in front of its raw statements (see `Job`).
 
     The caller passes the running loop it holds: asking asyncio for it costs
     a getpid() system call per request.
@@ -281,11 +283,17 @@ def make_job(
         transaction=transaction,
         isolation=isolation,
         loop=loop,
+        comment=comment,
     )
 
 
 def make_stream_job(
-    statement: Statement, options: Options, fmt: OutputFormat, *, read_only: bool
+    statement: Statement,
+    options: Options,
+    fmt: OutputFormat,
+    *,
+    read_only: bool,
+    comment: bytes = b"",
 ) -> StreamJob:
     """A streamed job: `options.timeout_ms` to its first rows, and its longest stall after."""
     loop = asyncio.get_running_loop()
@@ -297,6 +305,7 @@ def make_stream_job(
         deadline=loop.time() + timeout_s,
         row_limit=options.row_limit,
         stall_s=timeout_s,
+        comment=comment,
     )
 
 

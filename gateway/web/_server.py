@@ -12,6 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .._settings import Settings
 from ._app import create_app
+from ._logs import configure_logging
 
 
 def install_uvloop() -> bool:
@@ -67,15 +68,13 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
     On the signal aiohttp stops accepting connections; the app's shutdown hook
-    (`gateway._app.drain_requests`) lets in-flight queries finish within the
+    (`gateway.web._app.drain_requests`) lets in-flight queries finish within the
     grace period, then answers the rest 503 and cancels them on the server;
     aiohttp waits for handlers still writing (cancelling them after another
     grace period at most); the cleanup context stops the workers and closes
     the pool. Then this returns, and the process exits 0.
     """
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, BadRequestsInOneLine) for f in server_log.filters):
         server_log.addFilter(BadRequestsInOneLine())
@@ -94,6 +93,6 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
         port=settings.port,
         shutdown_timeout=settings.shutdown_grace_s,
         handler_cancellation=True,
-        access_log=None,
+        access_log=None,  # the gateway writes its own, with request ids (web/_observe.py)
         print=None,
     )
