@@ -252,15 +252,15 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     such as ``PGQG_POOLSIZE``): the settings ignore them without a word."""
     environ = os.environ if environ is None else environ
     known = {env_name(field) for field in Settings.model_fields} | OTHER_VARIABLES
-    warnings = []
+    found = []
     for variable in sorted(environ):
         name = variable.upper()
         if not name.startswith("PGQG_") or name in known:
             continue
         closest = _closest_setting(name.removeprefix("PGQG_"))
         hint = f"; did you mean {env_name(closest)}?" if closest else ""
-        warnings.append(f"{variable} is not a setting and is ignored{hint}")
-    return warnings
+        found.append(f"{variable} is not a setting and is ignored{hint}")
+    return found
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -187,9 +187,9 @@ class DirectTarget:
         except psycopg.OperationalError as exc:
             if self._conn.closed or self._conn.broken:
                 raise TargetUnavailable(f"the database connection broke: {_oneline(exc)}") from None
-            raise self._failed(exc, sql, params) from None
+            raise self._failure(exc, sql, params) from None
         except psycopg.Error as exc:
-            raise self._failed(exc, sql, params) from None
+            raise self._failure(exc, sql, params) from None
         return Outcome(
             columns=result_columns(result, self._codec),
             rows=rows,
@@ -200,7 +200,7 @@ class DirectTarget:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
-    def _failed(self, exc: psycopg.Error, sql: str, params: list[str] | None) -> StatementFailed:
+    def _failure(self, exc: psycopg.Error, sql: str, params: list[str] | None) -> StatementFailed:
         """The error to report: the gateway's words when the parameter count is wrong.
 
         psycopg declares one parameter per value it sends, so a count that does
