@@ -169,6 +169,7 @@ class Settings(BaseSettings):
         description="Web origins whose pages may call the API (comma-separated, e.g."
         " https://app.example.com), or * for any; empty: none.",
     )
+    console: bool = Field(True, description="Serve the query console page at GET /.")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

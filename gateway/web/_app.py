@@ -14,6 +14,7 @@ from ..engine._pool import make_pool
 from ..values._encoding import Codec
 from . import _events
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._console import add_console
 from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._observe import observe_middleware
@@ -48,6 +49,8 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[CODEC] = Codec()
     app.add_routes(routes)
     app.add_routes(_events.routes)
+    if settings.console:
+        add_console(app)
     install_cors(app, settings.cors_origins)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(listener_ctx)
