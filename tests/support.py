@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,33 @@ async def transaction(
     body = {"statements": [{"sql": s, "params": p} for s, p in statements], **options}
     resp = await client.post("/v1/transaction", json=body)
     return resp.status, await resp.json()
+
+
+def marker() -> str:
+    """A unique string to find one test's query in pg_stat_activity."""
+    return "pgqg-" + uuid.uuid4().hex[:12]
+
+
+async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
+    """How many backends are running a statement whose text holds `mark`."""
+    cur = await admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
+        " AND pid <> pg_backend_pid()",
+        (f"%{mark}%",),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def gone_within(admin: psycopg.AsyncConnection[Any], mark: str, limit: float) -> float:
+    """Seconds until no backend runs `mark`'s statement; fails after `limit`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while await running(admin, mark):
+        assert loop.time() - started < limit, f"{mark} still running after {limit} s"
+        await asyncio.sleep(0.02)
+    return loop.time() - started
 
 
 def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:

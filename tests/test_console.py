@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import re
 import tomllib
-import uuid
 from typing import Any
 
 import psycopg
 from playwright.async_api import Page, expect
-from support import REPO, GatewayClient, Served
+from support import REPO, GatewayClient, Served, gone_within, marker, running
 
 from gateway.web._console import CONTENT_SECURITY_POLICY, FILES
 
@@ -231,35 +230,22 @@ async def test_a_100k_row_stream_is_counted(
     assert page_errors == []
 
 
-async def active_queries(admin: psycopg.AsyncConnection[Any], marker: str) -> int:
-    cur = await admin.execute(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
-        (f"%{marker}%",),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def test_stop_cancels_the_streamed_query_on_the_server(
     page: Page, client: GatewayClient, admin: psycopg.AsyncConnection[Any]
 ) -> None:
     await open_console(page, client)
     await page.check("#stream")
-    marker = f"stop_{uuid.uuid4().hex[:12]}"
+    mark = marker()
     total = 100_000_000
     # in the select list, generate_series yields its rows as they are asked for
     # (in FROM it would compute all of them before the first)
-    await run_sql(page, f"SELECT generate_series(1, {total}) AS {marker}")
+    await run_sql(page, f'SELECT generate_series(1, {total}) AS "{mark}"')
     await expect(page.locator("#row-count")).not_to_have_attribute("data-rows", "0")
-    assert await active_queries(admin, marker) == 1
+    assert await running(admin, mark) == 1
     await page.click("#stop")
     await expect(page.locator("#status")).to_contain_text("Stopped after")
     assert 0 < await rows_counted(page) < total
-    async with asyncio.timeout(30):
-        while await active_queries(admin, marker):
-            await asyncio.sleep(0.05)
+    await gone_within(admin, mark, 30)
     assert await page.locator("#stop").is_disabled()
 
 
@@ -271,17 +257,15 @@ async def test_stop_cancels_a_buffered_query_in_pgqg_serve(
     served = Served(database_dsn)
     try:
         await asyncio.to_thread(served.ready_sync)
-        marker = f"stop_{uuid.uuid4().hex[:12]}"
+        mark = marker()
         await page.goto(served.url + "/")
-        await run_sql(page, f"SELECT pg_sleep(60) AS {marker}")
+        await run_sql(page, f'SELECT pg_sleep(60) AS "{mark}"')
         async with asyncio.timeout(30):
-            while not await active_queries(admin, marker):
+            while not await running(admin, mark):
                 await asyncio.sleep(0.05)
         await page.click("#stop")
         await expect(page.locator("#status")).to_have_text("Stopped; the query was cancelled.")
-        async with asyncio.timeout(30):
-            while await active_queries(admin, marker):
-                await asyncio.sleep(0.05)
+        await gone_within(admin, mark, 30)
     finally:
         served.stop()
 
