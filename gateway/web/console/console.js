@@ -89,35 +89,43 @@ function valueEnd(text, i) {
   return SCALAR_END.lastIndex;
 }
 
+/**
+ * Walks the array or object at `i` (closed by `close`): `item` reads each
+ * element (a value, or a key, colon and value) from where it starts and
+ * returns where it ends. Returns where the container ends.
+ */
+function walk(text, i, close, item) {
+  i = skipSpace(text, i + 1);
+  if (text[i] === close) return i + 1;
+  for (;;) {
+    i = skipSpace(text, item(i));
+    if (text[i] === close) return i + 1;
+    i = skipSpace(text, i + 1); // the comma
+  }
+}
+
 /** The items of the array at `i`: [[start, end], ...], and where it ends. */
 function arrayItems(text, i) {
   const items = [];
-  i = skipSpace(text, i + 1);
-  if (text[i] === "]") return { items, end: i + 1 };
-  for (;;) {
-    const end = valueEnd(text, i);
-    items.push([i, end]);
-    i = skipSpace(text, end);
-    if (text[i] === "]") return { items, end: i + 1 };
-    i = skipSpace(text, i + 1); // the comma
-  }
+  const end = walk(text, i, "]", (start) => {
+    const stop = valueEnd(text, start);
+    items.push([start, stop]);
+    return stop;
+  });
+  return { items, end };
 }
 
 /** The members of the object at `i`, in order: [[key, start, end], ...]. */
 function objectMembers(text, i) {
   const members = [];
-  i = skipSpace(text, i + 1);
-  if (text[i] === "}") return { members, end: i + 1 };
-  for (;;) {
-    const keyEnd = stringEnd(text, i);
-    const key = JSON.parse(text.slice(i, keyEnd));
+  const end = walk(text, i, "}", (at) => {
+    const keyEnd = stringEnd(text, at);
     const start = skipSpace(text, skipSpace(text, keyEnd) + 1); // past the colon
-    const end = valueEnd(text, start);
-    members.push([key, start, end]);
-    i = skipSpace(text, end);
-    if (text[i] === "}") return { members, end: i + 1 };
-    i = skipSpace(text, i + 1);
-  }
+    const stop = valueEnd(text, start);
+    members.push([JSON.parse(text.slice(at, keyEnd)), start, stop]);
+    return stop;
+  });
+  return { members, end };
 }
 
 /** Where the value at `path` (keys and indexes) of the JSON `text` starts. */
