@@ -149,6 +149,14 @@ async def test_a_query_fills_the_table(
     assert page_errors == []
 
 
+async def test_an_answer_cut_at_max_rows_says_so(page: Page, gateway_factory: Any) -> None:
+    client = await gateway_factory(max_rows=5)
+    await open_console(page, client)
+    await run_sql(page, "SELECT generate_series(1, 8) AS n")
+    await expect(page.locator("#status")).to_contain_text("cut at the gateway's max_rows")
+    assert await page.locator("#result tbody tr").count() == 5
+
+
 async def test_parameters_are_sent_as_typed_or_null(page: Page, client: GatewayClient) -> None:
     await open_console(page, client)
     await page.fill("#sql", "SELECT $1::int + 1 AS next, $2::text IS NULL AS missing")
@@ -210,6 +218,15 @@ async def test_a_value_that_looks_like_html_is_shown_as_text(
     await expect(page.locator("#error")).to_contain_text(f'relation "{XSS_NAME}" does not exist')
     assert await page.locator("img, script:not([src]), #bold").count() == 0
     assert await page.evaluate("() => window.__xss") is None
+    # the policy itself: the page may not turn a string into HTML, nor run inline code
+    refused = await page.evaluate(
+        """() => {
+          try { document.body.insertAdjacentHTML("beforeend", "<b>x</b>"); return "allowed"; }
+          catch (error) { return error.name; }
+        }"""
+    )
+    assert refused == "TypeError"
+    page_errors.clear()
     assert page_errors == []
 
 
@@ -286,6 +303,16 @@ async def test_a_named_query_runs_from_its_form(
     assert (await table_cells(page))[0][0] == "7"
     assert "#query=book_by_id&id=7" in page.url
     assert page_errors == []
+
+
+async def test_a_named_query_streams(page: Page, demo_client: GatewayClient) -> None:
+    await open_console(page, demo_client)
+    await page.check("#stream")
+    await page.goto(console_url(demo_client, "#query=author_stats&min_books=1&lim=4"))
+    await expect(page.locator("#status")).to_contain_text("author_stats: Streamed")
+    assert await rows_counted(page) == 4
+    names = await page.locator("#result th .name").all_text_contents()
+    assert names == ["id", "name", "country", "books", "avg_price", "reviews", "avg_rating"]
 
 
 async def test_a_named_query_that_writes_reports_its_error(
@@ -376,6 +403,20 @@ async def test_token_field_appears_only_with_identity(page: Page, client: Gatewa
     await run_sql(page, "SELECT 1 AS one")
     await expect(page.locator("#row-count")).to_have_attribute("data-rows", "1")
     assert sent == ["Bearer abc.def.ghi"]
+
+
+async def test_a_401_asking_for_a_token_shows_the_field(page: Page, client: GatewayClient) -> None:
+    async def unauthorized(route: Any) -> None:
+        await route.fulfill(
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="pgqg"'},
+            json={"error": {"code": "unauthorized", "message": "a token is needed"}},
+        )
+
+    await page.route("**/v1/queries", unauthorized)
+    await open_console(page, client)
+    await expect(page.locator("#token-box")).to_be_visible()
+    await expect(page.locator("#catalog-status")).to_have_text("unauthorized: a token is needed")
 
 
 async def test_a_link_only_fills_while_a_token_is_entered(
