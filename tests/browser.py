@@ -1,9 +1,10 @@
 """A real headless Chromium for the browser tests, driven by Playwright (pytest plugin).
 
 The browser is Debian's ``chromium`` package, never one Playwright downloads:
-`chromium_path` installs it with apt-get when it is missing and we are root
-(the suite's only set-up is ``pip install -e '.[dev]'``), and fails with what to
-do otherwise. Only the tests that ask for a `page` pay for it.
+when it is missing and a collected test needs it, it is installed with apt-get
+before the tests start, if we are root (the suite's only set-up is ``pip
+install -e '.[dev]'``); otherwise those tests fail with what to do. Only the
+tests that ask for a `page` pay for it.
 
 Chromium gets the switches that keep it from calling out (updates, sync, QUIC
 probes); Playwright gives every launch a fresh, temporary profile.
@@ -45,18 +46,21 @@ ACTION_TIMEOUT_MS = 30_000
 expect.set_options(timeout=ACTION_TIMEOUT_MS)
 
 
+class ChromiumMissing(RuntimeError):
+    """Chromium is not installed, and could not be installed here."""
+
+
 def install_chromium() -> None:
     """Install Debian's chromium with apt-get.
 
     Raises:
-        pytest.fail.Exception: not root, no apt-get, or the install failed.
+        ChromiumMissing: not root, no apt-get, or the install failed.
     """
     if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.fail(
+        raise ChromiumMissing(
             f"the browser tests need Chromium at {CHROMIUM}: install Debian's package"
             " (apt-get install chromium) or run the tests as root on Debian, where they"
-            " install it themselves",
-            pytrace=False,
+            " install it themselves"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (
@@ -67,15 +71,34 @@ def install_chromium() -> None:
             cmd, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False
         )
         if done.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
+            raise ChromiumMissing(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+
+
+#: why Chromium could not be installed, when it could not
+_install_failures: list[str] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Install Chromium once the tests are known, if any of them needs it.
+
+    Here, before the first test starts, the install does not count against
+    that test's timeout (pytest-timeout's, which a slow mirror could exceed).
+    """
+    if CHROMIUM.exists():
+        return
+    if any("chromium_path" in getattr(item, "fixturenames", ()) for item in items):
+        try:
+            install_chromium()
+        except (ChromiumMissing, subprocess.TimeoutExpired) as exc:
+            _install_failures.append(str(exc))
 
 
 @pytest.fixture(scope="session")
 def chromium_path() -> Path:
-    """Debian's Chromium, installed first when it is missing."""
+    """Debian's Chromium (installed at collection when it was missing)."""
     if not CHROMIUM.exists():
-        install_chromium()
-    assert CHROMIUM.exists(), f"apt-get installed chromium, but {CHROMIUM} is not there"
+        reason = _install_failures[0] if _install_failures else "it was not installed"
+        pytest.fail(f"no Chromium at {CHROMIUM}: {reason}", pytrace=False)
     return CHROMIUM
 
 
