@@ -247,6 +247,19 @@ async def test_a_100k_row_stream_is_counted(
     assert page_errors == []
 
 
+async def test_a_stream_that_fails_midway_shows_its_error(
+    page: Page, client: GatewayClient
+) -> None:
+    await open_console(page, client)
+    await page.check("#stream")
+    # rows come in chunks of 1,000: the first ones are sent before row 3,000 fails
+    await run_sql(page, "SELECT 1 / (3000 - i) AS n FROM generate_series(1, 5000) AS i")
+    await expect(page.locator("#error .sqlstate")).to_have_text("22012")
+    await expect(page.locator("#status")).to_contain_text("Failed after")
+    assert 0 < await rows_counted(page) < 3000
+    assert await page.locator("#result tbody tr").count() == 1000
+
+
 async def test_stop_cancels_the_streamed_query_on_the_server(
     page: Page, client: GatewayClient, admin: psycopg.AsyncConnection[Any]
 ) -> None:
