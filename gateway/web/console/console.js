@@ -404,15 +404,26 @@ function showResult(text, rowsAt, started, label) {
  * An NDJSON stream: rows counted as they arrive, the first `SHOWN_ROWS` shown.
  * A stream that fails midway ends with an {"error": …} line and is cut short;
  * each line is held back until the next one shows it was a row.
+ *
+ * The body is read directly, with a read always waiting: when the cut errors
+ * the body stream, chunks it still holds unread are dropped (the Streams
+ * standard), and with them the error line. A TextDecoderStream in between
+ * would hold chunks of its own.
  */
 async function showStream(response, controller, started, { inEditor, label }) {
   const table = new ResultTable(null);
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
   let rows = 0;
   let pending = null; // the last complete line, not yet known to be a row
   let partial = "";
+  // the counter is redrawn at most every 50 ms, and always after the last rows
+  // that came (the next ones may take a while)
   let painted = 0;
+  let repaint = null;
   const paint = () => {
+    clearTimeout(repaint);
+    repaint = null;
     setStatus(el("span", { class: "busy" }, `${prefix(label)}Streaming`), " · ", counter(rows), " rows");
     painted = performance.now();
   };
@@ -427,15 +438,17 @@ async function showStream(response, controller, started, { inEditor, label }) {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      const lines = (partial + value).split("\n");
+      const lines = (partial + decoder.decode(value, { stream: true })).split("\n");
       partial = lines.pop();
       for (const line of lines) {
         if (pending !== null) addRow(pending);
         pending = line;
       }
       if (performance.now() - painted > 50) paint();
+      else repaint ??= setTimeout(paint, 50);
     }
   } catch (error) {
+    clearTimeout(repaint);
     if (running !== controller) return; // a newer run took over the page
     const failed = pending !== null ? streamError(pending) : null;
     if (failed) {
@@ -453,6 +466,7 @@ async function showStream(response, controller, started, { inEditor, label }) {
     table.note(rows);
     return;
   }
+  clearTimeout(repaint);
   if (pending !== null) addRow(pending);
   const ms = (performance.now() - started).toFixed(0);
   setStatus(`${prefix(label)}Streamed `, counter(rows), rows === 1 ? " row" : " rows", ` · ${ms} ms`);
