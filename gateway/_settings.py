@@ -13,12 +13,14 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -169,6 +171,51 @@ class Settings(BaseSettings):
         ),
         description="Shared folder where several gateway processes add up their /metrics.",
     )
+    # NoDecode: the environment's value is "a, b", not a JSON list
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Web origins whose pages may call the API (comma-separated, e.g."
+        " https://app.example.com), or * for any; empty: none.",
+    )
+    console: bool = Field(True, description="Serve the query console page at GET /.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(origin_of(str(item)) for item in value if str(item).strip())
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _wildcard_alone(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "*" in value and len(value) > 1:
+            raise ValueError("* already allows every origin; give it alone")
+        return tuple(dict.fromkeys(value))
+
+    @property
+    def identity_configured(self) -> bool:
+        """Whether requests are authenticated (a token names who sends them).
+
+        No identity setting exists yet: the identity work makes this true when
+        its settings are given (``PGQG_JWT_SECRET`` …), which turns on the
+        check of `_cors_fits_identity`.
+        """
+        return False
+
+    @model_validator(mode="after")
+    def _cors_fits_identity(self) -> Settings:
+        # With identity, a page's requests act for the user whose token it
+        # holds: which pages may send them has to be an explicit list, so a
+        # cross-site page cannot. Settings checks that weigh CORS against other
+        # settings belong here, where start-up refuses them.
+        if self.identity_configured and "*" in self.cors_origins:
+            raise ValueError(
+                "PGQG_CORS_ORIGINS=* is refused when identity is configured: list the origins"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -189,6 +236,41 @@ class Settings(BaseSettings):
 #: ``PGQG_`` variables that are not settings but are read elsewhere: by the build
 #: (setup.py) and by the test suite
 OTHER_VARIABLES = frozenset({"PGQG_COMPILE", "PGQG_TEST_DSN"})
+
+
+def origin_of(text: str) -> str:
+    """`text` as a browser's ``Origin`` header spells it, or ``*``.
+
+    ``scheme://host[:port]``: lower case, no default port, no path.
+
+    Raises:
+        ValueError: `text` is not an origin (a path, a query, user info, or
+            ``null``, which every sandboxed page and local file sends).
+    """
+    text = text.strip()
+    if text == "*":
+        return text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ValueError(f"{text!r} is not an origin such as https://app.example.com[:port]")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"  # IPv6, bracketed as in a URL
+    if port is None or port == {"http": 80, "https": 443}[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
 
 
 def env_name(field: str) -> str:
@@ -224,7 +306,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def _describe(exc: ValidationError, config_file: Path | None) -> str:
     lines = []
     for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a check across settings: its message names them
+            lines.append(err["msg"].removeprefix("Value error, "))
+            continue
+        field = str(err["loc"][0])
         if err["type"] == "extra_forbidden":
             where = f" in {config_file}" if config_file is not None else ""
             lines.append(f"unknown setting {field!r}{where}{_did_you_mean(field)}")
@@ -273,7 +358,7 @@ def describe_settings() -> list[tuple[str, str, str]]:
     rows = []
     for name, field in Settings.model_fields.items():
         default = field.default
-        shown = "(unset)" if default is None else str(default)
+        shown = "(unset)" if default is None or default == () else str(default)
         if name == "data_dir":
             shown = "<user data dir>/pgqg/pgdata"
         elif name == "sql_dir":

@@ -57,6 +57,9 @@ from gateway.embedded._roles import create_gateway_roles, role_exists, set_passw
 from gateway.engine._pipeline import Session
 from gateway.engine._pool import session_options
 
+#: fixtures of a headless Chromium (tests/browser.py), for the tests that ask for one
+pytest_plugins = ("browser",)
+
 DSN_ENV = "PGQG_TEST_DSN"
 CONTAINER_IMAGE = "postgres:16-alpine"
 DOCKER_PING_TIMEOUT = 2.0

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,40 @@ def parse_one(text: str) -> NamedQuery:
 def query_with(params: str, sql: str) -> NamedQuery:
     """A query ``q`` declaring *params* (the text after ``-- params:``) for *sql*."""
     return parse_one(f"-- name: q\n-- params: {params}\n{sql}\n")
+
+
+def marker() -> str:
+    """A unique string to find one test's query in pg_stat_activity."""
+    return "pgqg-" + uuid.uuid4().hex[:12]
+
+
+async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
+    """How many backends are running a statement whose text holds `mark`."""
+    cur = await admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
+        " AND pid <> pg_backend_pid()",
+        (f"%{mark}%",),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+#: how long a cancelled query may take to go, at the most: generous, for a loaded
+#: machine (the queries cancelled in tests would otherwise run for minutes)
+GONE_S = 30.0
+
+
+async def gone_within(
+    admin: psycopg.AsyncConnection[Any], mark: str, limit: float = GONE_S
+) -> float:
+    """Seconds until no backend runs `mark`'s statement; fails after `limit`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while await running(admin, mark):
+        assert loop.time() - started < limit, f"{mark} still running after {limit} s"
+        await asyncio.sleep(0.02)
+    return loop.time() - started
 
 
 def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:

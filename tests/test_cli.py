@@ -699,3 +699,10 @@ def test_serve_says_when_the_request_path_is_not_compiled(
     out = capsys.readouterr().out
     assert "pgqg is serving on http://127.0.0.1:8123" in out
     assert ("plain Python" in out) is not compiled
+
+
+@pytest.mark.parametrize("console", [True, False])
+def test_serve_names_the_console(console: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    _announce(load_settings(port=8123, console=console), demo=False)("http://127.0.0.1:8123")
+    out = capsys.readouterr().out
+    assert ("query console: http://127.0.0.1:8123/" in out) is console

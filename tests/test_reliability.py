@@ -16,7 +16,17 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from support import GatewayClient, assert_error, get_stats, query, settled_stats
+from support import (
+    GONE_S,
+    GatewayClient,
+    assert_error,
+    get_stats,
+    gone_within,
+    marker,
+    query,
+    running,
+    settled_stats,
+)
 
 from gateway import Codec, Dispatcher, Job, Statement, Unavailable
 from gateway._settings import load_settings
@@ -24,40 +34,6 @@ from gateway.engine._pipeline import Session
 from gateway.engine._pool import make_pool, session_options
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def marker() -> str:
-    """A unique string to find one test's query in pg_stat_activity."""
-    return "pgqg-" + uuid.uuid4().hex[:12]
-
-
-async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
-    """How many backends are running a statement whose text holds `mark`."""
-    cur = await admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
-        " AND pid <> pg_backend_pid()",
-        (f"%{mark}%",),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-#: how long a cancelled query may take to go, at the most: generous, for a loaded
-#: machine (the queries cancelled here would otherwise run for ten minutes)
-GONE_S = 30.0
-
-
-async def gone_within(
-    admin: psycopg.AsyncConnection[Any], mark: str, limit: float = GONE_S
-) -> float:
-    """Seconds until no backend runs `mark`'s statement; fails after `limit`."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while await running(admin, mark):
-        assert loop.time() - started < limit, f"{mark} still running after {limit} s"
-        await asyncio.sleep(0.02)
-    return loop.time() - started
 
 
 async def no_leaks(client: GatewayClient, pool_size: int, timeout: float = 5.0) -> None:

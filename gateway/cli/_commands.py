@@ -228,6 +228,8 @@ def _announce(
 
     def on_ready(_listen_url: str) -> None:
         click.echo(f"pgqg is serving on {url}")
+        if settings.console:
+            click.echo(f"  query console: {url}/")
         if not compiled_modules():
             click.echo("  the request path is plain Python, not compiled (see docs/performance.md)")
         if demo:

@@ -14,6 +14,8 @@ from ..engine._pool import make_pool
 from ..values._encoding import Codec
 from . import _events
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._console import add_console
+from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._observe import observe_middleware
 from ._privileges import check_login_role, connection_check
@@ -47,6 +49,9 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[CODEC] = Codec()
     app.add_routes(routes)
     app.add_routes(_events.routes)
+    if settings.console:
+        add_console(app)
+    install_cors(app, settings.cors_origins)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(listener_ctx)
     app.on_shutdown.append(end_event_streams)
