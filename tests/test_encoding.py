@@ -202,3 +202,11 @@ def test_json_line_breaks_become_spaces() -> None:
     assert embedded(114, b'\r\n{"a":\n[1,\r2]}\n') == b'[  {"a": [1, 2]} ]'
     assert embedded(114, b'{"a\\nb": "\\r"}') == b'[{"a\\nb": "\\r"}]'  # escapes stay
     assert embedded(3802, b'{"a": "\\n"}') == b'[{"a": "\\n"}]'
+
+
+def test_a_type_asked_for_but_not_found_is_learnt_as_text() -> None:
+    # a type dropped between its result and the lookup: text, not looked up again
+    codec = Codec()
+    codec.learn_asked([], [987654])
+    assert codec.is_known(987654)
+    assert codec.type_name(987654) == "987654"

@@ -230,10 +230,7 @@ class DirectTarget:
         """Learn names (and array element types) of types the codec does not know."""
         array = "{" + ",".join(str(oid) for oid in oids) + "}"
         found = self._conn.execute(TYPE_QUERY, [array]).fetchall()
-        self._codec.learn(found)
-        for oid in oids:
-            if not self._codec.is_known(oid):
-                self._codec.learn([(oid, str(oid), 0, ",")])
+        self._codec.learn_asked(found, oids)
 
     def close(self) -> None:
         self._conn.close()

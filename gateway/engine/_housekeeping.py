@@ -188,12 +188,10 @@ class Housekeeping:
         """
         array = "{" + ",".join(str(o) for o in sorted(oids)) + "}"
         res = await self.run(TYPE_QUERY, [array.encode()])
+        rows: list[list[str]] = []
         if res.status == ExecStatus.TUPLES_OK:
             rows = [
                 [(res.get_value(r, c) or b"").decode() for c in range(res.nfields)]
                 for r in range(res.ntuples)
             ]
-            self._codec.learn(rows)
-        for oid in oids:
-            if not self._codec.is_known(oid):
-                self._codec.learn([(oid, str(oid), 0, ",", 0)])
+        self._codec.learn_asked(rows, oids)

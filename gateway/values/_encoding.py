@@ -198,6 +198,12 @@ class Codec:
         """The type's name for column metadata; the oid as text when never learnt."""
         return self._names.get(oid) or str(oid)
 
+    def learn_asked(self, rows: Iterable[Sequence[Any]], asked: Iterable[int]) -> None:
+        """Learn `rows` of `TYPE_QUERY`, then every oid of `asked` it did not find (a
+        type dropped meanwhile) as plain text, so it is never looked up again."""
+        self.learn(rows)
+        self.learn([(oid, str(oid), 0, ",", 0) for oid in asked if not self.is_known(oid)])
+
     def learn(self, rows: Iterable[Sequence[Any]]) -> None:
         """Learn types from rows of `TYPE_QUERY`: (oid, name, element oid, delimiter, base oid).
 
