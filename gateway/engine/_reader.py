@@ -19,14 +19,15 @@ import time
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
-from .._errors import GatewayError, Timeout
+from .._errors import BadRequest, GatewayError, Timeout
 from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
 from ._jobs import Job
+from ._outcome import ends_connection, lost_error
 from ._planner import Plan
 from ._prepared import PreparedStatements
-from ._wire import Wire, result_error
+from ._wire import CopyRefused, Wire, result_error
 
 _USER_CANCEL = "canceling statement due to user request"
 # ExecStatus members as plain constants: an enum attribute costs a lookup per result
@@ -72,6 +73,9 @@ class BatchReader:
             try:
                 for _ in range(before + len(job.statements) * (1 + plan.guarded) + plan.commit):
                     results.append(await wire.result() if pg.is_busy() else wire.take_result())
+            except CopyRefused as exc:
+                job.fail(BadRequest(str(exc)))
+                raise
             finally:
                 cancels.head = None
                 cancels.wanted = False
@@ -104,16 +108,19 @@ class BatchReader:
         # after an error PostgreSQL skips the rest of the segment: one error at most
         for res in results:
             if res.status == _FATAL_ERROR:
-                self._fail(plan, res, first=res is results[0])
+                self._fail(plan, res, first=res is results[0], last=res is results[-1])
                 return None
         return None if self.deliver(plan.job, raw) else raw
 
-    def _fail(self, plan: Plan, res: PGresult, *, first: bool) -> None:
+    def _fail(self, plan: Plan, res: PGresult, *, first: bool, last: bool) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
-        error came from the job's very first message, before anything of it ran."""
+        error came from the job's very first message, before anything of it ran;
+        `last`: from its last, the COMMIT (or a write's autocommit statement)."""
         error = result_error(res)
         job = plan.job
-        if not plan.retrying and not job.done and self._should_retry(plan, error, first):
+        if last and (plan.commit or not plan.wrapped) and ends_connection(error.sqlstate):
+            job.fail(lost_error(job, sent=True))  # the server went down as it committed
+        elif not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))

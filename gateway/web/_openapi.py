@@ -7,7 +7,20 @@ from typing import Any
 from ..catalog._catalog import Catalog
 from ._requests import ISOLATION_LEVELS, SHAPES
 
-_ERROR_STATUSES = ("400", "403", "404", "405", "406", "409", "413", "415", "500", "503", "504")
+_ERROR_STATUSES = (
+    "400",
+    "403",
+    "404",
+    "405",
+    "406",
+    "409",
+    "413",
+    "415",
+    "500",
+    "502",
+    "503",
+    "504",
+)
 
 
 def _ref(name: str) -> dict[str, str]:
