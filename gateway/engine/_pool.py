@@ -27,6 +27,9 @@ APPLICATION_NAME = "pgqg"
 RECONNECT_ROUND_S = 2.0
 #: libpq's own limit for one connection attempt (an unreachable host)
 CONNECT_TIMEOUT_S = 5
+#: closing the pool: how long its background tasks (a reconnection under way)
+#: get to stop; the rest is left to the process's exit
+CLOSE_TIMEOUT_S = 0.5
 
 
 def session_options(settings: Settings) -> str:
@@ -76,12 +79,7 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
             "options": session_options(settings),
             "client_encoding": "UTF8",
             "connect_timeout": CONNECT_TIMEOUT_S,
-            # A server that vanishes without closing the connection (a network
-            # partition, a host power-off) is noticed in about 25 s, not hours.
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
+            **tcp_options(settings),
         },
         check=AsyncConnectionPool.check_connection,
         reset=reset_connection,
@@ -93,6 +91,23 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
         reconnect_failed=_reconnect_again,
         connection_class=AsyncConnection,
     )
+
+
+def tcp_options(settings: Settings) -> dict[str, int]:
+    """libpq's TCP options: a server that vanishes without closing the connection
+    (a network partition, a host power-off) is noticed in seconds, not hours.
+
+    Keepalive probes find an idle connection dead; ``tcp_user_timeout`` a
+    connection whose data goes unacknowledged (and it bounds the probes too).
+    A request does not wait for either: its deadline answers it first.
+    """
+    return {
+        "keepalives": 1,
+        "keepalives_idle": settings.keepalives_idle_s,
+        "keepalives_interval": settings.keepalives_interval_s,
+        "keepalives_count": settings.keepalives_count,
+        "tcp_user_timeout": settings.tcp_user_timeout_ms,
+    }
 
 
 async def reset_connection(conn: AsyncConnection[Any]) -> None:
