@@ -9,7 +9,7 @@ from aiohttp import web
 from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
-from ..engine._pool import make_pool
+from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
 from ..values._encoding import Codec
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, POOL, SETTINGS
 from ._middleware import error_middleware
@@ -69,4 +69,4 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
-        await pool.close()
+        await pool.close(timeout=CLOSE_TIMEOUT_S)
