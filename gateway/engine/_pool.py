@@ -29,7 +29,7 @@ RECONNECT_ROUND_S = 2.0
 CONNECT_TIMEOUT_S = 5
 #: closing the pool: how long its background tasks (a reconnection under way)
 #: get to stop; the rest is left to the process's exit
-CLOSE_TIMEOUT_S = 0.5
+CLOSE_TIMEOUT_S = 0.2
 
 
 def session_options(settings: Settings) -> str:
