@@ -240,6 +240,10 @@ class FaultProxy:
         self.trigger = _Trigger(pattern, direction)
         return self.trigger.fired
 
+    def disarm(self) -> None:
+        """Forget a `cut_after` that has not fired."""
+        self.trigger = None
+
     # --- connections --------------------------------------------------------------------
 
     def _accept(self) -> _Side:
