@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import os
 import random
 import signal
@@ -41,7 +40,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -122,6 +121,13 @@ class Chaos:
         self.proxy.disarm()
 
 
+def rounds(names: list[str], rng: random.Random) -> Iterator[str]:
+    """`names` in a new random order each round, for ever."""
+    while True:
+        rng.shuffle(names)
+        yield from names
+
+
 async def chaos(args: argparse.Namespace, pg: EmbeddedPostgres) -> bool:
     table = "chaos_" + uuid.uuid4().hex[:8]
     async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:
@@ -155,15 +161,12 @@ async def drive(
 ) -> bool:
     rng = random.Random(args.seed)
     faults = Chaos(pg, proxy, gateway)
-    order = list(faults.faults)
     load = Load(gateway).start(writers=args.writers, readers=args.readers)
     loop = asyncio.get_running_loop()
     started = loop.time()
     end = started + args.duration
     broken: list[str] = []
-    for name in itertools.cycle(order):
-        if name == order[0]:
-            rng.shuffle(order)
+    for name in rounds(list(faults.faults), rng):
         pause = rng.uniform(0.6 * args.every, 1.4 * args.every)
         if loop.time() + pause >= end:
             break
