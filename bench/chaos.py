@@ -140,7 +140,7 @@ async def chaos(args: argparse.Namespace, pg: EmbeddedPostgres) -> bool:
         "PGQG_CONNECT_TIMEOUT_MS": "1000",
         "PGQG_LOG_LEVEL": "error",
     }
-    served = Served(proxy.dsn(pg.dsn), env=env)
+    served = Served(proxy.dsn(pg.gateway_dsn), env=env)
     timeout = aiohttp.ClientTimeout(total=DEADLINE_S + 15)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as http:

@@ -7,8 +7,9 @@
    deployments have it) in a temporary directory, unless ``--dsn`` names one, and loads
    pgbench's tables (``pgbench -i -s 10``, over TCP with the password).
 2. Starts every target as its own process on its own 127.0.0.1 port, with the same pool
-   size: pgqg (``python -m gateway serve``) and the baselines of ``bench/baselines.py``.
-   Each must answer a point select correctly before it is measured.
+   size: pgqg (``python -m gateway serve``), pgqg again with ``PGQG_METRICS=false``
+   (``pgqg-nometrics``: what ``/metrics`` costs) and the baselines of
+   ``bench/baselines.py``. Each must answer a point select correctly before it is measured.
 3. Warms each target up, then runs ``--rounds`` interleaved rounds: in each round every
    target in turn (the order rotates from round to round) gets
    ``wrk -t2 -c32 -d{duration}s`` with ``bench/wrk/point_select.lua`` (a random aid per
@@ -64,11 +65,14 @@ RESULTS_DIR = BENCH_DIR / "results"
 POINT_SELECT = "SELECT aid, abalance FROM pgbench_accounts WHERE aid = $1"
 
 PGQG = "pgqg"
+#: pgqg itself with PGQG_METRICS=false: what /metrics costs it, in the same run
+PGQG_NO_METRICS = "pgqg-nometrics"
 PGBENCH = "pgbench -S"
 #: the HTTP targets, in the order of the first round; bench/baselines.py's kinds
 BASELINES = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 LABELS = {
     PGQG: "pgqg",
+    PGQG_NO_METRICS: "pgqg, metrics off (PGQG_METRICS=false)",
     "connect": "connect per request (psycopg)",
     "psycopg_pool": "aiohttp + psycopg_pool",
     "asyncpg": "aiohttp + asyncpg pool",
@@ -78,6 +82,8 @@ LABELS = {
 }
 #: issue 6's targets: pgqg's req/s over each baseline's, at 32 clients
 TARGETS = {"psycopg_pool": 1.8, "asyncpg": 1.4, "connect": 50.0, "static": 0.5}
+#: issue 22's: metrics cost a point select less than 5 %
+TARGETS[PGQG_NO_METRICS] = 0.95
 CONCURRENCY_SWEEP = (1, 8, 32, 128, 512)
 POOL_SWEEP = (1, 2, 4, 8, 16)
 
@@ -382,6 +388,9 @@ def pgqg_jobs(url: str) -> tuple[int, int]:
 class Bench:
     args: argparse.Namespace
     dsn: str = ""
+    #: what pgqg and the baselines log in as: the embedded server's least-privileged
+    #: login role (as pgqg serve's), or --dsn's
+    serve_dsn: str = ""
     postmaster_pid: int | None = None
     servers: dict[str, Server] = field(default_factory=dict)
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pgqg-bench-")))
@@ -398,9 +407,15 @@ class Bench:
     def make_server(self, name: str, pool_size: int) -> Server:
         """pgqg or a baseline on a free port, with `pool_size` connections."""
         port = free_port()
-        common = ["--dsn", self.dsn, "--port", str(port), "--pool-size", str(pool_size)]
-        if name == PGQG:
+        common = ["--dsn", self.serve_dsn, "--port", str(port), "--pool-size", str(pool_size)]
+        env = {}
+        if name.startswith(PGQG):
             argv = [sys.executable, "-m", "gateway", "serve", *common]
+            env["PGQG_LOG_LEVEL"] = "warning"
+            # a --dsn may name a superuser, which pgqg serves raw SQL to only when allowed
+            env["PGQG_ALLOW_PRIVILEGED_ROLE"] = str(bool(self.args.dsn))
+            if name == PGQG_NO_METRICS:
+                env["PGQG_METRICS"] = "false"
         else:
             argv = [sys.executable, str(BENCH_DIR / "baselines.py"), "--kind", name, *common]
         return Server(
@@ -409,7 +424,7 @@ class Bench:
             port=port,
             log_path=RESULTS_DIR / "logs" / f"{name}.log",
             # pgqg's own defaults otherwise (read-only raw SQL, max_batch 32, ...)
-            env={"PGQG_LOG_LEVEL": "warning"} if name == PGQG else {},
+            env=env,
         )
 
     def start(self, server: Server) -> Server:
@@ -456,7 +471,7 @@ class Bench:
     def setup_database(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if self.args.dsn:
-            self.dsn = self.args.dsn
+            self.dsn = self.serve_dsn = self.args.dsn
             info["database"] = "given by --dsn"
         else:
             data_dir = self.scratch / "pgdata"
@@ -464,7 +479,7 @@ class Bench:
             self._embedded = embedded
             self.log(f"starting an embedded PostgreSQL in {data_dir}")
             embedded.start()
-            self.dsn = embedded.dsn
+            self.dsn, self.serve_dsn = embedded.dsn, embedded.gateway_dsn
             self.postmaster_pid = embedded.pid
             info["database"] = "embedded PostgreSQL 16 (pgserver), fsync off, TCP + scram"
         if not self.args.skip_load:
@@ -795,9 +810,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--against",
         type=_targets,
-        default=[*BASELINES, PGBENCH],
+        default=[*BASELINES, PGQG_NO_METRICS, PGBENCH],
         metavar="NAME,...",
-        help=f"what pgqg is compared with (all): {', '.join(BASELINES)}, pgbench",
+        help="what pgqg is compared with (all): "
+        + ", ".join([*BASELINES, PGQG_NO_METRICS, "pgbench"]),
     )
     p.add_argument("--profile", action="store_true", help="also py-spy pgqg under load")
     p.add_argument(
@@ -823,7 +839,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _targets(text: str) -> list[str]:
     """``--against``'s comma-separated names, in the baselines' order."""
-    known = (*BASELINES, PGBENCH)
+    known = (*BASELINES, PGQG_NO_METRICS, PGBENCH)
     wanted = {PGBENCH if n.strip() == "pgbench" else n.strip() for n in text.split(",")}
     if unknown := wanted.difference(known):  # an empty name is unknown too
         names = ", ".join(map(repr, sorted(unknown)))

@@ -266,7 +266,7 @@ async def soak(args: argparse.Namespace, pg: EmbeddedPostgres) -> bool:
         "PGQG_STATEMENT_TIMEOUT_MS": "5000",
         "PGQG_LOG_LEVEL": "error",
     }
-    cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", pg.dsn, "--port", str(port),
+    cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", pg.gateway_dsn, "--port", str(port),
            "--pool-size", str(args.pool_size), "--shutdown-grace-s", "5"]  # fmt: skip
     with tempfile.TemporaryFile("w+") as log:
         # started once, before any load: blocking for a moment here is harmless
@@ -284,19 +284,24 @@ async def soak(args: argparse.Namespace, pg: EmbeddedPostgres) -> bool:
                 print("--- gateway log ---\n" + text[-3000:])
 
 
-async def drive(
-    args: argparse.Namespace, url: str, dsn: str, gateway: subprocess.Popen[bytes]
-) -> bool:
+async def wait_ready(url: str) -> bool:
+    """Poll the gateway's ``/readyz`` until 200 (True); False after about 20 s."""
     async with aiohttp.ClientSession() as http:
         for _ in range(400):
             with contextlib.suppress(aiohttp.ClientError):
                 async with http.get(url + "/readyz") as resp:
                     if resp.status == 200:
-                        break
+                        return True
             await asyncio.sleep(0.05)
-        else:
-            print("the gateway did not get ready")
-            return False
+    return False
+
+
+async def drive(
+    args: argparse.Namespace, url: str, dsn: str, gateway: subprocess.Popen[bytes]
+) -> bool:
+    if not await wait_ready(url):
+        print("the gateway did not get ready")
+        return False
     proc = psutil.Process(gateway.pid)
     samples: list[tuple[float, float]] = []
     t0 = time.monotonic()

@@ -2,7 +2,7 @@
 
 Every error a client can see is a `GatewayError`: it carries the HTTP status, a
 stable machine-readable `code` and, for database errors, PostgreSQL's diagnostic
-fields. `gateway._middleware` is the only place that turns one into a response.
+fields. `gateway.web._middleware` is the only place that turns one into a response.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ in the package reads ``os.environ``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +24,12 @@ RawSqlMode = Literal["off", "read-only", "read-write"]
 
 #: the repository's ``sql/`` folder, next to the package
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+#: a channel name /v1/listen takes: PostgreSQL's unquoted identifier syntax in ASCII, at
+#: most 63 bytes (NAMEDATALEN - 1), matched as written (as pg_notify() takes it)
+CHANNEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+#: an entry of listen_channels: a channel name, a prefix and ``*``, or ``*`` alone
+_CHANNEL_RULE = re.compile(rf"\*|{CHANNEL_NAME.pattern}\*?")
 
 
 class ConfigError(ValueError):
@@ -66,6 +73,11 @@ class Settings(BaseSettings):
     )
     raw_sql: RawSqlMode = Field(
         "read-only", description="Raw SQL over HTTP: off, read-only or read-write."
+    )
+    allow_privileged_role: bool = Field(
+        False,
+        description="Serve raw SQL even when the login role is a superuser or may read the "
+        "server's files, run programs, signal sessions, replicate or bypass RLS.",
     )
     statement_timeout_ms: int = Field(
         30000, ge=1, description="Default and upper bound of a request's timeout_ms."
@@ -114,6 +126,54 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
+    )
+    listen_channels: dict[str, list[str]] = Field(
+        {},
+        description="Who may listen to which channels at /v1/listen: JSON, each role to a list"
+        " of channel names (a trailing * matches a prefix); the role anon is a request"
+        " without a token. Empty: /v1/listen is off.",
+    )
+    listen_heartbeat_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="A quiet event stream gets a comment line this often, so proxies keep it open.",
+    )
+    listen_buffer: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Events waiting for one slow subscriber; one more drops it with a final event.",
+    )
+    listen_max_subscribers: int = Field(
+        1000, ge=1, description="Event streams open at once at /v1/listen; more get 503."
+    )
+
+    @field_validator("listen_channels")
+    @classmethod
+    def _check_listen_channels(cls, rules: dict[str, list[str]]) -> dict[str, list[str]]:
+        for role, channels in rules.items():
+            if not role:
+                raise ValueError("a role name is empty")
+            for rule in channels:
+                if not _CHANNEL_RULE.fullmatch(rule):
+                    raise ValueError(
+                        f"{role}: {rule!r} is not a channel name (letters, digits, _ and $,"
+                        " not starting with a digit, at most 63), a prefix ending in *, or *"
+                    )
+        return rules
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as readable text, or one JSON object per line."
+    )
+    metrics: bool = Field(
+        True, description="Serve /metrics (Prometheus) and count every request for it."
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "metrics_dir", "PGQG_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR"
+        ),
+        description="Shared folder where several gateway processes add up their /metrics.",
     )
 
     @classmethod

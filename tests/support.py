@@ -10,18 +10,73 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
+import psycopg.conninfo
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
+from prometheus_client.parser import text_string_to_metric_families
 
 GatewayClient = TestClient[Request, Application]
 
 START_TIMEOUT_S = 20.0
 REPO = Path(__file__).resolve().parent.parent
+
+
+# --- the role the tests' gateways log in as ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayLogin:
+    """The tests' least-privileged login role on the test server (conftest makes it)."""
+
+    host: str
+    port: str
+    user: str
+    password: str
+
+
+_gateway_login: GatewayLogin | None = None
+
+
+def server_of(dsn: str) -> tuple[str, str]:
+    """The host and port `dsn` names (as written; the port 5432 when it names none)."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    return str(info.get("host") or ""), str(info.get("port") or "5432")
+
+
+def use_gateway_login(login: GatewayLogin) -> None:
+    """Called once a session by conftest, when the login role exists."""
+    global _gateway_login
+    _gateway_login = login
+
+
+def as_gateway(dsn: str) -> str:
+    """`dsn` logged in as the tests' least-privileged role, as a user's gateway would,
+    when it names the session's test server (any database on it); other DSNs as given."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    login = _gateway_login
+    host, port = server_of(dsn)
+    if login is None or (host, port) != (login.host, login.port):
+        return dsn
+    user = urllib.parse.quote(login.user, safe="")
+    password = urllib.parse.quote(login.password, safe="")
+    where = f"[{host}]" if ":" in host else urllib.parse.quote(host, safe="")
+    # without a dbname libpq takes the user's name: the original user's, here
+    dbname = urllib.parse.quote(str(info.get("dbname") or info.get("user") or ""), safe="")
+    rest = {
+        k: str(v)
+        for k, v in info.items()
+        if k not in ("host", "port", "user", "password", "dbname")
+    }
+    query = f"?{urllib.parse.urlencode(rest)}" if rest else ""
+    return f"postgresql://{user}:{password}@{where}:{port}/{dbname}{query}"
 
 
 async def wait_until_ready(client: GatewayClient, timeout: float = 20.0) -> None:
@@ -79,6 +134,18 @@ def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:
         assert error["sqlstate"] == sqlstate, error
 
 
+def as_made_before_login_roles(pg: Any) -> None:
+    """Make the running `EmbeddedPostgres` look like a data directory made before the
+    gateway had a login role of its own: no such roles, no password file for them."""
+    from gateway.embedded._datadir import GATEWAY_PASSWORD_FILE
+    from gateway.embedded._roles import LOGIN_ROLE, REQUEST_ROLE
+
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {LOGIN_ROLE}, {REQUEST_ROLE}")
+        conn.execute(f"DROP ROLE {LOGIN_ROLE}, {REQUEST_ROLE}")
+    (pg.data_dir / GATEWAY_PASSWORD_FILE).unlink()
+
+
 # --- a gateway in a process of its own (``pgqg serve``) ---------------------------------
 
 
@@ -92,13 +159,21 @@ def free_port() -> int:
 class Served:
     """A ``pgqg serve`` subprocess on a free port; `env` adds ``PGQG_*`` settings.
 
-    Its output goes to a temporary file (a pipe nobody reads could fill and
-    block it), shown by `output` once it exited.
+    It logs in as the tests' least-privileged role (`as_gateway`), unless `privileged`:
+    then with `dsn` as given. Its output goes to a temporary file (a pipe nobody reads
+    could fill and block it), shown by `output` once it exited.
     """
 
-    def __init__(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        privileged: bool = False,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        dsn = dsn if privileged else as_gateway(dsn)
         cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", dsn, "--port", str(self.port)]
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
@@ -151,3 +226,40 @@ class Served:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+# --- /metrics, parsed by prometheus-client ------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+async def scrape(client: GatewayClient) -> Samples:
+    """Every sample of ``/metrics``, parsed by prometheus-client, by (name, labels)."""
+    resp = await client.get("/metrics")
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            samples[s.name, frozenset(s.labels.items())] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when it is not there (a counter not yet moved)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def wait_for_metric(
+    client: GatewayClient, name: str, at_least: float, timeout: float = 20.0, **labels: str
+) -> Samples:
+    """Scrape until the sample reaches `at_least`; fails after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            samples = await scrape(client)
+            if value(samples, name, **labels) >= at_least:
+                return samples
+            await asyncio.sleep(0.05)

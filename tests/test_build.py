@@ -21,7 +21,7 @@ def test_the_request_path_is_compiled_whole_or_not_at_all() -> None:
 
 
 def test_a_compiled_module_is_the_one_imported() -> None:
-    compiled = "_jobs" in compiled_modules()
+    compiled = "engine._jobs" in compiled_modules()
     assert _jobs.__file__ is not None
     assert _jobs.__file__.endswith(".py") is not compiled
 

@@ -8,6 +8,8 @@ this test's event loop, and the command runs in a worker thread (it blocks on HT
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import socket
 import uuid
@@ -19,7 +21,7 @@ import psycopg
 import psycopg.conninfo
 import pytest
 from click.testing import CliRunner, Result
-from conftest import ClientFactory
+from conftest import TEST_REQUEST_ROLE, ClientFactory
 
 import gateway.cli._commands
 from gateway import load_settings
@@ -291,6 +293,100 @@ async def test_query_defaults_to_the_local_gateway(gateway_factory: ClientFactor
     assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
 
 
+# --- values that print alike in every format, directly and through a gateway -----------------
+
+
+async def outputs(dsn: str, url: str, sql: str, *params: str) -> dict[tuple[str, str], str]:
+    """``pgqg query`` output by (target, format), each run checked to succeed."""
+    printed = {}
+    for target, where in (("--dsn", dsn), ("--url", url)):
+        for fmt in ("json", "ndjson", "csv", "table"):
+            result = await pgqg_async("query", target, where, sql, *params, "--format", fmt)
+            assert result.exit_code == 0, (target, fmt, result.output)
+            printed[target, fmt] = raw(result)
+    return printed
+
+
+def one_line(printed: str) -> Any:
+    """The one NDJSON row of `printed`, which is one line whatever its values hold."""
+    assert printed.endswith("\n") and printed.count("\n") == 1 and "\r" not in printed, printed
+    return json.loads(printed)
+
+
+async def test_json_with_line_breaks_is_one_ndjson_line(database_dsn: str, rw_gateway: str) -> None:
+    sql = (
+        "select (select json_agg(t) from (values (1, 'a'), (2, 'b')) t) AS agg,"
+        " row_to_json(row(1, 'x'), true) AS pretty, E'[1,\\r\\n2]'::json AS crlf"
+    )
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {
+        "agg": [{"column1": 1, "column2": "a"}, {"column1": 2, "column2": "b"}],
+        "pretty": {"f1": 1, "f2": "x"},
+        "crlf": [1, 2],
+    }
+    for target in ("--dsn", "--url"):
+        assert one_line(printed[target, "ndjson"]) == row
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+    # directly, CSV cells are PostgreSQL's text, line breaks and all
+    agg, pretty, crlf = (scalar(database_dsn, f"select {c}::text from ({sql}) s") for c in row)
+    assert printed["--dsn", "csv"] == (
+        f'agg,pretty,crlf\r\n"{agg.replace(chr(34), 2 * chr(34))}",'
+        f'"{pretty.replace(chr(34), 2 * chr(34))}","{crlf}"\r\n'
+    )
+    # through a gateway, json is rebuilt from the JSON answer: the same values
+    header, cells = printed["--url", "csv"].split("\r\n", 1)
+    assert header == "agg,pretty,crlf"
+    assert [json.loads(c) for c in next(csv.reader(io.StringIO(cells)))] == list(row.values())
+
+
+async def test_negative_zero_parameter(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select $1::float8 AS f, $1::text AS t, array[$1::float8] AS fs"
+    printed = await outputs(database_dsn, rw_gateway, sql, "-0")
+    for target in ("--dsn", "--url"):
+        assert '"rows":[{"f":-0,"t":"-0","fs":[-0]}]' in printed[target, "json"]
+        assert printed[target, "ndjson"] == '{"f":-0,"t":"-0","fs":[-0]}\n'
+        assert printed[target, "csv"] == "f,t,fs\r\n-0,-0,{-0}\r\n"
+        assert printed[target, "table"].splitlines()[2].split() == ["-0", "-0", "{-0}"]
+
+
+async def test_box_array_parameter(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select $1::box[] AS b"
+    printed = await outputs(database_dsn, rw_gateway, sql, "{(1,1),(0,0);(3,3),(2,2)}")
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [
+            {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}
+        ]
+        assert one_line(printed[target, "ndjson"]) == {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}
+        assert printed[target, "csv"] == 'b\r\n"{(1,1),(0,0);(3,3),(2,2)}"\r\n'
+        assert "{(1,1),(0,0);(3,3),(2,2)}" in printed[target, "table"]
+
+
+async def test_array_with_lower_bounds_is_its_text(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select '[2:3]={1,2}'::int[] AS a, '[0:0][1:1]={{x}}'::text[] AS t, '{1,2}'::int[] AS b"
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {"a": "[2:3]={1,2}", "t": "[0:0][1:1]={{x}}", "b": [1, 2]}
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+        assert one_line(printed[target, "ndjson"]) == row
+        assert printed[target, "csv"] == 'a,t,b\r\n"[2:3]={1,2}",[0:0][1:1]={{x}},"{1,2}"\r\n'
+        assert "[2:3]={1,2}" in printed[target, "table"]
+
+
+async def test_json_null_and_sql_null(database_dsn: str, rw_gateway: str) -> None:
+    """Both are null in JSON and NDJSON; ``IS NULL`` tells them apart in every output, and
+    a direct query's CSV and table show json's ``null`` beside NULL."""
+    sql = "select 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {"j": None, "n": None, "j_is_null": False}
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+        assert one_line(printed[target, "ndjson"]) == row
+    assert printed["--dsn", "csv"] == "j,n,j_is_null\r\nnull,,f\r\n"
+    assert printed["--dsn", "table"].splitlines()[2].split() == ["null", "NULL", "f"]
+    # through a gateway, text is rebuilt from the JSON answer, where both are null
+    assert printed["--url", "csv"] == "j,n,j_is_null\r\n,,f\r\n"
+
+
 # --- run -----------------------------------------------------------------------------------
 
 SCRIPT = """\
@@ -411,6 +507,9 @@ def test_run_an_empty_file(tmp_path: Path, database_dsn: str) -> None:
 async def test_run_through_the_gateway(
     gateway_factory: ClientFactory, fresh_db: str, tmp_path: Path
 ) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        # what migrations through the gateway need of its least-privileged role
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {TEST_REQUEST_ROLE}")
     client = await gateway_factory(raw_sql="read-write", dsn=fresh_db)
     url = str(client.make_url(""))
     path = tmp_path / "script.sql"

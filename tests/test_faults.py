@@ -95,7 +95,7 @@ async def rig(embedded_factory: Any, fault_proxy: Any) -> AsyncIterator[Rig]:
         "PGQG_SHUTDOWN_GRACE_S": str(GRACE_S),
         "PGQG_CONNECT_TIMEOUT_MS": "1000",
     }
-    served = Served(proxy.dsn(pg.dsn), env=env)
+    served = Served(proxy.dsn(pg.gateway_dsn), env=env)
     try:
         async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as http:
             await served.ready(http)

@@ -82,4 +82,5 @@ def test_imports_run_one_way(module: str, path: Path) -> None:
 def test_each_package_says_what_it_owns_and_may_import() -> None:
     for init in sorted(PACKAGE.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text()))
-        assert doc and "import" in doc.lower(), f"{init.parent.name}/__init__.py: say what it may import"
+        where = f"{init.parent.name}/__init__.py"
+        assert doc and "import" in doc.lower(), f"{where}: say what it owns and may import"

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import TEST_LOGIN, TEST_REQUEST_ROLE
 from psycopg import pq
 
 from gateway import GatewayError, Job, Statement, param_to_text
@@ -144,10 +145,12 @@ async def test_no_session_state_reaches_the_next_job_of_a_batch(
     session: Session, admin: Any, table: str
 ) -> None:
     # The batch's last DISCARD ALL comes too late for the jobs behind the one
-    # that left state: each job's own cleanup segment must undo it.
+    # that left state: each job's own cleanup segment must undo it. A role change
+    # is refused before the job's transaction ends: the login role is a member of
+    # `role`, so PostgreSQL itself allows SET ROLE.
     role = f"{table}_role"
     await admin.execute(f"create role {role}")
-    await admin.execute(f"grant {role} to current_user")
+    await admin.execute(f"grant {role} to {TEST_LOGIN}")
     try:
         outcomes = await run(
             session,
@@ -158,22 +161,23 @@ async def test_no_session_state_reaches_the_next_job_of_a_batch(
             ),
             job("show search_path"),
             job(f"set role {role}", read_only=False),
-            job("select current_user = session_user AS same"),
-            # as a superuser (the embedded cluster's), hidden from the command tag
+            job("select current_user::text AS who"),
+            # hidden from the command tag; allowed to a login role for itself
             transaction_job(
-                f"DO $$BEGIN EXECUTE 'SET SESSION AUTHORIZATION {role}'; END$$",
+                f"DO $$BEGIN EXECUTE 'SET SESSION AUTHORIZATION {TEST_LOGIN}'; END$$",
                 "commit",
                 read_only=True,
             ),
-            job("select session_user::text AS who"),
+            job("select session_user::text AS who, current_user::text AS role"),
         )
-        user = (await (await admin.execute("select session_user::text")).fetchone())[0]
     finally:
         await admin.execute(f"drop role {role}")
     assert isinstance(outcomes[1], GatewayError) and outcomes[1].sqlstate == "42P01"
     assert outcomes[3] == [{"search_path": '"$user", public'}]
-    assert outcomes[5] == [{"same": True}]
-    assert outcomes[7] == [{"who": user}]
+    assert isinstance(outcomes[4], GatewayError) and outcomes[4].sqlstate == "42501"
+    assert outcomes[5] == [{"who": TEST_REQUEST_ROLE}]
+    assert isinstance(outcomes[6], GatewayError) and outcomes[6].sqlstate == "42501"
+    assert outcomes[7] == [{"who": TEST_LOGIN, "role": TEST_REQUEST_ROLE}]
 
 
 async def test_what_a_committed_job_started_by_do_is_gone_for_the_next(

@@ -127,20 +127,28 @@ async def test_a_job_abandoned_behind_a_slow_one_never_runs_long(
 
 
 async def test_a_job_after_a_cleanup_hit_by_a_late_cancel_runs_again(
-    database_dsn: str,
+    gateway_dsn: str,
 ) -> None:
     # A cancel meant for a job whose statement just ended lands on that job's
     # cleanup ROLLBACK, leaving its transaction aborted (25P02 for the next
-    # BEGIN). Simulated: the session starts inside an aborted transaction.
-    settings = load_settings(dsn=database_dsn)
+    # BEGIN). Simulated: once the session has learnt its roles (as it does when
+    # its lease begins), it is left inside an aborted transaction.
+    settings = load_settings(dsn=gateway_dsn)
     conn = await psycopg.AsyncConnection.connect(
-        database_dsn, autocommit=True, options=session_options(settings)
+        gateway_dsn, autocommit=True, options=session_options(settings)
     )
     try:
-        await conn.execute("BEGIN")
-        with pytest.raises(psycopg.errors.DivisionByZero):
-            await conn.execute("SELECT 1/0")
         sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
+        await sess.roles()
+        for sql in (b"BEGIN", b"SELECT 1/0"):
+            conn.pgconn.send_query_params(sql, None)
+        conn.pgconn.pipeline_sync()
+        await sess.wire.flush()
+        assert [(await sess.wire.result()).status for _ in range(2)][
+            1
+        ] == psycopg.pq.ExecStatus.FATAL_ERROR
+        await sess.wire.sync()
+        assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
         jobs = started(sess, sleep_job(0, "first"), sleep_job(0, "second"))
         await sess.run(jobs)
         assert [j.future.result()[0].rows[0]["mark"] for j in jobs] == ["first", "second"]
@@ -282,8 +290,8 @@ async def poll_ready(client: GatewayClient, limit: float) -> float:
 async def test_a_gateway_started_before_its_database(
     embedded_factory: Any, gateway_factory: Any
 ) -> None:
-    pg = embedded_factory()  # started once to make the cluster and its password
-    dsn = pg.dsn
+    pg = embedded_factory()  # started once to make the cluster and its passwords
+    dsn = pg.gateway_dsn
     await asyncio.to_thread(pg.stop)
     client = await gateway_factory(dsn=dsn, wait_ready=False, connect_timeout_ms=1000)
     loop = asyncio.get_running_loop()
@@ -376,7 +384,7 @@ async def test_a_database_killed_and_restarted_under_load(
     async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:
         await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     client = await gateway_factory(
-        dsn=pg.dsn, pool_size=4, raw_sql="read-write", connect_timeout_ms=1000
+        dsn=pg.gateway_dsn, pool_size=4, raw_sql="read-write", connect_timeout_ms=1000
     )
     loop = asyncio.get_running_loop()
     load = Load(client, table)
@@ -429,7 +437,7 @@ async def test_queued_jobs_fail_fast_when_every_connection_is_lost(
     embedded_factory: Any, gateway_factory: Any
 ) -> None:
     pg = embedded_factory()
-    client = await gateway_factory(dsn=pg.dsn, pool_size=2, connect_timeout_ms=1000)
+    client = await gateway_factory(dsn=pg.gateway_dsn, pool_size=2, connect_timeout_ms=1000)
     loop = asyncio.get_running_loop()
     running = [asyncio.ensure_future(query(client, "select pg_sleep(10)")) for _ in range(2)]
     await asyncio.sleep(0.3)
@@ -454,10 +462,10 @@ async def test_queued_jobs_fail_fast_when_every_connection_is_lost(
 
 
 async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
-    database_dsn: str, admin: Any
+    gateway_dsn: str, admin: Any
 ) -> None:
-    settings = load_settings(dsn=database_dsn, pool_size=2)
-    pool = make_pool(settings, database_dsn)
+    settings = load_settings(dsn=gateway_dsn, pool_size=2)
+    pool = make_pool(settings, gateway_dsn)
     await pool.open(wait=True)
     dispatcher = Dispatcher(pool, Codec(), settings)
     dispatcher.start()
@@ -483,12 +491,12 @@ async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
         await pool.close()
 
 
-async def test_close_stops_a_worker_whose_cancellation_was_lost(database_dsn: str) -> None:
+async def test_close_stops_a_worker_whose_cancellation_was_lost(gateway_dsn: str) -> None:
     # On Python 3.11, asyncio.wait_for (psycopg_pool waits for a connection with
     # it) drops a cancellation that arrives as the connection is handed over:
     # seen as `pgqg serve` hanging on SIGINT once in a few dozen runs.
-    settings = load_settings(dsn=database_dsn, pool_size=1)
-    pool = make_pool(settings, database_dsn)
+    settings = load_settings(dsn=gateway_dsn, pool_size=1)
+    pool = make_pool(settings, gateway_dsn)
     await pool.open(wait=True)
     dispatcher = Dispatcher(pool, Codec(), settings)
     dispatcher.start()

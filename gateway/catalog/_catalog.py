@@ -39,7 +39,7 @@ from pglast.parser import ParseError, Token, parse_sql, scan
 from pglast.stream import RawStream
 
 from .._errors import BadRequest, UnknownQuery
-from ..values._encoding import JSONNumber
+from ..values._encoding import JSONNumber, NegativeZero, json_int
 
 __all__ = ["Catalog", "CatalogError", "NamedQuery", "Param", "parse_queries"]
 
@@ -241,7 +241,7 @@ def _json_text(value: object) -> str:
     json/jsonb parameters go out as this text: the caller cannot tell that a
     str or a list is meant as a JSON value rather than as text or an array.
     """
-    if isinstance(value, JSONNumber):
+    if isinstance(value, JSONNumber | NegativeZero):  # json.dumps would write -0 as 0
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise _Misfit("a finite number")
@@ -278,7 +278,9 @@ def _reject_constant(name: str) -> object:
 
 def _parse_json_text(text: str) -> object:
     try:
-        return json.loads(text, parse_float=JSONNumber, parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_float=JSONNumber, parse_int=json_int, parse_constant=_reject_constant
+        )
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise _Misfit("valid JSON text") from exc
 
@@ -333,7 +335,7 @@ class NamedQuery:
     ) -> list[object]:
         """The parameter values in ``$n`` order, checked against the declared types.
 
-        *values* come from a JSON body (as `gateway._encoding.loads_exact` parses
+        *values* come from a JSON body (as `gateway.values.loads_exact` parses
         it: non-integer numbers are `JSONNumber` text), or with
         *from_query_string* from a URL's query string: every value a str,
         checked by the same rules and converted (``"42"`` for an int gives 42,

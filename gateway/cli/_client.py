@@ -88,6 +88,18 @@ class GatewayClient:
             raise GatewayUnreachable(f"{self.url} did not answer with a query result")
         return result
 
+    def get(self, path: str) -> bytes:
+        """The body of ``GET path`` (``/v1/stats``, ``/metrics``), as it came.
+
+        Raises:
+            GatewayRefused: the gateway answered with an error (a 404 for
+                ``/metrics`` when its metrics are off).
+            GatewayUnreachable: no usable answer.
+        """
+        request = urllib.request.Request(self.url + path, method="GET")
+        body: bytes = self._send(request, decode=False)
+        return body
+
     def _post(self, path: str, body: bytes) -> Any:
         request = urllib.request.Request(
             self.url + path,
@@ -95,9 +107,13 @@ class GatewayClient:
             method="POST",
             headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
+        return self._send(request, decode=True)
+
+    def _send(self, request: urllib.request.Request, *, decode: bool) -> Any:
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                return self._decode(response.read())
+                answer = response.read()
+                return self._decode(answer) if decode else answer
         except urllib.error.HTTPError as exc:
             with exc:
                 answer = self._decode(exc.read(), status=exc.code)

@@ -1,7 +1,7 @@
-"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init.
+"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top.
 
 click parses the command line; rich draws tables and progress bars; statements of a
-file are split by `gateway._sqlfile` on PostgreSQL's own scanner. Every setting comes
+file are split by `gateway.catalog._sqlfile` on PostgreSQL's own scanner. Every setting comes
 from `load_settings` (defaults < ``--config`` TOML < environment < flags): this module
 reads no environment variable itself.
 
@@ -29,10 +29,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .._build import compiled_modules
 from .._settings import ConfigError, Settings, load_settings
 from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
+from ..web._privileges import PrivilegedRoleError
 from ..web._server import serve
+from ._client import GatewayRefused, GatewayUnreachable
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
 from ._targets import DirectTarget, GatewayTarget, StatementFailed, Target, TargetUnavailable
+from ._top import run_top
 
 _CONFIG = click.option(
     "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML settings file."
@@ -58,6 +61,7 @@ def main() -> None:
     pgqg query 'select $1::int + 1' 41
     pgqg run migrations.sql --dsn postgresql://...
     pgqg db init --dsn postgresql://...
+    pgqg top --url http://127.0.0.1:8080
     """
 
 
@@ -205,7 +209,7 @@ def _announce(
     def on_ready(_listen_url: str) -> None:
         click.echo(f"pgqg is serving on {url}")
         if not compiled_modules():
-            click.echo("  the request path is plain Python, not compiled (see the README)")
+            click.echo("  the request path is plain Python, not compiled (see docs/performance.md)")
         if demo:
             click.echo(f"  try:  curl '{url}/v1/queries/book_by_id?id=7'")
             click.echo(f"        pgqg query --url {url} 'select count(*) from book'")
@@ -228,6 +232,13 @@ def _announce(
     help="Raw SQL over HTTP (PGQG_RAW_SQL).",
 )
 @click.option(
+    "--allow-privileged-role",
+    is_flag=True,
+    default=None,
+    help="Serve raw SQL even as a superuser or a role with server-file, signal, replication "
+    "or BYPASSRLS privileges (PGQG_ALLOW_PRIVILEGED_ROLE).",
+)
+@click.option(
     "--data-dir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Embedded PostgreSQL's data directory (PGQG_DATA_DIR).",
@@ -244,14 +255,17 @@ def serve_command(
     port: int | None,
     pool_size: int | None,
     raw_sql: str | None,
+    allow_privileged_role: bool | None,
     data_dir: Path | None,
     shutdown_grace_s: float | None,
 ) -> None:
     """Run the gateway until Ctrl-C or SIGTERM.
 
-    With a database configured (--dsn, PGQG_DSN, DATABASE_URL) it serves that one.
-    Without, it starts an embedded PostgreSQL in PGQG_DATA_DIR, loads the demo
-    bookshop there once (sql/schema.sql, sql/seed.sql) and serves it; stopping the
+    With a database configured (--dsn, PGQG_DSN, DATABASE_URL) it serves that one;
+    with raw SQL on, it refuses a login role that is a superuser or may reach the
+    server's files or sessions (see docs/security.md). Without, it starts an embedded
+    PostgreSQL in PGQG_DATA_DIR, loads the demo bookshop there once (sql/schema.sql,
+    sql/seed.sql) as its superuser and serves it as the role pgqg_anon; stopping the
     gateway stops that server too.
 
     \b
@@ -265,6 +279,7 @@ def serve_command(
         port=port,
         pool_size=pool_size,
         raw_sql=raw_sql,
+        allow_privileged_role=allow_privileged_role,
         data_dir=data_dir,
         shutdown_grace_s=shutdown_grace_s,
     )
@@ -294,11 +309,14 @@ def _check_listen_address(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> None:
-    """`serve`, with a taken port (or another socket error at start) as one line."""
+    """`serve`, with a taken port (or another socket error at start), or a login role
+    refused for raw SQL, as one line."""
     try:
         serve(settings, dsn, on_ready=on_ready)
     except OSError as exc:
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
+    except PrivilegedRoleError as exc:
+        _fail(f"refusing to serve: {exc}")
 
 
 def _serve_embedded(settings: Settings) -> None:
@@ -316,14 +334,23 @@ def _serve_embedded(settings: Settings) -> None:
         embedded.start()
         how = "created and started" if embedded.initialized_now else "started"
         click.echo(f"  PostgreSQL {how} in {time.monotonic() - started:.1f} s")
+        if embedded.upgraded_now:
+            click.echo(
+                f"  upgraded the data directory in place: requests now run as the role "
+                f"{embedded.request_role}, no longer as the superuser (docs/security.md)"
+            )
         signals.check()
         if load_demo(embedded.dsn, settings.sql_dir):
             click.echo(f"  loaded the demo bookshop ({', '.join(DEMO_FILES)})")
         else:
             click.echo("  the demo bookshop is already loaded (kept as it is)")
-        click.echo(f"  psql '{embedded.dsn}'")
+        click.echo(f"  psql '{embedded.dsn}'  (the superuser, for administration)")
+        click.echo(
+            f"  requests run as the role {embedded.request_role}, not a superuser, logged in"
+        )
+        click.echo(f"  as '{embedded.gateway_dsn}'")
         signals.check()
-        _serve(settings, embedded.dsn, _announce(settings, demo=True, then=signals.serving))
+        _serve(settings, embedded.gateway_dsn, _announce(settings, demo=True, then=signals.serving))
     except _Stop as stop:
         click.echo(f"pgqg: {stop} before the gateway was ready", err=True)
     except EmbeddedError as exc:
@@ -529,6 +556,38 @@ def _run_statements(
                 _fail(f"{exc} (at statement {statement.number}, line {statement.line})")
             progress.advance(task)
     return failed
+
+
+# --- top -------------------------------------------------------------------------------
+
+
+@main.command("top")
+@_CONFIG
+@_URL
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between frames.",
+)
+@click.option("--once", is_flag=True, help="Print one frame (two samples apart) and exit.")
+def top_command(config: Path | None, url: str | None, interval: float, once: bool) -> None:
+    """A live view of a running gateway: its queue, each connection's load,
+    throughput and latency percentiles. Ctrl-C to stop.
+
+    Without --url: the gateway on PGQG_HOST:PGQG_PORT.
+
+    \b
+    pgqg top --url http://127.0.0.1:8080
+    """
+    target = url or _local_url(_settings(config))
+    try:
+        run_top(target, interval=interval, once=once, console=Console(highlight=False))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
+    except (GatewayUnreachable, GatewayRefused) as exc:
+        _fail(str(exc))
 
 
 # --- db --------------------------------------------------------------------------------

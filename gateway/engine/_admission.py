@@ -25,19 +25,22 @@ _WRITE_TIMED_OUT = (
 )
 
 
-def expire(job: Job, now: float, queue_s: float | None) -> None:
-    """Abandon `job` if its deadline passed, or (`queue_s`: queued) it waited that long.
+def expire(job: Job, now: float, queue_s: float | None) -> bool:
+    """Abandon `job` if its deadline passed, or (`queue_s`: queued) it waited that long;
+    True when its deadline passed.
 
     A running write (`queue_s` None) is cancelled on the server, but its COMMIT
     may be under way: the message says so.
     """
     if job.future.done():  # answered, abandoned, or a stream under way
-        return
+        return False
     if now >= job.deadline:
         unknown = queue_s is None and not job.read_only
         job.abandon(Timeout(_WRITE_TIMED_OUT if unknown else "the request's deadline passed"))
-    elif queue_s is not None and now >= job.enqueued_at + queue_s:
+        return True
+    if queue_s is not None and now >= job.enqueued_at + queue_s:
         job.abandon(Overloaded("the job waited too long in the gateway's queue"))
+    return False
 
 
 class JobQueue:
@@ -78,10 +81,10 @@ class JobQueue:
         """A request no longer waits for its job."""
         self.pending -= 1
 
-    def expire(self, now: float) -> None:
-        """Refuse the queued jobs past their queue timeout or deadline."""
-        for job in self.jobs:
-            expire(job, now, self._queue_s)
+    def expire(self, now: float) -> int:
+        """Refuse the queued jobs past their queue timeout or deadline; return how
+        many were past their deadline."""
+        return sum(expire(job, now, self._queue_s) for job in self.jobs)
 
     def take_batch(self, connected: int) -> list[Job]:
         """Jobs to run next, of `connected` workers' share (the queue is not empty).

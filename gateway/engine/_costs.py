@@ -2,7 +2,7 @@
 
 A job of a statement that recently held its connection for less than
 `CHEAP_JOB_S` is cheap: the dispatcher lets it ride a round trip already under
-way instead of waking another connection (see `gateway._dispatcher`). A
+way instead of waking another connection (see `gateway.engine._dispatcher`). A
 statement never seen, a transaction or a stream is not cheap, so it is spread
 over the connections as slow work must be.
 """

@@ -13,6 +13,7 @@ from .._settings import Settings
 from ..values._encoding import Codec
 from ._admission import JobQueue
 from ._costs import StatementCosts
+from ._metrics import EngineMetrics
 from ._stats import WorkerStats
 from ._wakeups import IdleWorkers
 
@@ -32,6 +33,8 @@ class Crew:
     workers: list[WorkerStats]
     #: set while at least one worker holds a working connection
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: batch sizes and deadline expiries, for ``/metrics``
+    metrics: EngineMetrics = field(default_factory=EngineMetrics)
 
     def connected_count(self) -> int:
         return sum(w.connected for w in self.workers)

@@ -33,6 +33,7 @@ from ._admission import JobQueue, expire
 from ._costs import StatementCosts
 from ._crew import Crew
 from ._jobs import Job, Statement
+from ._metrics import EngineMetrics
 from ._outcome import lost_error
 from ._stats import WorkerStats
 from ._wakeups import IdleWorkers
@@ -186,10 +187,11 @@ class Dispatcher:
         self._sweeper = None
         now = self._loop.time()
         self._crew.idle.drop_late(now - BATCH_BUDGET_S, len(self._queue))
-        self._queue.expire(now)
+        metrics = self._crew.metrics
+        metrics.expired_queued += self._queue.expire(now)
         for worker in self._workers:
             for job in worker.batch:
-                expire(job, now, None)
+                metrics.expired_running += expire(job, now, None)
         if self._queue.pending:
             self._sweeper = self._loop.call_later(EXPIRY_SWEEP_S, self._sweep)
 
@@ -219,6 +221,11 @@ class Dispatcher:
             raise Unavailable("no database connection is available")
         if self._closing:
             raise Unavailable("the gateway is shutting down")
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        """Batch sizes and deadline expiries, for ``/metrics``."""
+        return self._crew.metrics
 
     def stats(self) -> dict[str, Any]:
         """Queue depth and every worker's load, for ``/v1/stats``."""

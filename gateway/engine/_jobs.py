@@ -11,6 +11,7 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._errors import GatewayError
 from ..values._results import StatementResult
@@ -26,14 +27,19 @@ class JobState(enum.Enum):
 class Statement:
     """One SQL statement with its parameters already in PostgreSQL text form.
 
-    Not frozen, though never changed: one is made per request, and a frozen
-    dataclass takes three times as long to build.
+    Not frozen: one is made per request (a frozen dataclass takes three times
+    as long to build), and the connection that runs it writes a list parameter
+    again once the parameter's type shows its array delimiter (see `lists`).
     """
 
     sql: bytes
     params: list[bytes | None] = field(default_factory=list)
     #: name of a prepared statement to use instead of `sql` (named queries)
     prepared: bytes | None = None
+    #: list parameters (by position) whose array literal in `params` separates
+    #: elements with ``,``, which box[] and a few other types do not take
+    #: (`gateway.values.list_params`); None: there is none
+    lists: dict[int, list[Any]] | None = None
 
 
 class Job:
@@ -41,16 +47,21 @@ class Job:
 
     `read_only` runs the job in a READ ONLY transaction (PostgreSQL enforces it).
     `transaction` runs several statements all or nothing; `isolation` names its
-    isolation level. `deadline` is on the event loop's clock.
+    isolation level. `deadline` is on the event loop's clock. `comment` (a SQL
+    comment such as ``/* request_id=… */ ``) goes in front of each statement
+    sent as text, where ``pg_stat_activity`` shows it; error positions are
+    given without it.
 
     The dispatcher marks a job `cheap` when its statement (known by
     `cost_key`) recently ran quickly; `cost_s` is how long it held its
-    connection, once run.
+    connection, once run. `started_at` (`time.perf_counter`) is when a
+    connection took it, 0.0 before.
     """
 
     __slots__ = (
         "_on_abandon",
         "cheap",
+        "comment",
         "cost_key",
         "cost_s",
         "deadline",
@@ -61,6 +72,7 @@ class Job:
         "max_rows",
         "read_only",
         "shape",
+        "started_at",
         "state",
         "statements",
         "transaction",
@@ -77,6 +89,7 @@ class Job:
         transaction: bool = False,
         isolation: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        comment: bytes = b"",
     ) -> None:
         if loop is None:
             loop = asyncio.get_running_loop()
@@ -87,9 +100,11 @@ class Job:
         self.shape = shape
         self.transaction = transaction
         self.isolation = isolation
+        self.comment = comment
         self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
         self.state = JobState.QUEUED
         self.enqueued_at = 0.0  # set by the dispatcher as it queues the job
+        self.started_at = 0.0  # set by the dispatcher as a connection takes the job
         self._on_abandon: Callable[[Job], None] | None = None
         self.cheap = False
         self.cost_key: int | None = None

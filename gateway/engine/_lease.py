@@ -87,6 +87,9 @@ class Lease:
         crew, worker = self._crew, self._worker
         worker.batch = batch
         started = time.perf_counter()
+        for job in batch:
+            job.started_at = started
+        crew.metrics.batch_jobs.observe(len(batch))
         crew.idle.expect_back(worker.id, batch)
         try:
             await _execute(session, batch)

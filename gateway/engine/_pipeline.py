@@ -10,7 +10,8 @@ A `Session` is made of named parts, each in a module of its own:
 * `Cancels` (``_cancel``) cancels an abandoned job's statement on the server;
 * `PreparedStatements` (``_prepared``) decides which named statements are trusted;
 * `Housekeeping` (``_housekeeping``) runs the gateway's own statements between
-  jobs: ending a transaction left open, DISCARD ALL, learning new types.
+  jobs: ending a transaction left open, DISCARD ALL, learning new types, and
+  learning the roles the session runs as, which raw statements must not change.
 
 The session drives `psycopg.pq` (libpq) directly because psycopg's public
 ``Pipeline.sync()`` waits for results, which would cost a round trip per job.
@@ -75,6 +76,7 @@ class Session:
         #: the plans of the batch under way whose messages were queued, retries too
         self._sent: list[Plan] = []
         self._loop = asyncio.get_running_loop()
+        self._roles: list[bytes | None] | None = None
         self.backend_pid = self._pg.backend_pid
         self._pg.nonblocking = 1
         self._pg.enter_pipeline_mode()
@@ -87,6 +89,21 @@ class Session:
     @prepare_messages.setter
     def prepare_messages(self, value: int) -> None:
         self.prepared.messages = value
+
+    async def roles(self) -> list[bytes | None]:
+        """The session's own current_user and session_user, as learnt once; the role
+        checks after raw statements compare with them.
+
+        Raises:
+            ConnectionLost: the connection broke, or the query failed.
+        """
+        if self._roles is None:
+            try:
+                self._roles = await self.housekeeping.roles()
+            except psycopg.OperationalError as exc:
+                self.wire.unwatch()
+                raise ConnectionLost(str(exc)) from exc
+        return self._roles
 
     @property
     def broken(self) -> bool:
@@ -126,6 +143,11 @@ class Session:
         return any(plan.job is job and not plan.retry for plan in self._sent)
 
     async def _run(self, jobs: list[Job]) -> None:
+        if self._planner.roles is None:
+            self._planner.roles = await self.roles()
+        listed = [st for job in jobs for st in job.statements if st.lists]
+        if listed:
+            await self.housekeeping.describe_lists(listed)
         plans = await self._run_batch(jobs)
         for plan in plans:
             if plan.retry and not plan.job.done:
@@ -156,8 +178,7 @@ class Session:
                     plan.job.fail(GatewayError("a result type could not be learnt"))
         if self._pg.transaction_status != TransactionStatus.IDLE:
             await self.housekeeping.run(ROLLBACK)  # a cleanup was cancelled (see _reader)
-        if self.housekeeping.dirty:
-            await self.housekeeping.discard()
+        await self.housekeeping.after_batch()
         return plans
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ again within about a second of it accepting connections.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -61,28 +62,56 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
-def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConnectionPool[Any]:
+class GatewayPool(AsyncConnectionPool[AsyncConnection[Any]]):
+    """psycopg_pool's pool; each connection handed back is reset (`reset_connection`),
+    and its stats count the resets (``resets``) and those that failed
+    (``resets_failed``): each of those discarded a connection, which the pool then
+    opened again (psycopg_pool's ``connections_num`` counts every connection opened)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.resets = 0
+        self.resets_failed = 0
+        super().__init__(*args, reset=self._reset_counted, **kwargs)
+
+    async def _reset_counted(self, conn: AsyncConnection[Any]) -> None:
+        self.resets += 1
+        try:
+            await reset_connection(conn)
+        except BaseException:
+            self.resets_failed += 1
+            raise
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool's figures, with ``resets`` and ``resets_failed``."""
+        stats = super().get_stats()
+        stats["resets"] = self.resets
+        stats["resets_failed"] = self.resets_failed
+        return stats
+
+
+def make_pool(
+    settings: Settings,
+    dsn: str,
+    *,
+    name: str = "pgqg",
+    configure: Callable[[AsyncConnection[Any]], Awaitable[None]] | None = None,
+) -> GatewayPool:
     """A closed pool of `settings.pool_size` connections; the caller opens it.
 
     `open(wait=False)` returns at once even when the database is down: the
     pool keeps trying in the background and callers wait in `connection()`.
+    `configure` runs on each new connection before it is used; when it raises,
+    the connection is not used (the pool logs it and tries again later).
     """
-    return AsyncConnectionPool(
+    return GatewayPool(
         dsn,
         min_size=settings.pool_size,
         max_size=settings.pool_size,
         open=False,
         name=name,
-        kwargs={
-            "autocommit": True,
-            "application_name": APPLICATION_NAME if name == "pgqg" else f"pgqg-{name}",
-            "options": session_options(settings),
-            "client_encoding": "UTF8",
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            **tcp_options(settings),
-        },
+        kwargs=connect_kwargs(settings, APPLICATION_NAME if name == "pgqg" else f"pgqg-{name}"),
+        configure=configure,
         check=AsyncConnectionPool.check_connection,
-        reset=reset_connection,
         max_lifetime=settings.pool_max_lifetime_s,
         max_idle=settings.pool_max_lifetime_s,
         # Short rounds, each followed at once by another: an outage must end in
@@ -91,6 +120,22 @@ def make_pool(settings: Settings, dsn: str, *, name: str = "pgqg") -> AsyncConne
         reconnect_failed=_reconnect_again,
         connection_class=AsyncConnection,
     )
+
+
+def connect_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
+    """How every connection of the gateway connects: the pool's and the LISTEN one."""
+    return {
+        "autocommit": True,
+        "application_name": application_name,
+        "options": session_options(settings),
+        "client_encoding": "UTF8",
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        **tcp_options(settings),
+        # psycopg prepares a statement it has run 5 times (`_pg3_0`, ...); the pool's
+        # DISCARD ALL would drop its own, and psycopg's record of them would disagree
+        # with the server's. The gateway prepares what it needs itself.
+        "prepare_threshold": None,
+    }
 
 
 def tcp_options(settings: Settings) -> dict[str, int]:
@@ -113,13 +158,16 @@ def tcp_options(settings: Settings) -> dict[str, int]:
 async def reset_connection(conn: AsyncConnection[Any]) -> None:
     """Called by the pool on every connection handed back to it, so the next
     lease starts clean: its statements prepared for named queries, and any
-    session state a job left untracked (a session advisory lock), are gone.
+    session state a job left untracked, are gone; then the role the login role's
+    sessions start with is restored (DISCARD ALL leaves none set).
 
     A connection worker hands its connection back every lease (30 s), so this
-    costs one round trip per connection per lease. Raises whatever psycopg
-    raises; the pool then discards the connection.
+    costs two round trips per connection per lease. Both run unprepared: a
+    prepared DISCARD ALL would drop itself. Raises whatever psycopg raises; the
+    pool then discards the connection.
     """
-    await conn.execute("DISCARD ALL")
+    await conn.execute("DISCARD ALL", prepare=False)
+    await conn.execute("RESET ROLE", prepare=False)
 
 
 async def _reconnect_again(pool: AsyncConnectionPool[Any]) -> None:

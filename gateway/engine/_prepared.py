@@ -54,10 +54,11 @@ class PreparedStatements:
         name = st.prepared
         return name if name is not None and name in self._names else None
 
-    def send_statement(self, st: Statement) -> None:
-        """Queue `st`: by its name when that is trusted, else as its own text."""
+    def send_statement(self, st: Statement, comment: bytes = b"") -> None:
+        """Queue `st`: by its name when that is trusted, else as its own text;
+        a raw statement (one without a name) after `comment`."""
         if st.prepared is None:
-            self._pg.send_query_params(st.sql, st.params)
+            self._pg.send_query_params(comment + st.sql if comment else st.sql, st.params)
             if self._names:
                 self._names.clear()
             self._foreign = True

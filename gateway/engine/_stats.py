@@ -38,5 +38,6 @@ class WorkerStats:
             "busy_s": round(self.busy_s, 6),
             "errors": self.errors,
             "connected": self.connected,
+            "busy": bool(self.batch),
             "backend_pid": self.backend_pid,
         }

@@ -15,13 +15,18 @@ worker cancels the query and gives its connection back at once.
 A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
-    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new
+    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new,
+                                               and list parameters' array delimiters
     execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
-               statement (libpq chunked-rows mode); [COMMIT]; Sync
-               ROLLBACK; [cleanup]; Sync
+               statement (libpq chunked-rows mode); [last]; [COMMIT]; Sync
+               ROLLBACK; cleanup or unlock; Sync
 
 The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
-by PostgreSQL, nothing left behind). Instead of ``statement_timeout``, which
+by PostgreSQL, nothing left behind; a raw statement's role checked after it, its
+advisory locks released: see `gateway.engine._planner`). Rows go out while the
+statement runs, so a raw statement that changes its role gets its stream ended
+with the refusal and its transaction rolled back, but the rows it sent before that
+are gone. Instead of ``statement_timeout``, which
 would cut a long export however fast it flows, the stream is bounded by the
 request's timeout three ways: the first chunk must come within it (the
 dispatcher's deadline), and afterwards neither the database (no bytes) nor the
@@ -54,7 +59,8 @@ from ..values._results import Column, StatementResult
 from ._jobs import Job, JobState, Statement
 from ._outcome import lost_error
 from ._pipeline import Session
-from ._planner import COMMIT, ROLLBACK, begin_command, send_cleanup
+from ._planner import COMMIT, LAST_GUARD, ROLLBACK, UNLOCK, begin_command, send_cleanup
+from ._reader import role_changed
 from ._wire import ConnectionLost, CopyRefused, result_error, wake_future
 
 #: encoded chunks a stream may hold between the connection worker and the client
@@ -76,6 +82,7 @@ class StreamJob(Job):
         "_writable",
         "encoder",
         "row_limit",
+        "rows_sent",
         "stall_s",
         "stopped",
     )
@@ -89,9 +96,14 @@ class StreamJob(Job):
         deadline: float,
         row_limit: int | None,
         stall_s: float,
+        comment: bytes = b"",
     ) -> None:
-        super().__init__([statement], read_only=read_only, deadline=deadline, max_rows=0)
+        super().__init__(
+            [statement], read_only=read_only, deadline=deadline, max_rows=0, comment=comment
+        )
         self.encoder = encoder
+        #: rows handed to the client so far
+        self.rows_sent = 0
         self.row_limit = row_limit
         self.stall_s = stall_s
         #: set when nobody will read the rest: the worker stops and cancels the query
@@ -230,30 +242,34 @@ class _StreamRun:
         self._cut = False  # the row limit was reached: rows left are discarded
         self._stopping = False  # nobody reads any more: drain without watching the client
         self._cancelled = False
+        self._checked = False  # the statement is raw: a role check follows it
         self._error: GatewayError | None = None
         #: the statement was queued: from here a write may take effect
         self.executing = False
 
     async def run(self) -> None:
         statement = self._job.statements[0]
+        roles = await self._session.roles()
         if not await self._describe(statement) or self._job.stopped.done():
             return
-        closing = self._send(statement)
+        closing = self._send(statement, roles)
         self.executing = True
         await self._wire.flush()
         if await self._read_setup():
             self._chunked_rows_mode()
         await self._read_statement()
+        if self._checked:
+            self._note_check(await self._one_result())
         if not self._job.read_only:
             self._note_error(await self._one_result())
         await self._wire.sync()
         for _ in range(closing):
-            await self._wire.result()
+            if (await self._wire.result()).status == ExecStatus.FATAL_ERROR:
+                self._housekeeping.dirty = True  # a cancel cut the clean-up short
         await self._wire.sync()
         if self._cancelled:
             await self._after_cancel()
-        if self._housekeeping.dirty:
-            await self._housekeeping.discard()
+        await self._housekeeping.after_batch()
         await self._end()
 
     async def _after_cancel(self) -> None:
@@ -295,24 +311,34 @@ class _StreamRun:
         if failed is not None:
             self._job.fail(result_error(failed))
             return False
-        await self._housekeeping.learn_types_of([results[-1]])
+        described = results[-1]
+        if statement.lists:  # the description has the parameters' types too
+            await self._housekeeping.fit_lists([(statement, described)])
+        await self._housekeeping.learn_types_of([described])
         return True
 
     # --- round trip 2: the rows ------------------------------------------------------------
 
-    def _send(self, statement: Statement) -> int:
+    def _send(self, statement: Statement, roles: list[bytes | None]) -> int:
         """Queue the execute round trip; return how many results its closing segment has."""
         pg, job = self._pg, self._job
         pg.send_query_params(begin_command(job), None)
         pg.send_query_params(_NO_TIMEOUT, None)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
-        self._prepared.send_statement(statement)
+        self._prepared.send_statement(statement, job.comment)
+        self._checked = statement.prepared is None
+        if self._checked:
+            pg.send_query_params(LAST_GUARD, roles)
         if not job.read_only:
             pg.send_query_params(COMMIT, None)
         pg.pipeline_sync()
         pg.send_query_params(ROLLBACK, None)
-        closing = 1 if job.read_only else 1 + send_cleanup(pg)
+        if job.read_only:
+            pg.send_query_params(UNLOCK, None)
+            closing = 2
+        else:
+            closing = 1 + send_cleanup(pg)
         pg.pipeline_sync()
         return closing
 
@@ -363,6 +389,7 @@ class _StreamRun:
             take = min(take, self._job.row_limit - self._sent)
         body = self._job.encoder.rows(res, self._tx, take) if take else b""
         self._sent += take
+        self._job.rows_sent = self._sent
         if (head or body) and not await self._job.put(head + body):
             await self._stop()
         elif self._job.row_limit is not None and self._sent >= self._job.row_limit:
@@ -401,7 +428,12 @@ class _StreamRun:
 
     def _note_error(self, res: PGresult) -> None:
         if res.status == ExecStatus.FATAL_ERROR:
-            self._note(result_error(res))
+            self._note(result_error(res, self._job.comment))
+
+    def _note_check(self, res: PGresult) -> None:
+        """The role check after the statement: a failure is a refusal (42501)."""
+        if res.status == ExecStatus.FATAL_ERROR:
+            self._note(role_changed(res) or result_error(res, self._job.comment))
 
     def _note(self, error: GatewayError) -> None:
         """Keep the first error; after a stop, errors are the cancel's echo."""

@@ -48,8 +48,10 @@ def wake_future(fut: asyncio.Future[T], value: T) -> None:
         fut.set_result(value)
 
 
-def result_error(res: PGresult) -> GatewayError:
-    """The `QueryError` PostgreSQL's error result `res` describes."""
+def result_error(res: PGresult, comment: bytes = b"") -> GatewayError:
+    """The `QueryError` PostgreSQL's error result `res` describes; its position
+    counted in the statement the client sent, without the `comment` sent in
+    front of it (`Job.comment`, ASCII: a character a byte)."""
     message = _field(res, DiagnosticField.MESSAGE_PRIMARY)
     if message is None:
         message = (res.error_message or b"query failed").decode(errors="replace").strip()
@@ -59,7 +61,7 @@ def result_error(res: PGresult) -> GatewayError:
         sqlstate=_field(res, DiagnosticField.SQLSTATE),
         detail=_field(res, DiagnosticField.MESSAGE_DETAIL),
         hint=_field(res, DiagnosticField.MESSAGE_HINT),
-        position=int(position) if position else None,
+        position=max(int(position) - len(comment), 1) if position else None,
     )
 
 

@@ -3,7 +3,15 @@
 Imports only ``gateway._errors`` of the gateway; every other package may import it.
 """
 
-from ._encoding import Codec, JSONNumber, loads_exact, param_to_text, params_to_text
+from ._encoding import (
+    Codec,
+    JSONNumber,
+    NegativeZero,
+    list_params,
+    loads_exact,
+    param_to_text,
+    params_to_text,
+)
 from ._formats import OutputFormat, StreamEncoder, negotiate, stream_encoder
 from ._results import Column, ResultConverter, Row, StatementResult, command_name
 
@@ -11,12 +19,14 @@ __all__ = [
     "Codec",
     "Column",
     "JSONNumber",
+    "NegativeZero",
     "OutputFormat",
     "ResultConverter",
     "Row",
     "StatementResult",
     "StreamEncoder",
     "command_name",
+    "list_params",
     "loads_exact",
     "negotiate",
     "param_to_text",

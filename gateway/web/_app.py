@@ -9,10 +9,14 @@ from aiohttp import web
 from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
+from ..engine._listener import Listener
 from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
 from ..values._encoding import Codec
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, POOL, SETTINGS
-from ._middleware import error_middleware
+from . import _events
+from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
+from ._observe import observe_middleware
+from ._privileges import check_login_role, connection_check
 from ._routes import routes
 
 
@@ -22,6 +26,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     The catalog is loaded here, so a broken ``sql/queries`` fails at once. The
     pool and dispatcher are opened by a cleanup context: start-up does not
     wait for the database, and they are closed only if they were opened.
+    With ``metrics`` on, ``GET /metrics`` reads them (and the front end's counters).
 
     Raises:
         ValueError: no DSN given and none in the settings.
@@ -30,13 +35,29 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     dsn = dsn or settings.dsn
     if not dsn:
         raise ValueError("no database: pass a DSN or set PGQG_DSN / DATABASE_URL")
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    http_metrics = HttpMetrics() if settings.metrics else None
+    app = web.Application(
+        # one middleware: a layer costs every request (aiohttp's, and the call)
+        middlewares=[observe_middleware(http_metrics)],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[DSN] = dsn
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
     app.add_routes(routes)
+    app.add_routes(_events.routes)
     app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(listener_ctx)
+    app.on_shutdown.append(end_event_streams)
+    if http_metrics is not None:
+        shared = None
+        if settings.metrics_dir is not None:
+            settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+            shared = SharedMetrics(settings.metrics_dir)
+        app[METRICS] = MetricsSource(http_metrics, shared)
+        app.router.add_get("/metrics", metrics_handler(app[METRICS]))
+        app.cleanup_ctx.append(metrics_ctx)  # after the database's: it reads the engine
     app.on_shutdown.append(drain_requests)
     return app
 
@@ -54,10 +75,24 @@ async def drain_requests(app: web.Application) -> None:
         await dispatcher.drain(app[SETTINGS].shutdown_grace_s)
 
 
+async def end_event_streams(app: web.Application) -> None:
+    """On shutdown, end every live event stream at once: they would never end by
+    themselves, and aiohttp waits for its handlers."""
+    listener = app.get(LISTENER)
+    if listener is not None:
+        listener.end_streams()
+
+
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the pool and start the workers; on shutdown stop them, then close the pool."""
+    """Check the login role (raw SQL on), open the pool and start the workers; on
+    shutdown stop them, then close the pool.
+
+    Raises:
+        PrivilegedRoleError: see `check_login_role`; nothing was opened.
+    """
     settings = app[SETTINGS]
-    pool = make_pool(settings, app[DSN])
+    await check_login_role(app[DSN], settings)
+    pool = make_pool(settings, app[DSN], configure=connection_check(settings))
     await pool.open(wait=False)
     try:
         dispatcher = Dispatcher(pool, app[CODEC], settings)
@@ -70,3 +105,23 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
         await pool.close(timeout=CLOSE_TIMEOUT_S)
+
+
+async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Make the LISTEN connection's owner (it connects on the first subscriber); close it."""
+    listener = Listener(app[DSN], app[SETTINGS])
+    try:
+        app[LISTENER] = listener
+        yield
+    finally:
+        await listener.close()
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Let ``/metrics`` read the dispatcher and the pool while they are open;
+    with several processes, publish this one's figures meanwhile."""
+    source = app[METRICS]
+    source.attach(app[DISPATCHER], app[POOL], app.get(LISTENER))
+    try:
+        async with publishing(source):
+            yield
+    finally:
+        source.attach(None, None)

@@ -10,7 +10,9 @@ from psycopg_pool import AsyncConnectionPool
 from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
+from ..engine._listener import Listener
 from ..values._encoding import Codec
+from ._metrics import MetricsSource
 
 SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -18,3 +20,5 @@ CODEC = web.AppKey("codec", Codec)
 DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", AsyncConnectionPool[Any])
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+LISTENER = web.AppKey("listener", Listener)
+METRICS = web.AppKey("metrics", MetricsSource)

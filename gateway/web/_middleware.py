@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -12,20 +11,34 @@ from .._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooL
 
 log = logging.getLogger("gateway.http")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-def error_response(error: GatewayError) -> web.Response:
-    """The JSON error body, with Retry-After when the error suggests one."""
+def error_response(error: GatewayError, cause: Exception | None = None) -> web.Response:
+    """The JSON error body, with Retry-After when the error suggests one (and the
+    Allow header of a 405 `cause`)."""
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
+    if isinstance(cause, web.HTTPException) and cause.status == 405 and "Allow" in cause.headers:
+        headers["Allow"] = cause.headers["Allow"]
     return web.Response(
         body=orjson.dumps(error.to_dict()),
         status=error.status,
         content_type="application/json",
         headers=headers,
     )
+
+
+def gateway_error(request: web.Request, exc: Exception) -> GatewayError:
+    """What the client is told of `exc` (raised while handling `request`; an
+    HTTPException of 400 or more): a `GatewayError` as it is, aiohttp's errors in
+    the same shape, anything else an internal error, logged with its traceback
+    (call it where `exc` is being handled)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        return _from_http_exception(exc)
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return GatewayError("internal error; see the gateway's log")
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
@@ -38,22 +51,3 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status < 500:
         return BadRequest(exc.reason)
     return GatewayError(exc.reason)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error to the JSON error shape; nothing else formats errors."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(_from_http_exception(exc))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(GatewayError("internal error; see the gateway's log"))

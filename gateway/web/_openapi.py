@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._settings import CHANNEL_NAME
 from ..catalog._catalog import Catalog
 from ._requests import ISOLATION_LEVELS, SHAPES
 
@@ -170,6 +171,39 @@ def _named_query_params() -> list[dict[str, Any]]:
     ]
 
 
+_CHANNEL = {"type": "string", "pattern": f"^{CHANNEL_NAME.pattern}$"}
+
+
+def _listen(path_channel: bool) -> dict[str, Any]:
+    """``GET /v1/listen[/{channel}]``: NOTIFYs as server-sent events."""
+    more = {
+        "name": "channel",
+        "in": "query",
+        "required": not path_channel,
+        "description": "a (further) channel to follow; repeat it for several",
+        "schema": {"type": "array", "items": _CHANNEL},
+        "style": "form",
+        "explode": True,
+    }
+    path = {"name": "channel", "in": "path", "required": True, "schema": _CHANNEL}
+    return {
+        "get": {
+            "summary": "Stream the NOTIFYs of channels as server-sent events",
+            "description": "Events: notify (data: the payload; id: channel:number), missed"
+            " and dropped (data: JSON with reason and message). Off unless"
+            " PGQG_LISTEN_CHANNELS allows the request's role the channels.",
+            "parameters": [path, more] if path_channel else [more],
+            "responses": {
+                "200": {
+                    "description": "the event stream, started once every channel is listened to",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **_errors(),
+            },
+        }
+    }
+
+
 def _paths() -> dict[str, Any]:
     result = _rows(_ref("Result"), "the statement's result")
     return {
@@ -240,6 +274,8 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": result, **_errors()},
             },
         },
+        "/v1/listen": _listen(path_channel=False),
+        "/v1/listen/{channel}": _listen(path_channel=True),
         "/healthz": {
             "get": {
                 "summary": "Liveness",
@@ -261,8 +297,21 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(
                         {"type": "object", "required": ["queue", "connections", "pool"]},
-                        "queue depth, per-connection load, pool stats",
+                        "queue depth, per-connection load, pool stats, live event streams",
                     )
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (404 when PGQG_METRICS is false)",
+                "responses": {
+                    "200": {
+                        "description": "every pgqg_* metric, in Prometheus' text format"
+                        " (OpenMetrics when the Accept header asks for it)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": {"$ref": "#/components/responses/Error"},
                 },
             }
         },

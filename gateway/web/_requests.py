@@ -21,7 +21,7 @@ from .._settings import Settings
 from ..catalog._catalog import NamedQuery
 from ..engine._jobs import Job, Statement
 from ..engine._stream import StreamJob
-from ..values._encoding import loads_exact, params_to_text
+from ..values._encoding import list_params, loads_exact, params_to_text
 from ..values._formats import OutputFormat, stream_encoder
 
 SHAPES = ("objects", "arrays")
@@ -203,7 +203,7 @@ def sql_statement(sql: Any, params: Any, where: str) -> Statement:
         raise BadRequest(f"{where}.params must be a list (PostgreSQL's $1, $2, …)")
     if len(params) > MAX_PARAMS:
         raise BadRequest(f"{where}.params: at most {MAX_PARAMS} parameters")
-    return Statement(text, params_to_text(params))
+    return Statement(text, params_to_text(params), None, list_params(params))
 
 
 def _check_sql(sql: str) -> bytes | str:
@@ -251,7 +251,10 @@ def named_statement(
     """A named query bound to its parameters, run as a prepared statement."""
     bound = query.bind(values, from_query_string=from_query_string)
     return Statement(
-        query.sql.encode(), params_to_text(bound), prepared=b"pgqg_" + query.name.encode()
+        query.sql.encode(),
+        params_to_text(bound),
+        prepared=b"pgqg_" + query.name.encode(),
+        lists=list_params(bound),
     )
 
 
@@ -263,8 +266,10 @@ def make_job(
     transaction: bool = False,
     isolation: str | None = None,
     loop: asyncio.AbstractEventLoop,
+    comment: bytes = b"",
 ) -> Job:
-    """A job whose deadline is `options.timeout_ms` from now on `loop`'s clock.
+    """A job whose deadline is `options.timeout_ms` from now on `loop`'s clock;
+    `comment` goes in front of its raw statements (see `Job`).
 
     The caller passes the running loop it holds: asking asyncio for it costs
     a getpid() system call per request.
@@ -278,11 +283,17 @@ def make_job(
         transaction=transaction,
         isolation=isolation,
         loop=loop,
+        comment=comment,
     )
 
 
 def make_stream_job(
-    statement: Statement, options: Options, fmt: OutputFormat, *, read_only: bool
+    statement: Statement,
+    options: Options,
+    fmt: OutputFormat,
+    *,
+    read_only: bool,
+    comment: bytes = b"",
 ) -> StreamJob:
     """A streamed job: `options.timeout_ms` to its first rows, and its longest stall after."""
     loop = asyncio.get_running_loop()
@@ -294,6 +305,7 @@ def make_stream_job(
         deadline=loop.time() + timeout_s,
         row_limit=options.row_limit,
         stall_s=timeout_s,
+        comment=comment,
     )
 
 

@@ -26,7 +26,8 @@ from ..engine._dispatcher import probe_job
 from ..engine._jobs import Statement
 from ..values._formats import OutputFormat, negotiate
 from ..values._results import StatementResult
-from ._app_keys import CATALOG, DISPATCHER, POOL, SETTINGS
+from ._app_keys import CATALOG, DISPATCHER, LISTENER, POOL, SETTINGS
+from ._observe import Exchange, exchange_of, sql_comment, stream_headers
 from ._openapi import openapi_document
 from ._requests import (
     RESERVED_QUERY_KEYS,
@@ -65,6 +66,14 @@ def _result_body(result: StatementResult) -> dict[str, Any]:
     }
 
 
+def _answer(exchange: Exchange, body: dict[str, Any], rows: int) -> web.Response:
+    """A query's JSON answer, its encoding timed and its size noted for the exchange."""
+    payload = orjson.dumps(body)
+    exchange.encoded = time.perf_counter()
+    exchange.sent("json", rows, len(payload))
+    return web.Response(body=payload, content_type="application/json")
+
+
 def _elapsed_ms(started: float) -> float:
     # round(x, 3) goes through decimal digits: twice as slow as this
     return round((time.perf_counter() - started) * 1_000_000) / 1000
@@ -101,15 +110,23 @@ async def _run_one(
     read_only: bool,
 ) -> web.StreamResponse:
     """Run one statement; answer its result as JSON, or stream its rows."""
+    exchange = exchange_of(request)
+    # raw SQL carries the request id into pg_stat_activity; a named query's text is
+    # prepared once, and its name says what it is
+    comment = sql_comment(exchange.request_id) if statement.prepared is None else b""
     if fmt.streamed:
-        return await _stream_one(request, fmt, statement, options, read_only=read_only)
+        return await _stream_one(
+            request, fmt, statement, options, read_only=read_only, comment=comment
+        )
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
-    job = make_job([statement], options, read_only=read_only, loop=dispatcher.loop)
+    job = make_job([statement], options, read_only=read_only, loop=dispatcher.loop, comment=comment)
+    exchange.ran(job, started)
     results = await dispatcher.run(job)
+    exchange.answered = time.perf_counter()
     body = _result_body(results[0])
     body["elapsed_ms"] = _elapsed_ms(started)
-    return json_response(body)
+    return _answer(exchange, body, len(results[0].rows))
 
 
 async def _stream_one(
@@ -119,33 +136,43 @@ async def _stream_one(
     options: Options,
     *,
     read_only: bool,
+    comment: bytes,
 ) -> web.StreamResponse:
-    """Stream one statement's rows as NDJSON or CSV (see `gateway._streaming`).
+    """Stream one statement's rows as NDJSON or CSV (see `gateway.values._formats`).
 
     Raises:
         GatewayError: the statement failed before its first row (an ordinary
             error response); a failure after it ends the stream instead.
     """
-    job = make_stream_job(statement, options, fmt, read_only=read_only)
+    exchange = exchange_of(request)
+    job = make_stream_job(statement, options, fmt, read_only=read_only, comment=comment)
+    exchange.ran(job, time.perf_counter())
     await request.app[DISPATCHER].run(job)  # returns once the first rows are ready
+    exchange.answered = time.perf_counter()
     content_type = fmt.media_type + ("; charset=utf-8" if fmt is OutputFormat.CSV else "")
-    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response = web.StreamResponse(
+        headers={"Content-Type": content_type, **stream_headers(exchange)}
+    )
     # the worker gave up on a client that stopped reading: drop it, unsent bytes too
     cut = functools.partial(_end_incomplete, request, abort=True)
     job.stopped.add_done_callback(cut)
+    sent = 0
     try:
         await response.prepare(request)
         while (chunk := await job.next_chunk()) is not None:
             await response.write(chunk)
+            sent += len(chunk)
     except GatewayError as exc:
+        exchange.error = exc
         with contextlib.suppress(ConnectionError):
             await response.write(job.encoder.error(exc))
         _end_incomplete(request)
     except ConnectionError:
-        pass  # the client went away before its cancellation reached this handler
+        exchange.cancelled = True  # the client went away before its cancellation reached us
     finally:
         job.stopped.remove_done_callback(cut)
         job.abandon()  # no-op when the stream ended; otherwise its query is cancelled
+        exchange.sent(fmt.value, job.rows_sent, sent)
     return response
 
 
@@ -203,6 +230,7 @@ async def post_transaction(request: web.Request) -> web.Response:
         raise Forbidden("raw SQL is read-only on this gateway; send read_only: true")
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
+    exchange = exchange_of(request)
     job = make_job(
         statements,
         parse_options(body, settings),
@@ -210,11 +238,13 @@ async def post_transaction(request: web.Request) -> web.Response:
         transaction=True,
         isolation=parse_isolation(body.get("isolation")),
         loop=dispatcher.loop,
+        comment=sql_comment(exchange.request_id),
     )
+    exchange.ran(job, started)
     results = await dispatcher.run(job)
-    return json_response(
-        {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
-    )
+    exchange.answered = time.perf_counter()
+    answer = {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
+    return _answer(exchange, answer, sum(len(r.rows) for r in results))
 
 
 @routes.get("/v1/queries")
@@ -280,9 +310,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Dispatcher and pool figures: queue depth, per-connection load."""
+    """Dispatcher and pool figures: queue depth, per-connection load; live event streams."""
     body = request.app[DISPATCHER].stats()
     body["pool"] = request.app[POOL].get_stats()
+    body["subscribers"] = request.app[LISTENER].subscribers
+    body["listen"] = request.app[LISTENER].stats()
     return json_response(body)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 from collections.abc import Callable
 
 from aiohttp import web
 
 from .._settings import Settings
 from ._app import create_app
+from ._logs import configure_logging
 
 
 def install_uvloop() -> bool:
@@ -44,15 +44,13 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
     On the signal aiohttp stops accepting connections; the app's shutdown hook
-    (`gateway._app.drain_requests`) lets in-flight queries finish within the
+    (`gateway.web._app.drain_requests`) lets in-flight queries finish within the
     grace period, then answers the rest 503 and cancels them on the server;
     aiohttp waits for handlers still writing (cancelling them after another
     grace period at most); the cleanup context stops the workers and closes
     the pool. Then this returns, and the process exits 0.
     """
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     install_uvloop()
     app = create_app(settings, dsn)
 
@@ -68,6 +66,6 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
         port=settings.port,
         shutdown_timeout=settings.shutdown_grace_s,
         handler_cancellation=True,
-        access_log=None,
+        access_log=None,  # the gateway writes its own, with request ids (web/_observe.py)
         print=None,
     )

@@ -1,4 +1,4 @@
--- Named queries about books. Format: DESIGN.md section 3.
+-- Named queries about books. Format: docs/http-api.md, "Named queries".
 
 -- name: book_by_id
 -- One book by its id, with its author and a summary of its reviews.
