@@ -7,6 +7,8 @@ fields. `gateway.web._middleware` is the only place that turns one into a respon
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -43,6 +45,12 @@ class GatewayError(DiagnosticError):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     retry_after: ClassVar[int | None] = None
+
+    def headers(self) -> dict[str, str]:
+        """The response's headers besides the body's: ``Retry-After`` when set."""
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(self.retry_after)}
 
     def to_dict(self) -> dict[str, Any]:
         """The ``{"error": {...}}`` body of DESIGN §3."""
@@ -92,8 +100,21 @@ class UnknownQuery(GatewayError):
 
 
 class MethodNotAllowed(GatewayError):
+    """The resource exists but not with this method; *allow* lists the methods it
+    takes, sent as the ``Allow`` header HTTP requires on a 405."""
+
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: Iterable[str] = (), **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.allow = ", ".join(allow)
+
+    def headers(self) -> dict[str, str]:
+        headers = super().headers()
+        if self.allow:
+            headers["Allow"] = self.allow
+        return headers
 
 
 class NotAcceptable(GatewayError):
@@ -231,12 +252,46 @@ def query_error(
     hint: str | None = None,
     position: int | None = None,
 ) -> QueryError:
-    """Build the `QueryError` for a PostgreSQL error, its status from the SQLSTATE."""
+    """Build the `QueryError` for a PostgreSQL error, its status from the SQLSTATE.
+
+    The message is PostgreSQL's, in the client's words where it speaks the
+    protocol's (`client_message`).
+    """
     return QueryError(
-        message,
+        client_message(message, sqlstate),
         status=status_for_sqlstate(sqlstate),
         sqlstate=sqlstate,
         detail=detail,
         hint=hint,
         position=position,
     )
+
+
+# PostgreSQL's words (postgres.c) when a Bind carries the wrong number of values
+_BIND_COUNT = re.compile(
+    r'bind message supplies (?P<given>\d+) parameters?, but prepared statement ".*" requires'
+    r" (?P<needed>\d+)"
+)
+
+
+def client_message(message: str, sqlstate: str | None) -> str:
+    """PostgreSQL's error *message* as the client should read it.
+
+    The wire protocol's wording of a wrong parameter count (SQLSTATE 08P01,
+    "bind message supplies 1 parameters, but prepared statement "" requires
+    2") becomes `parameter_count_message`'s; every other message is kept.
+    """
+    if sqlstate == "08P01" and (match := _BIND_COUNT.fullmatch(message)):
+        return parameter_count_message(int(match["needed"]), int(match["given"]))
+    return message
+
+
+def parameter_count_message(needed: int, given: int) -> str:
+    """``the statement has 2 parameters ($1, $2); 1 given``: said the same on every path."""
+    if not needed:
+        return f"the statement has no parameters; {given} given"
+    numbers = [f"${n}" for n in range(1, needed + 1)]
+    if needed > 4:
+        numbers = [*numbers[:2], "…", numbers[-1]]
+    plural = "s" if needed != 1 else ""
+    return f"the statement has {needed} parameter{plural} ({', '.join(numbers)}); {given} given"

@@ -7,7 +7,11 @@ in the package reads ``os.environ``.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -34,6 +38,10 @@ _CHANNEL_RULE = re.compile(rf"\*|{CHANNEL_NAME.pattern}\*?")
 
 class ConfigError(ValueError):
     """A setting has an invalid value; the message names the setting."""
+
+
+class ConfigFileError(ConfigError):
+    """The TOML file is missing or not TOML; the message names the file (and line)."""
 
 
 class Settings(BaseSettings):
@@ -192,6 +200,11 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+#: ``PGQG_`` variables that are not settings but are read elsewhere: by the build
+#: (setup.py) and by the test suite
+OTHER_VARIABLES = frozenset({"PGQG_COMPILE", "PGQG_TEST_DSN"})
+
+
 def env_name(field: str) -> str:
     """The environment variable that sets `field`."""
     return "PGQG_" + field.upper()
@@ -205,25 +218,68 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     Raises:
         ConfigError: a value is invalid, or the TOML file names an unknown
-            setting; the message names the setting by its environment variable.
+            setting; the message names the setting by its environment variable
+            (a TOML key by itself, with the setting it probably meant).
+        ConfigFileError: the TOML file is missing or malformed.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"config file not found: {config_file}")
+        raise ConfigFileError(f"config file not found: {config_file}")
     cls: type[Settings] = type("FileSettings", (Settings,), {"config_file": config_file})
     try:
         return cls(**given)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, config_file)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        # tomllib's message ends with "(at line 3, column 5)"
+        raise ConfigFileError(f"{config_file}: not valid TOML: {exc}") from None
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, config_file: Path | None) -> str:
     lines = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
+        if err["type"] == "extra_forbidden":
+            where = f" in {config_file}" if config_file is not None else ""
+            lines.append(f"unknown setting {field!r}{where}{_did_you_mean(field)}")
+            continue
         name = env_name(field) if field in Settings.model_fields else field
         lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
     return "invalid settings: " + "; ".join(lines)
+
+
+def _closest_setting(name: str) -> str | None:
+    """The setting *name* (``pool-size``, ``poolsize``) most probably means, if any."""
+    wanted = name.lower().replace("-", "_")
+    fields = list(Settings.model_fields)
+    if wanted in fields:
+        return wanted
+    squashed = {field.replace("_", ""): field for field in fields}
+    if wanted.replace("_", "") in squashed:
+        return squashed[wanted.replace("_", "")]
+    close = difflib.get_close_matches(wanted, fields, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str) -> str:
+    closest = _closest_setting(name)
+    return f" (did you mean {closest!r}?)" if closest else ""
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``PGQG_`` environment variable that is no setting (a typo
+    such as ``PGQG_POOLSIZE``): the settings ignore them without a word."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(field) for field in Settings.model_fields} | OTHER_VARIABLES
+    found = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith("PGQG_") or name in known:
+            continue
+        closest = _closest_setting(name.removeprefix("PGQG_"))
+        hint = f"; did you mean {env_name(closest)}?" if closest else ""
+        found.append(f"{variable} is not a setting and is ignored{hint}")
+    return found
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

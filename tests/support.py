@@ -23,6 +23,8 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.catalog import NamedQuery, parse_queries
+
 GatewayClient = TestClient[Request, Application]
 
 START_TIMEOUT_S = 20.0
@@ -122,6 +124,17 @@ async def transaction(
     body = {"statements": [{"sql": s, "params": p} for s, p in statements], **options}
     resp = await client.post("/v1/transaction", json=body)
     return resp.status, await resp.json()
+
+
+def parse_one(text: str) -> NamedQuery:
+    """The one named query of a file's *text* (read as ``q.sql``)."""
+    (named,) = parse_queries(text, "q.sql")
+    return named
+
+
+def query_with(params: str, sql: str) -> NamedQuery:
+    """A query ``q`` declaring *params* (the text after ``-- params:``) for *sql*."""
+    return parse_one(f"-- name: q\n-- params: {params}\n{sql}\n")
 
 
 def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:

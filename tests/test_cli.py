@@ -137,6 +137,24 @@ def test_query_error_prints_postgres_message_detail_and_hint(database_dsn: str) 
     ]
 
 
+@pytest.mark.parametrize(
+    ("sql", "params", "message"),
+    [
+        ("select $1::int + $2::int", ["1"], "the statement has 2 parameters ($1, $2); 1 given"),
+        ("select $1::int", ["1", "2"], "the statement has 1 parameter ($1); 2 given"),
+        ("select $1::int", [], "the statement has 1 parameter ($1); 0 given"),
+        ("select 1", ["1"], "the statement has no parameters; 1 given"),
+    ],
+)
+async def test_a_wrong_parameter_count_reads_the_same_directly_and_through_a_gateway(
+    database_dsn: str, rw_gateway: str, sql: str, params: list[str], message: str
+) -> None:
+    expected = f"ERROR:  {message} (SQLSTATE 08P01)\n"
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, *params)
+    gateway = await pgqg_async("query", "--url", rw_gateway, sql, *params)
+    assert (direct.exit_code, direct.stderr) == (gateway.exit_code, gateway.stderr) == (1, expected)
+
+
 def test_query_takes_one_statement(database_dsn: str) -> None:
     result = pgqg("query", "--dsn", database_dsn, "select 1; select 2")
     assert result.exit_code == 2
@@ -262,6 +280,44 @@ async def test_query_through_the_gateway_with_parameters(rw_gateway: str) -> Non
     assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+async def test_query_through_the_gateway_streams_every_row(
+    gateway_factory: ClientFactory, database_dsn: str, fmt: str
+) -> None:
+    # more rows than the gateway's max_rows: its JSON answer would stop there
+    url = str((await gateway_factory(max_rows=100)).make_url("")).rstrip("/")
+    sql = "select g, repeat('x', g % 7) AS pad, E'a\\nb' AS nl from generate_series(1, 2500) g"
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", fmt)
+    gateway = await pgqg_async("query", "--url", url, sql, "--format", fmt)
+    assert direct.exit_code == gateway.exit_code == 0, (direct.output, gateway.output)
+    assert raw(gateway) == raw(direct)
+    assert gateway.stderr == ""
+    lines = raw(gateway).count("\n")
+    assert lines == (1 + 2500 * 2 if fmt == "csv" else 2500)  # a header; a LF in every row
+
+
+async def test_a_lone_backslash_dot_is_quoted_as_copy_does(
+    database_dsn: str, rw_gateway: str
+) -> None:
+    sql = "select '\\.' AS x"  # COPY's end-of-data marker, alone on its line
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", "csv")
+    gateway = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "csv")
+    assert raw(direct) == raw(gateway) == 'x\r\n"\\."\r\n'
+
+
+async def test_query_through_the_gateway_a_stream_that_fails_midway(rw_gateway: str) -> None:
+    sql = "select g, 1 / (g - 4000) AS x from generate_series(1, 5000) g"
+    ndjson = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "ndjson")
+    assert ndjson.exit_code == 1
+    assert ndjson.stderr == "ERROR:  division by zero (SQLSTATE 22012)\n"
+    rows = [json.loads(line) for line in ndjson.stdout.splitlines()]
+    assert rows and rows == [{"g": g, "x": -1 if g > 3000 else 0} for g in range(1, len(rows) + 1)]
+    csv = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "csv")
+    assert csv.exit_code == 1
+    assert "cut its answer short" in csv.stderr
+    assert raw(csv).startswith("g,x\r\n1,0\r\n")
+
+
 async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: str) -> None:
     result = await pgqg_async("query", "--url", rw_gateway, "select 1/0")
     assert result.exit_code == 1
@@ -278,6 +334,11 @@ async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: 
     )
     assert result.exit_code == 1
     assert "SQLSTATE 25006" in result.stderr  # read-only, enforced by PostgreSQL
+    assert result.stderr.splitlines() == [
+        "ERROR:  cannot execute CREATE TABLE in a read-only transaction: raw SQL is read-only"
+        " on this gateway (SQLSTATE 25006)",
+        "HINT:  writes need PGQG_RAW_SQL=read-write (pgqg serve --raw-sql read-write)",
+    ]
 
 
 def test_query_unreachable_gateway() -> None:
@@ -374,17 +435,17 @@ async def test_array_with_lower_bounds_is_its_text(database_dsn: str, rw_gateway
 
 async def test_json_null_and_sql_null(database_dsn: str, rw_gateway: str) -> None:
     """Both are null in JSON and NDJSON; ``IS NULL`` tells them apart in every output, and
-    a direct query's CSV and table show json's ``null`` beside NULL."""
+    CSV (PostgreSQL's text, directly or streamed by a gateway) shows json's ``null``
+    beside NULL's empty field, as does a direct query's table."""
     sql = "select 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
     printed = await outputs(database_dsn, rw_gateway, sql)
     row = {"j": None, "n": None, "j_is_null": False}
     for target in ("--dsn", "--url"):
         assert json.loads(printed[target, "json"])["rows"] == [row]
         assert one_line(printed[target, "ndjson"]) == row
-    assert printed["--dsn", "csv"] == "j,n,j_is_null\r\nnull,,f\r\n"
+    for target in ("--dsn", "--url"):
+        assert printed[target, "csv"] == "j,n,j_is_null\r\nnull,,f\r\n"
     assert printed["--dsn", "table"].splitlines()[2].split() == ["null", "NULL", "f"]
-    # through a gateway, text is rebuilt from the JSON answer, where both are null
-    assert printed["--url", "csv"] == "j,n,j_is_null\r\n,,f\r\n"
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -573,6 +634,45 @@ def test_help_lists_every_command() -> None:
     for command in ("serve", "query", "run", "db"):
         assert f"  {command} " in result.stdout
     assert "init" in pgqg("db", "--help").stdout
+
+
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    toml = tmp_path / "pgqg.toml"
+    toml.write_text("port = \n")
+    result = pgqg("serve", "--config", str(toml))
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"Error: {toml}: not valid TOML: Invalid value (at line 1, column 8)\n"
+    toml.write_text("pool-size = 2\n")
+    result = pgqg("serve", "--config", str(toml))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: invalid settings: unknown setting 'pool-size' in {toml} (did you mean"
+        " 'pool_size'?)"
+    )
+
+
+def test_a_bad_named_query_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "queries").mkdir()
+    bad = tmp_path / "queries" / "bad.sql"
+    bad.write_text("-- name: q\n-- params: a int\nSELECT 1\n")
+    # refused before anything starts: no embedded server, no port
+    result = pgqg("serve", "--port", "0", env={"PGQG_SQL_DIR": str(tmp_path)})
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"Error: bad named-query file {bad}:2: parameter 'a' is declared but not used by 'q'\n"
+    )
+
+
+def test_an_unknown_pgqg_variable_is_warned_of_once(database_dsn: str) -> None:
+    result = pgqg(
+        "query", "--dsn", database_dsn, "select 1 AS x", "--format", "csv",
+        env={"PGQG_POOLSIZE": "3"},
+    )  # fmt: skip
+    assert (result.exit_code, raw(result)) == (0, "x\r\n1\r\n")
+    assert result.stderr == (
+        "pgqg: warning: PGQG_POOLSIZE is not a setting and is ignored; did you mean"
+        " PGQG_POOL_SIZE?\n"
+    )
 
 
 def test_serve_fails_at_once_on_a_taken_port(database_dsn: str, tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ pytestmark = pytest.mark.slow
 
 #: examples per operation: enough to find the classic failures in well under a minute
 MAX_EXAMPLES = 100
+#: an operation's examples on a loaded two-core machine took over the suite's 120 s
+OPERATION_TIMEOUT_S = 900
 
 
 @schemathesis.check
@@ -86,6 +88,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
+@pytest.mark.timeout(OPERATION_TIMEOUT_S)
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,

@@ -245,30 +245,24 @@ async def test_raw_sql_cannot_replace_a_named_statement(session: Session, close:
 
 
 async def test_a_timeout_inside_a_batch_touches_only_its_job(session: Session) -> None:
-    slow = job("select pg_sleep(5)", timeout=0.3)
+    slow = job("select pg_sleep(600)", timeout=0.3)  # ten minutes, had the timeout not cut it
     before = job("select 1 AS a")
     after = job("select 2 AS b")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     outcomes = await run(session, before, slow, after)
-    assert loop.time() - started < 2
     assert outcomes[0] == [{"a": 1}]
     assert isinstance(outcomes[1], GatewayError) and outcomes[1].status == 504
     assert outcomes[2] == [{"b": 2}]
 
 
 async def test_an_abandoned_running_job_is_cancelled_on_the_server(session: Session) -> None:
-    slow = job("select pg_sleep(5)")
+    slow = job("select pg_sleep(600)")  # ten minutes, had it not been cancelled
     after = job("select 2 AS b")
     for j in (slow, after):
         j.start(session.abandoned)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     running = asyncio.ensure_future(session.run([slow, after]))
     await asyncio.sleep(0.2)
     slow.abandon()  # the client went away
-    await running
-    assert loop.time() - started < 2
+    await asyncio.wait_for(running, 60)
     assert slow.future.cancelled()
     assert after.future.result()[0].rows == [{"b": 2}]
 
@@ -287,14 +281,13 @@ async def test_a_quick_job_is_answered_before_a_slow_one_behind_it(session: Sess
         sql = f"SELECT pg_sleep({seconds}) AS slept, {seconds}::text AS s".encode()
         return Job([Statement(sql)], read_only=True, deadline=loop.time() + 30, max_rows=1)
 
-    quick, slow = sleep(0.1), sleep(1.5)
+    quick, slow = sleep(0.1), sleep(3)
     for job in (quick, slow):
         assert job.start(session.abandoned)
-    started = loop.time()
     batch = asyncio.ensure_future(session.run([quick, slow]))
-    results = await asyncio.wait_for(asyncio.shield(quick.future), 1.0)
-    assert loop.time() - started < 1.0 and not slow.future.done()
+    results = await asyncio.wait_for(asyncio.shield(quick.future), 30)
+    assert not slow.future.done()
     assert results[0].rows == [{"slept": "", "s": "0.1"}]
     assert [c.type for c in results[0].columns] == ["void", "text"]
     await batch
-    assert (await slow.future)[0].rows == [{"slept": "", "s": "1.5"}]
+    assert (await slow.future)[0].rows == [{"slept": "", "s": "3"}]

@@ -226,3 +226,22 @@ def test_serve_upgrades_an_older_data_directory_in_place(home: Path, data_dir: P
     assert "PostgreSQL started in" in out
     assert "upgraded the data directory in place: requests now run as the role pgqg_anon" in out
     assert "the demo bookshop is already loaded" in out
+def test_a_second_serve_on_a_data_dir_in_use_says_to_use_another(
+    home: Path, data_dir: Path, embedded_factory: Any
+) -> None:
+    running = embedded_factory(data_dir)  # the first gateway's server, as far as we know
+    second = Served(clean_env(home, data_dir, free_port()), home / "second.log")
+    try:
+        status = second.proc.wait(timeout=READY_TIMEOUT_S)
+    finally:
+        second.kill()
+    assert status == 1, second.output
+    assert second.output.splitlines()[-1] == (
+        f"pgqg: another PostgreSQL server already runs on {data_dir} (another pgqg serve?):"
+        " give this gateway its own data directory with --data-dir (PGQG_DATA_DIR), or stop"
+        " the other gateway first"
+    )
+    assert "kill" not in second.output and "pg_ctl" not in second.output
+    assert running.is_running()  # left alone, and serving
+    with psycopg.connect(running.dsn) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

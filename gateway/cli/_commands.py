@@ -11,12 +11,13 @@ not be reached, 2 for a usage error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -27,7 +28,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .._build import compiled_modules
-from .._settings import ConfigError, Settings, load_settings
+from .._settings import (
+    ConfigError,
+    ConfigFileError,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
+from ..catalog import Catalog, CatalogError
 from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
 from ..web._privileges import PrivilegedRoleError
 from ..web._server import serve
@@ -63,15 +71,27 @@ def main() -> None:
     pgqg db init --dsn postgresql://...
     pgqg top --url http://127.0.0.1:8080
     """
+    for warning in unknown_variables():
+        click.echo(f"pgqg: warning: {warning}", err=True)
 
 
 # --- settings, targets, errors ---------------------------------------------------------
 
 
+class _BadFile(click.ClickException):
+    """A file the command reads is malformed: one line naming file and line, exit 2
+    (a usage error, as click exits for a bad flag)."""
+
+    exit_code = 2
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
-    """Load the settings; a bad value is a usage error naming the setting."""
+    """Load the settings; a bad value is a usage error naming the setting, a bad
+    ``--config`` file one line naming the file."""
     try:
         return load_settings(config, **overrides)
+    except ConfigFileError as exc:
+        raise _BadFile(str(exc)) from None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -284,6 +304,7 @@ def serve_command(
         shutdown_grace_s=shutdown_grace_s,
     )
     _check_listen_address(settings)
+    _check_catalog(settings)
     if settings.dsn:
         click.echo(f"pgqg: serving {_describe_dsn(settings.dsn)}")
         _serve(settings, settings.dsn, _announce(settings, demo=False))
@@ -308,6 +329,15 @@ def _check_listen_address(settings: Settings) -> None:
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
 
+def _check_catalog(settings: Settings) -> None:
+    """Fail now, before an embedded server is started for nothing, when a named-query
+    file is malformed (the gateway would refuse to start with it)."""
+    try:
+        Catalog.load(settings.sql_dir / "queries")
+    except CatalogError as exc:
+        raise _BadFile(f"bad named-query file {exc}") from None
+
+
 def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> None:
     """`serve`, with a taken port (or another socket error at start), or a login role
     refused for raw SQL, as one line."""
@@ -317,11 +347,13 @@ def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> Non
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
     except PrivilegedRoleError as exc:
         _fail(f"refusing to serve: {exc}")
+    except CatalogError as exc:  # a file changed since _check_catalog read it
+        raise _BadFile(f"bad named-query file {exc}") from None
 
 
 def _serve_embedded(settings: Settings) -> None:
     """Start the embedded server, load the demo once, serve, and always stop it."""
-    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres
+    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres, server_processes
 
     signals = _StopSignals()
     signals.install()
@@ -331,7 +363,17 @@ def _serve_embedded(settings: Settings) -> None:
     embedded = EmbeddedPostgres(data_dir)
     try:
         started = time.monotonic()
-        embedded.start()
+        try:
+            embedded.start()
+        except EmbeddedError:
+            if not embedded.is_running() and server_processes(data_dir):
+                # another gateway's server, most likely: never stop it under that gateway
+                _fail(
+                    f"another PostgreSQL server already runs on {data_dir} (another"
+                    " pgqg serve?): give this gateway its own data directory with"
+                    " --data-dir (PGQG_DATA_DIR), or stop the other gateway first"
+                )
+            raise
         how = "created and started" if embedded.initialized_now else "started"
         click.echo(f"  PostgreSQL {how} in {time.monotonic() - started:.1f} s")
         if embedded.upgraded_now:
@@ -426,26 +468,37 @@ def query_command(
             param_hint="SQL",
         )
     target = _open_target(_settings(config, dsn=dsn), url)
+    # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
+    out = sys.stdout.buffer
     try:
-        outcome = target.run(sql, list(params))
+        with _failures_reported():
+            if isinstance(target, GatewayTarget) and fmt in ("csv", "ndjson"):
+                # every row, streamed as it comes, as directly: not the JSON answer
+                # cut at the gateway's max_rows
+                for chunk in target.stream(sql, list(params), fmt, shape):
+                    out.write(chunk)
+                    out.flush()
+                return
+            outcome = target.run(sql, list(params))
+    finally:
+        target.close()
+    write_outcome(outcome, fmt, shape=shape, binary_out=out, console=Console(highlight=False))
+    if outcome.truncated and fmt != "table":
+        click.echo("pgqg: the gateway cut the result at its max_rows", err=True)
+
+
+@contextlib.contextmanager
+def _failures_reported() -> Iterator[None]:
+    """A failed statement printed as psql prints it, exit 1; an unreachable target
+    one line, exit 1."""
+    try:
+        yield
     except StatementFailed as exc:
         for line in _error_lines(exc):
             click.echo(line, err=True)
         sys.exit(1)
     except TargetUnavailable as exc:
         _fail(str(exc))
-    finally:
-        target.close()
-    write_outcome(
-        outcome,
-        fmt,
-        shape=shape,
-        # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
-        binary_out=sys.stdout.buffer,
-        console=Console(highlight=False),
-    )
-    if outcome.truncated and fmt != "table":
-        click.echo("pgqg: the gateway cut the result at its max_rows", err=True)
 
 
 # --- run -------------------------------------------------------------------------------

@@ -12,19 +12,14 @@ from .._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooL
 log = logging.getLogger("gateway.http")
 
 
-def error_response(error: GatewayError, cause: Exception | None = None) -> web.Response:
-    """The JSON error body, with Retry-After when the error suggests one (and the
-    Allow header of a 405 `cause`)."""
-    headers = {}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(error.retry_after)
-    if isinstance(cause, web.HTTPException) and cause.status == 405 and "Allow" in cause.headers:
-        headers["Allow"] = cause.headers["Allow"]
+def error_response(error: GatewayError) -> web.Response:
+    """The JSON error body, with the headers the error asks for (Retry-After, a
+    405's Allow)."""
     return web.Response(
         body=orjson.dumps(error.to_dict()),
         status=error.status,
         content_type="application/json",
-        headers=headers,
+        headers=error.headers(),
     )
 
 
@@ -45,7 +40,10 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("no such endpoint; see /openapi.json")
     if exc.status == 405:
-        return MethodNotAllowed(f"method not allowed; allowed: {exc.headers.get('Allow', '')}")
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(
+            f"method not allowed; allowed: {allow}", allow=[allow] if allow else []
+        )
     if exc.status == 413:
         return TooLarge(exc.text or "request body too large")
     if exc.status < 500:

@@ -1,12 +1,21 @@
-"""The OpenAPI 3 description of the v1 API, served at ``/openapi.json``."""
+"""The OpenAPI 3 description of the v1 API, served at ``/openapi.json``.
+
+Every named query of the catalog has a path of its own, its parameters with
+their types (`Param.json_schema`), so generated clients and fuzzers can call
+it; ``/v1/queries/{name}`` stays for the generic client.
+
+Optional fields of a body take null for "not given" (the default), every one
+of them, and their schemas say so; in a query string an option is either there
+or not. Integer fields take ``1000.0`` as JSON Schema's integers do.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .._settings import CHANNEL_NAME
-from ..catalog._catalog import Catalog
-from ._requests import ISOLATION_LEVELS, SHAPES
+from ..catalog._catalog import Catalog, NamedQuery
+from ._requests import ISOLATION_LEVELS, RESERVED_QUERY_KEYS, SHAPES
 
 _ERROR_STATUSES = (
     "400",
@@ -70,7 +79,8 @@ def _errors() -> dict[str, Any]:
     return {status: {"$ref": "#/components/responses/Error"} for status in _ERROR_STATUSES}
 
 
-_OPTIONS: dict[str, Any] = {
+#: the options, as a query string gives them
+_QUERY_OPTIONS: dict[str, Any] = {
     "timeout_ms": {"type": "integer", "minimum": 1, "description": "capped by the gateway"},
     "max_rows": {
         "type": "integer",
@@ -80,6 +90,18 @@ _OPTIONS: dict[str, Any] = {
     },
     "shape": {"type": "string", "enum": list(SHAPES)},
 }
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional body field's schema: null means not given."""
+    nullable = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in schema:
+        nullable["enum"] = [*schema["enum"], None]
+    return nullable
+
+
+#: the options, as a JSON body gives them
+_OPTIONS = {name: _or_null(schema) for name, schema in _QUERY_OPTIONS.items()}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -127,7 +149,7 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "sql": {"type": "string", "minLength": 1},
-            "params": {"type": "array", "items": {}},
+            "params": {"type": ["array", "null"], "items": {}},
         },
     },
     "QueryRequest": {
@@ -136,7 +158,7 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "sql": {"type": "string", "minLength": 1, "description": "one statement, $1… params"},
-            "params": {"type": "array", "items": {}},
+            "params": {"type": ["array", "null"], "items": {}},
             **_OPTIONS,
         },
     },
@@ -146,29 +168,86 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "statements": {"type": "array", "minItems": 1, "items": _ref("Statement")},
-            "isolation": {"type": "string", "enum": list(ISOLATION_LEVELS)},
-            "read_only": {"type": "boolean"},
+            "isolation": _or_null({"type": "string", "enum": list(ISOLATION_LEVELS)}),
+            "read_only": {
+                "type": ["boolean", "null"],
+                "description": "default: true when the gateway's raw SQL is read-only",
+            },
             **_OPTIONS,
         },
     },
     "NamedQueryRequest": {
         "type": "object",
         "additionalProperties": False,
-        "properties": {"params": {"type": "object"}, **_OPTIONS},
+        "properties": {"params": {"type": ["object", "null"]}, **_OPTIONS},
     },
     "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
 }
 
 
-def _named_query_params() -> list[dict[str, Any]]:
+def _query_options() -> list[dict[str, Any]]:
     return [
-        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
         *(
             {"name": key, "in": "query", "required": False, "schema": schema}
-            for key, schema in _OPTIONS.items()
+            for key, schema in _QUERY_OPTIONS.items()
         ),
         _FORMAT,
     ]
+
+
+def _named_query_params() -> list[dict[str, Any]]:
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    return [name, *_query_options()]
+
+
+def _named_query_path(query: NamedQuery) -> dict[str, Any]:
+    """The operations of one named query: its own parameters, with their types."""
+    result = _rows(_ref("Result"), "the query's result")
+    summary = query.doc.split("\n", 1)[0] or f"the named query {query.name}"
+    params: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [p.name for p in query.params],
+        "properties": {p.name: p.json_schema() for p in query.params},
+    }
+    if not query.params:
+        params["type"] = ["object", "null"]  # nothing to give: {} or null
+    body = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["params"] if query.params else [],
+        "properties": {"params": params, **_OPTIONS},
+    }
+    operations: dict[str, Any] = {
+        "post": {
+            "summary": summary,
+            "description": query.doc,
+            "operationId": f"{query.name}_post",
+            "parameters": [_FORMAT],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {"200": result, **_errors()},
+        }
+    }
+    # a writing query answers GET 405; a parameter named as an option cannot be in
+    # a query string (the option takes it)
+    if query.read_only and not any(p.name in RESERVED_QUERY_KEYS for p in query.params):
+        in_query = [
+            {
+                "name": p.name,
+                "in": "query",
+                "required": True,
+                "schema": p.json_schema(in_query_string=True),
+            }
+            for p in query.params
+        ]
+        operations["get"] = {
+            "summary": summary,
+            "description": query.doc,
+            "operationId": f"{query.name}_get",
+            "parameters": [*in_query, *_query_options()],
+            "responses": {"200": result, **_errors()},
+        }
+    return operations
 
 
 _CHANNEL = {"type": "string", "pattern": f"^{CHANNEL_NAME.pattern}$"}
@@ -204,8 +283,9 @@ def _listen(path_channel: bool) -> dict[str, Any]:
     }
 
 
-def _paths() -> dict[str, Any]:
+def _paths(catalog: Catalog) -> dict[str, Any]:
     result = _rows(_ref("Result"), "the statement's result")
+    named = {f"/v1/queries/{query.name}": _named_query_path(query) for query in catalog}
     return {
         "/v1/query": {
             "post": {
@@ -260,7 +340,8 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/queries/{name}": {
             "get": {
-                "summary": "Run a read-only named query (parameters in the query string)",
+                "summary": "Run a read-only named query (parameters in the query string);"
+                " each query of the catalog has its own path too, with its parameters",
                 "parameters": _named_query_params(),
                 "responses": {"200": result, **_errors()},
             },
@@ -274,6 +355,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": result, **_errors()},
             },
         },
+        **named,
         "/v1/listen": _listen(path_channel=False),
         "/v1/listen/{channel}": _listen(path_channel=True),
         "/healthz": {
@@ -325,7 +407,7 @@ def _paths() -> dict[str, Any]:
 
 
 def openapi_document(catalog: Catalog) -> dict[str, Any]:
-    """The OpenAPI 3.1 document; the named queries are listed in the description."""
+    """The OpenAPI 3.1 document, with a path for each named query of `catalog`."""
     names = ", ".join(q.name for q in catalog) or "none"
     return {
         "openapi": "3.1.0",
@@ -334,7 +416,7 @@ def openapi_document(catalog: Catalog) -> dict[str, Any]:
             "version": "1",
             "description": f"PostgreSQL query gateway. Named queries: {names}.",
         },
-        "paths": _paths(),
+        "paths": _paths(catalog),
         "components": {
             "schemas": _SCHEMAS,
             "responses": {"Error": _json(_ref("Error"), "an error (DESIGN §3)")},

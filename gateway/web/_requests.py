@@ -18,7 +18,7 @@ from pglast.parser import ParseError, parse_sql
 
 from .._errors import BadRequest, TooLarge, UnsupportedMediaType
 from .._settings import Settings
-from ..catalog._catalog import NamedQuery
+from ..catalog._catalog import NamedQuery, integral_number
 from ..engine._jobs import Job, Statement
 from ..engine._stream import StreamJob
 from ..values._encoding import list_params, loads_exact, params_to_text
@@ -121,7 +121,10 @@ def check_keys(body: Mapping[str, Any], allowed: Set[str], where: str = "body") 
 
 
 def _int_option(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    integral = integral_number(value)  # 1000.0 is an integer, as JSON Schema has it
+    if integral is not None:
+        value = integral
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise BadRequest(f"{name} must be an integer >= {minimum}")

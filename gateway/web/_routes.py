@@ -17,9 +17,11 @@ from .._errors import (
     GatewayError,
     MethodNotAllowed,
     NotAcceptable,
+    QueryError,
     RawSqlDisabled,
     Timeout,
     Unavailable,
+    query_error,
 )
 from .._settings import Settings
 from ..engine._dispatcher import probe_job
@@ -197,6 +199,25 @@ def _allow_raw_sql(settings: Settings) -> None:
         raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
 
 
+#: what a client refused a write on a read-only gateway is told to change
+_ALLOW_WRITES = "writes need PGQG_RAW_SQL=read-write (pgqg serve --raw-sql read-write)"
+_READ_ONLY_SQL_TRANSACTION = "25006"
+
+
+def _on_read_only_gateway(error: QueryError) -> QueryError:
+    """PostgreSQL's refusal of a write that the gateway's mode made read-only,
+    saying so and what would allow it (the SQLSTATE and status stay 25006, 403)."""
+    if error.sqlstate != _READ_ONLY_SQL_TRANSACTION:
+        return error
+    return query_error(
+        f"{error.message}: raw SQL is read-only on this gateway",
+        sqlstate=error.sqlstate,
+        detail=error.detail,
+        hint=error.hint or _ALLOW_WRITES,
+        position=error.position,
+    )
+
+
 @routes.post("/v1/query")
 async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
@@ -207,8 +228,12 @@ async def post_query(request: web.Request) -> web.StreamResponse:
     check_keys(body, _QUERY_KEYS)
     statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
-    read_only = settings.raw_sql == "read-only"
-    return await _run_one(request, fmt, statement, options, read_only=read_only)
+    if settings.raw_sql != "read-only":
+        return await _run_one(request, fmt, statement, options, read_only=False)
+    try:
+        return await _run_one(request, fmt, statement, options, read_only=True)
+    except QueryError as exc:
+        raise _on_read_only_gateway(exc) from None
 
 
 @routes.post("/v1/transaction")
@@ -223,11 +248,14 @@ async def post_transaction(request: web.Request) -> web.Response:
     if not isinstance(items, list) or not items:
         raise BadRequest("statements must be a non-empty list")
     statements = [raw_statement(item, f"statements[{i}]") for i, item in enumerate(items)]
-    read_only = body.get("read_only", False)
+    forced = settings.raw_sql == "read-only"
+    read_only = body.get("read_only")
+    if read_only is None:
+        read_only = forced  # the gateway's mode decides
     if not isinstance(read_only, bool):
         raise BadRequest("read_only must be true or false")
-    if settings.raw_sql == "read-only" and not read_only:
-        raise Forbidden("raw SQL is read-only on this gateway; send read_only: true")
+    if forced and not read_only:
+        raise Forbidden(f"raw SQL is read-only on this gateway; {_ALLOW_WRITES}")
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
     exchange = exchange_of(request)
@@ -241,7 +269,10 @@ async def post_transaction(request: web.Request) -> web.Response:
         comment=sql_comment(exchange.request_id),
     )
     exchange.ran(job, started)
-    results = await dispatcher.run(job)
+    try:
+        results = await dispatcher.run(job)
+    except QueryError as exc:
+        raise (_on_read_only_gateway(exc) if forced else exc) from None
     exchange.answered = time.perf_counter()
     answer = {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
     return _answer(exchange, answer, sum(len(r.rows) for r in results))
@@ -259,7 +290,7 @@ async def get_named_query(request: web.Request) -> web.StreamResponse:
     fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
     if not query.read_only:
-        raise MethodNotAllowed(f"{query.name} writes; call it with POST")
+        raise MethodNotAllowed(f"{query.name} writes; call it with POST", allow=("POST",))
     if len(set(request.query)) != len(request.query):
         raise BadRequest("a query-string key is given more than once")
     values = {k: v for k, v in request.query.items() if k not in RESERVED_QUERY_KEYS}

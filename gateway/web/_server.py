@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .._settings import Settings
 from ._app import create_app
@@ -40,6 +42,28 @@ async def freeze_startup_objects(_app: web.Application) -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+class BadRequestsInOneLine(logging.Filter):
+    """aiohttp's server log, with a request it could not parse as one INFO line.
+
+    aiohttp answers such a request 400 itself (a NUL byte in a header, a line
+    too long), then logs it with a traceback at ERROR, as if the gateway had
+    failed. The client's mistake is worth a line, not an alarm. Other records
+    pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError) or not 400 <= error.code < 500:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        problem = " ".join(error.message.split()) if error.message else "malformed"
+        record.msg, record.args = "%s: %d %s", (record.getMessage(), error.code, problem)
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
@@ -51,6 +75,9 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
     the pool. Then this returns, and the process exits 0.
     """
     configure_logging(settings.log_level, settings.log_format)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestsInOneLine) for f in server_log.filters):
+        server_log.addFilter(BadRequestsInOneLine())
     install_uvloop()
     app = create_app(settings, dsn)
 
