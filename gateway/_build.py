@@ -61,6 +61,7 @@ COMPILED_MODULES = (
     "engine._cancel",
     "engine._reader",
     "engine._housekeeping",
+    "engine._outcome",
     "engine._libpq",
     "values._results",
 )

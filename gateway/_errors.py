@@ -152,6 +152,17 @@ class Unavailable(GatewayError):
     retry_after = 2
 
 
+class OutcomeUnknown(GatewayError):
+    """The connection was lost after a write's COMMIT (or autocommit statement) was
+    sent and before PostgreSQL acknowledged it: it may or may not have taken effect.
+
+    No ``Retry-After``: unlike `Unavailable`, retrying blindly may apply it twice.
+    """
+
+    status = 502
+    code = "outcome_unknown"
+
+
 class Timeout(GatewayError):
     """The request's deadline passed (queue wait plus execution)."""
 

@@ -110,6 +110,20 @@ class Settings(BaseSettings):
     pool_max_lifetime_s: float = Field(
         3600.0, ge=10, description="A pooled connection is replaced after this many seconds."
     )
+    keepalives_idle_s: int = Field(
+        10, ge=1, description="TCP keepalive: seconds a connection is quiet before the first probe."
+    )
+    keepalives_interval_s: int = Field(
+        5, ge=1, description="TCP keepalive: seconds between unanswered probes."
+    )
+    keepalives_count: int = Field(
+        3, ge=1, description="TCP keepalive: unanswered probes before the connection is dropped."
+    )
+    tcp_user_timeout_ms: int = Field(
+        25000,
+        ge=0,
+        description="Sent data unacknowledged this long drops the connection (0: the OS default).",
+    )
     timezone: str = Field("UTC", description="Session TimeZone: fixes timestamptz output.")
     datestyle: str = Field("ISO, MDY", description="Session DateStyle.")
     intervalstyle: str = Field("postgres", description="Session IntervalStyle.")

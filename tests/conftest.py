@@ -40,6 +40,7 @@ import psycopg
 import psycopg.conninfo
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from faultproxy import FaultProxy
 from support import (
     GatewayClient,
     GatewayLogin,
@@ -229,6 +230,24 @@ def embedded_factory(embedded_dir: Path) -> Iterator[EmbeddedFactory]:
             failures.append(exc)
     if failures:
         raise failures[0]
+
+
+ProxyFactory = Callable[[int], Awaitable[FaultProxy]]
+
+
+@pytest.fixture
+async def fault_proxy() -> AsyncIterator[ProxyFactory]:
+    """Fault-injecting TCP proxies (tests/faultproxy.py) to a local port; all closed after."""
+    made: list[FaultProxy] = []
+
+    async def make(upstream_port: int) -> FaultProxy:
+        proxy = await FaultProxy(upstream_port).start()
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in reversed(made):
+        await proxy.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from gateway import (
     BadRequest,
     GatewayError,
+    OutcomeUnknown,
     Overloaded,
     QueryError,
     Timeout,
@@ -46,6 +47,7 @@ def test_every_error_is_a_gateway_error_with_the_design_shape() -> None:
         (BadRequest, 400, "bad_request"),
         (Overloaded, 503, "overloaded"),
         (Unavailable, 503, "unavailable"),
+        (OutcomeUnknown, 502, "outcome_unknown"),
         (Timeout, 504, "timeout"),
     ]:
         err = cls("msg")
@@ -62,6 +64,7 @@ def test_every_error_is_a_gateway_error_with_the_design_shape() -> None:
             }
         }
     assert Overloaded.retry_after and Unavailable.retry_after
+    assert OutcomeUnknown.retry_after is None  # retrying blindly may write twice
 
 
 def test_query_error_carries_postgres_fields() -> None:

@@ -417,11 +417,13 @@ async def test_a_database_killed_and_restarted_under_load(
     assert load.in_flight_at(crash) and max(load.in_flight_at(crash)) < 1.0
     assert load.in_flight_at(stop) and max(load.in_flight_at(stop)) < 1.0
     assert max(answered - sent for sent, answered, _, _ in load.answers) < 2.0
-    assert {status for _, _, status, _ in load.answers} == {200, 503}
+    # a write in flight at the crash may have committed: 502 outcome_unknown (issue 18)
+    assert {200, 503} <= {status for _, _, status, _ in load.answers} <= {200, 502, 503}
     assert {code for _, _, status, code in load.answers if status == 503} <= {
         "unavailable",
         "query_error",  # 57P01 admin_shutdown, on the clean stop
     }
+    assert {code for _, _, status, code in load.answers if status == 502} <= {"outcome_unknown"}
     assert load.ok_after(up + ready_after_crash) and load.ok_after(up_again + ready_after_restart)
     # a write answered 200 is there; one that failed may or may not be (an unknown outcome)
     async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:

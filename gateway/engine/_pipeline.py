@@ -35,6 +35,7 @@ from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
 from ._jobs import Job
+from ._outcome import lost_error
 from ._planner import ROLLBACK, Plan, Planner
 from ._prepared import PreparedStatements
 from ._reader import BatchReader
@@ -72,6 +73,8 @@ class Session:
         self._reader = BatchReader(
             self.wire, self.cancels, self.prepared, self.housekeeping, ResultConverter(codec)
         )
+        #: the plans of the batch under way whose messages were queued, retries too
+        self._sent: list[Plan] = []
         self._loop = asyncio.get_running_loop()
         self._roles: list[bytes | None] | None = None
         self.backend_pid = self._pg.backend_pid
@@ -114,16 +117,30 @@ class Session:
 
         A job hit by a cancel meant for another job of the batch, or refused
         inside a transaction block (VACUUM and friends, read-write only), had no
-        effect: it runs once more on its own.
+        effect: it runs once more on its own. When the connection breaks, every
+        job not yet resolved fails with `lost_error`: 503 if it cannot have taken
+        effect, 502 `outcome_unknown` if it is a write that was sent.
 
         Raises:
             ConnectionLost: the connection broke.
         """
+        self._sent = []
         try:
             return await self._run(jobs)
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, ConnectionLost) as exc:
             self.wire.unwatch()  # libpq may have closed the socket already
+            for job in jobs:
+                job.fail(lost_error(job, sent=self._was_sent(job)))
+            if isinstance(exc, ConnectionLost):
+                raise
             raise ConnectionLost(str(exc)) from exc
+        finally:
+            self._sent = []
+
+    def _was_sent(self, job: Job) -> bool:
+        """Whether `job`'s messages were queued, other than a run of it that had no
+        effect (marked to run again)."""
+        return any(plan.job is job and not plan.retry for plan in self._sent)
 
     async def _run(self, jobs: list[Job]) -> None:
         if self._planner.roles is None:
@@ -140,7 +157,11 @@ class Session:
         self, jobs: list[Job], *, wrapped: bool = True, retrying: bool = False
     ) -> list[Plan]:
         now = self._loop.time()
-        plans = [self._planner.send(job, now, wrapped=wrapped, retrying=retrying) for job in jobs]
+        plans: list[Plan] = []
+        for job in jobs:
+            plan = self._planner.send(job, now, wrapped=wrapped, retrying=retrying)
+            plans.append(plan)
+            self._sent.append(plan)
         trailer = self._planner.send_trailer()
         self.cancels.sent = []
         await self.wire.flush()

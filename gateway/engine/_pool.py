@@ -39,6 +39,9 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0
 #: libpq's own limit for one connection attempt (an unreachable host)
 CONNECT_TIMEOUT_S = 5
+#: closing the pool: how long its background tasks (a reconnection under way)
+#: get to stop; the rest is left to the process's exit
+CLOSE_TIMEOUT_S = 0.2
 
 #: psycopg_pool's warnings that one outage repeats for every connection and every
 #: attempt; `GatewayPool` reports the outage itself, once per retry
@@ -196,16 +199,28 @@ def connect_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
         "options": session_options(settings),
         "client_encoding": "UTF8",
         "connect_timeout": CONNECT_TIMEOUT_S,
-        # A server that vanishes without closing the connection (a network
-        # partition, a host power-off) is noticed in about 25 s, not hours.
-        "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
+        **tcp_options(settings),
         # psycopg prepares a statement it has run 5 times (`_pg3_0`, ...); the pool's
         # DISCARD ALL would drop its own, and psycopg's record of them would disagree
         # with the server's. The gateway prepares what it needs itself.
         "prepare_threshold": None,
+    }
+
+
+def tcp_options(settings: Settings) -> dict[str, int]:
+    """libpq's TCP options: a server that vanishes without closing the connection
+    (a network partition, a host power-off) is noticed in seconds, not hours.
+
+    Keepalive probes find an idle connection dead; ``tcp_user_timeout`` a
+    connection whose data goes unacknowledged (and it bounds the probes too).
+    A request does not wait for either: its deadline answers it first.
+    """
+    return {
+        "keepalives": 1,
+        "keepalives_idle": settings.keepalives_idle_s,
+        "keepalives_interval": settings.keepalives_interval_s,
+        "keepalives_count": settings.keepalives_count,
+        "tcp_user_timeout": settings.tcp_user_timeout_ms,
     }
 
 

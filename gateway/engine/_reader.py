@@ -23,14 +23,15 @@ import time
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
-from .._errors import GatewayError, Timeout, query_error
+from .._errors import BadRequest, GatewayError, Timeout, query_error
 from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
 from ._jobs import Job
+from ._outcome import ends_connection, lost_error
 from ._planner import Plan
 from ._prepared import PreparedStatements
-from ._wire import Wire, result_error
+from ._wire import CopyRefused, Wire, result_error
 
 _USER_CANCEL = "canceling statement due to user request"
 #: how the role check fails (a division by zero), and what the client is told instead
@@ -91,6 +92,9 @@ class BatchReader:
                 step = 1 + plan.guarded + plan.checked
                 for _ in range(before + len(job.statements) * step + plan.commit):
                     results.append(await wire.result() if pg.is_busy() else wire.take_result())
+            except CopyRefused as exc:
+                job.fail(BadRequest(str(exc)))
+                raise
             finally:
                 cancels.head = None
                 cancels.wanted = False
@@ -123,6 +127,10 @@ class BatchReader:
         raw = results[before + plan.guarded : end : step]
         for res in raw:
             self._housekeeping.note(res)
+        # the result that commits a write: its COMMIT, or a statement run unwrapped
+        commits = -1 if plan.wrapped else end - 1 - plan.checked
+        if plan.commit:
+            commits = len(results) - 1
         # after an error PostgreSQL skips the rest of the segment: one error at most
         for i, res in enumerate(results):
             if res.status == _FATAL_ERROR:
@@ -131,7 +139,7 @@ class BatchReader:
                 if plan.checked and before <= i < end and (i - before) % step == step - 1:
                     self._role_check_failed(plan, res)
                 else:
-                    self._fail(plan, res, first=i == 0)
+                    self._fail(plan, res, first=i == 0, commits=i == commits)
                 return None
         return None if self.deliver(plan.job, raw) else raw
 
@@ -140,14 +148,18 @@ class BatchReader:
         if (refusal := role_changed(res)) is not None:
             plan.job.fail(refusal)
         else:
-            self._fail(plan, res, first=False)
+            self._fail(plan, res, first=False, commits=False)
 
-    def _fail(self, plan: Plan, res: PGresult, *, first: bool) -> None:
+    def _fail(self, plan: Plan, res: PGresult, *, first: bool, commits: bool) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
-        error came from the job's very first message, before anything of it ran."""
+        error came from the job's very first message, before anything of it ran;
+        `commits`: from the one that commits a write (its COMMIT, or the statement
+        of a write run unwrapped)."""
         job = plan.job
         error = result_error(res, job.comment)
-        if not plan.retrying and not job.done and self._should_retry(plan, error, first):
+        if commits and not job.read_only and ends_connection(error.sqlstate):
+            job.fail(lost_error(job, sent=True))  # the server went down as it committed
+        elif not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))

@@ -57,10 +57,11 @@ from .._errors import BadRequest, GatewayError, Timeout
 from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
 from ._jobs import Job, JobState, Statement
+from ._outcome import lost_error
 from ._pipeline import Session
 from ._planner import COMMIT, LAST_GUARD, ROLLBACK, UNLOCK, begin_command, send_cleanup
 from ._reader import role_changed
-from ._wire import ConnectionLost, result_error, wake_future
+from ._wire import ConnectionLost, CopyRefused, result_error, wake_future
 
 #: encoded chunks a stream may hold between the connection worker and the client
 BUFFERED_CHUNKS = 4
@@ -203,15 +204,22 @@ _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH
 async def run_stream(session: Session, job: StreamJob) -> None:
     """Run `job` alone on `session`: its rows go to the job chunk by chunk.
 
-    On return the job is finished or failed; on `ConnectionLost` the
-    dispatcher fails it.
+    On return the job is finished or failed; on `ConnectionLost` too, with
+    `lost_error` (a write whose statement was sent: 502 `outcome_unknown`).
 
     Raises:
         ConnectionLost: the connection broke or the protocol went out of step.
     """
+    run = _StreamRun(session, job)
     try:
-        await _StreamRun(session, job).run()
-    except psycopg.OperationalError as exc:
+        await run.run()
+    except (psycopg.OperationalError, ConnectionLost) as exc:
+        session.wire.unwatch()
+        if isinstance(exc, CopyRefused):
+            job.fail(BadRequest(str(exc)))
+        job.fail(lost_error(job, sent=run.executing))
+        if isinstance(exc, ConnectionLost):
+            raise
         raise ConnectionLost(str(exc)) from exc
 
 
@@ -236,6 +244,8 @@ class _StreamRun:
         self._cancelled = False
         self._checked = False  # the statement is raw: a role check follows it
         self._error: GatewayError | None = None
+        #: the statement was queued: from here a write may take effect
+        self.executing = False
 
     async def run(self) -> None:
         statement = self._job.statements[0]
@@ -243,6 +253,7 @@ class _StreamRun:
         if not await self._describe(statement) or self._job.stopped.done():
             return
         closing = self._send(statement, roles)
+        self.executing = True
         await self._wire.flush()
         if await self._read_setup():
             self._chunked_rows_mode()
@@ -349,7 +360,7 @@ class _StreamRun:
         """Every result of the statement, up to the NULL that ends them."""
         while (res := await self._next()) is not None:
             if res.status in _COPY:
-                raise ConnectionLost("COPY is not supported here; use format=csv instead")
+                raise CopyRefused("COPY is not supported here; use format=csv instead")
             if res.status in _ROWS:
                 await self._rows(res)
             elif res.status == ExecStatus.COMMAND_OK:

@@ -10,7 +10,7 @@ from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
-from ..engine._pool import make_pool
+from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
 from ..values._encoding import Codec
 from . import _events
 from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
@@ -109,7 +109,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
-        await pool.close()
+        await pool.close(timeout=CLOSE_TIMEOUT_S)
 
 
 async def listener_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,7 +17,20 @@ from .._settings import CHANNEL_NAME
 from ..catalog._catalog import Catalog, NamedQuery
 from ._requests import ISOLATION_LEVELS, RESERVED_QUERY_KEYS, SHAPES
 
-_ERROR_STATUSES = ("400", "403", "404", "405", "406", "409", "413", "415", "500", "503", "504")
+_ERROR_STATUSES = (
+    "400",
+    "403",
+    "404",
+    "405",
+    "406",
+    "409",
+    "413",
+    "415",
+    "500",
+    "502",
+    "503",
+    "504",
+)
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from .._errors import (
     NotAcceptable,
     QueryError,
     RawSqlDisabled,
+    Timeout,
     Unavailable,
     query_error,
 )
@@ -324,13 +325,17 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only when a pooled connection answers a query.
 
     Raises:
-        Unavailable: no connection, or the probe did not answer within 2 s.
+        Unavailable: no connection, or the probe did not answer within 2 s (the
+            connections are stuck: a network partition, say).
     """
     dispatcher = request.app[DISPATCHER]
     if not dispatcher.ready:
         raise Unavailable("no working database connection yet")
     loop = asyncio.get_running_loop()
-    await dispatcher.run(probe_job(loop.time() + 2.0))
+    try:
+        await dispatcher.run(probe_job(loop.time() + 2.0))
+    except Timeout:
+        raise Unavailable("the database did not answer within 2 s") from None
     return json_response({"status": "ready"})
 
 
