@@ -120,6 +120,8 @@ async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await listener.close()
+
+
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """Let ``/metrics`` read the dispatcher and the pool while they are open;
     with several processes, publish this one's figures meanwhile."""
