@@ -94,6 +94,9 @@ class Unauthorized(GatewayError):
     def challenge(self) -> str:
         return "Bearer"
 
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": self.challenge}
+
 
 class InvalidToken(Unauthorized):
     """The bearer token is malformed, expired, not yet valid, for another audience,

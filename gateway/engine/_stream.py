@@ -56,6 +56,7 @@ from psycopg.pq.abc import PGresult
 from .._errors import BadRequest, GatewayError, Timeout
 from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
+from ._identity import Identity
 from ._jobs import Job, JobState, Statement
 from ._pipeline import Session
 from ._planner import COMMIT, LAST_GUARD, ROLLBACK, UNLOCK, begin_command, send_cleanup
@@ -96,9 +97,15 @@ class StreamJob(Job):
         row_limit: int | None,
         stall_s: float,
         comment: bytes = b"",
+        identity: Identity | None = None,
     ) -> None:
         super().__init__(
-            [statement], read_only=read_only, deadline=deadline, max_rows=0, comment=comment
+            [statement],
+            read_only=read_only,
+            deadline=deadline,
+            max_rows=0,
+            comment=comment,
+            identity=identity,
         )
         self.encoder = encoder
         #: rows handed to the client so far

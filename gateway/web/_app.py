@@ -13,7 +13,8 @@ from ..engine._listener import Listener
 from ..engine._pool import make_pool
 from ..values._encoding import Codec
 from . import _events
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._app_keys import AUTH, CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._auth import Authenticator
 from ._console import add_console
 from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
@@ -33,6 +34,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     Raises:
         ValueError: no DSN given and none in the settings.
         CatalogError: a named-query file is malformed.
+        ConfigError: the JWKS file is unusable (see `Authenticator`).
     """
     dsn = dsn or settings.dsn
     if not dsn:
@@ -47,6 +49,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[DSN] = dsn
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
+    app[AUTH] = Authenticator(settings)
     app.add_routes(routes)
     app.add_routes(_events.routes)
     if settings.console:
