@@ -14,7 +14,7 @@ from ..engine._pool import make_pool
 from ..values._encoding import Codec
 from . import _events
 from ._app_keys import AUTH, CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
-from ._auth import Authenticator
+from ._auth import Authenticator, keep_tokens_out_of_aiohttp_logs
 from ._console import add_console
 from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
@@ -50,6 +50,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
     app[AUTH] = Authenticator(settings)
+    keep_tokens_out_of_aiohttp_logs()
     app.add_routes(routes)
     app.add_routes(_events.routes)
     if settings.console:

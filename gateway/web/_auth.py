@@ -7,9 +7,10 @@ request without a token runs as the anonymous role, or gets 401 when there is no
 
 Tokens are verified with PyJWT: the signature, ``exp`` and ``nbf`` (with a leeway
 for clock skew), and ``aud`` when an audience is configured. The algorithms are
-fixed by the kind of key, never taken from the token alone: HS256/384/512 with a
-secret, or RS256/ES256/EdDSA with each public key of a JWKS file for its own
-algorithm only, so ``alg: none`` and HS/RS confusion fail like a bad signature.
+fixed by the kind of key, never taken from the token alone: with a secret, HS256,
+and HS384 and HS512 when it is long enough for them (48 and 64 bytes); with a JWKS
+file, RS256, ES256 or EdDSA, each public key for its own algorithm only. So
+``alg: none`` and HS/RS confusion fail as an algorithm not accepted here.
 
 A verified token is kept, by its exact text, until it expires: the next request
 with it costs a dictionary look-up instead of a signature check. Every failure is an
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from aiohttp.http_exceptions import BadHttpMessage
 
 from .._errors import ForbiddenRole, InvalidToken, Unauthorized
 from .._settings import ConfigError, Settings
@@ -39,7 +42,8 @@ log = logging.getLogger("gateway.auth")
 MAX_TOKEN_BYTES = 4096
 #: verified tokens kept; when full, the expired ones go, then the oldest
 CACHED_TOKENS = 4096
-SECRET_ALGORITHMS = ("HS256", "HS384", "HS512")
+#: HMAC algorithms, each with the shortest secret it takes (RFC 7518 §3.2: the hash's size)
+SECRET_ALGORITHMS = (("HS256", 32), ("HS384", 48), ("HS512", 64))
 #: what a JWKS key may verify: one algorithm per kind of public key
 PUBLIC_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA"})
 
@@ -122,6 +126,9 @@ class Authenticator:
             if settings.jwt_secret is not None
             else None
         )
+        self._secret_algorithms = tuple(
+            name for name, size in SECRET_ALGORITHMS if len(self._secret or b"") >= size
+        )
         self._keys: tuple[_PublicKey, ...] = ()
         if settings.jwt_jwks_file is not None:
             self._keys = read_jwks(settings.jwt_jwks_file)
@@ -190,7 +197,7 @@ class Authenticator:
 
     def _verify(self, token: str) -> dict[str, Any]:
         if self._secret is not None:
-            return self._decode(token, self._secret, SECRET_ALGORITHMS)
+            return self._decode(token, self._secret, self._secret_algorithms)
         if not self._keys:
             raise InvalidToken("this gateway accepts no tokens: it has no key to verify them")
         try:
@@ -282,3 +289,43 @@ def _claim(claims: Mapping[str, Any], path: list[str]) -> Any:
             return None
         value = value[name]
     return value
+
+
+class _NoTokensInParseErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with the start of the offending line:
+    of an over-long ``Authorization`` header, that is the start of a bearer token.
+    Whether this filter comes before or after another that rewrites such a record
+    (`gateway.web._server.BadRequestsInOneLine`), the token is not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage) and "bearer" in str(error).lower():
+            record.args = (record.getMessage(), type(error).__name__)
+            record.msg = "%s (%s in a header that holds a bearer token, not shown)"
+            record.exc_info = record.exc_text = None
+        elif "bearer" in str(record.msg).lower() or any(
+            "bearer" in str(arg).lower() for arg in _args(record)
+        ):
+            record.msg, record.args = _BEARER.sub(r"\1(not shown)", record.getMessage()), ()
+        return True
+
+
+def _args(record: logging.LogRecord) -> tuple[object, ...]:
+    args = record.args
+    if isinstance(args, tuple):
+        return args
+    return () if args is None else (args,)
+
+
+#: "Bearer" and what follows it, as far as a token's characters go
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+
+
+_NO_TOKENS = _NoTokensInParseErrors()
+
+
+def keep_tokens_out_of_aiohttp_logs() -> None:
+    """Filter aiohttp's log of unparsable requests (`_NoTokensInParseErrors`); idempotent."""
+    logger = logging.getLogger("aiohttp.server")
+    if _NO_TOKENS not in logger.filters:
+        logger.addFilter(_NO_TOKENS)
