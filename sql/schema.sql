@@ -71,11 +71,13 @@ GRANT SELECT ON author, book, review TO bookshop_reader, bookshop_reviewer;
 GRANT INSERT, UPDATE, DELETE ON review TO bookshop_reviewer;
 
 -- Row-level security, one policy for every role: a review is seen once published,
--- and by its own reviewer (the sub of their token) while it is a draft. The same
--- test stops anyone from writing a draft in another reviewer's name. Without a
--- token the sub is unset (NULL, or '' once a request on the connection had one), so
--- only published reviews are seen: every seeded one.
+-- and by its own reviewer (a bookshop_reviewer whose token's sub is its reviewer)
+-- while it is a draft. The same test stops anyone from writing a draft in another
+-- reviewer's name. Without a token the sub is unset (NULL, or '' once a request on
+-- the connection had one), so only published reviews are seen: every seeded one.
 -- The table's owner, and superusers, are not subject to it.
 ALTER TABLE review ENABLE ROW LEVEL SECURITY;
 CREATE POLICY review_published_or_own ON review
-    USING (published OR reviewer = nullif(current_setting('request.jwt.claim.sub', true), ''));
+    USING (published
+           OR (pg_has_role('bookshop_reviewer', 'MEMBER')
+               AND reviewer = nullif(current_setting('request.jwt.claim.sub', true), '')));

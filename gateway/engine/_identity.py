@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .._errors import ForbiddenRole, GatewayError
+
 #: the longest role name PostgreSQL keeps (NAMEDATALEN - 1); a longer one is cut short
 #: by the server, and could then name another role
 MAX_ROLE_BYTES = 63
@@ -32,6 +34,9 @@ MAX_ROLE_BYTES = 63
 _SETTING_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 CLAIMS_SETTING = "request.jwt.claims"
 CLAIM_PREFIX = "request.jwt.claim."
+#: what PostgreSQL answers `Identity.command` for a role the login role may not take
+#: (42501) or that does not exist (22023, "role ... does not exist")
+_ROLE_REFUSED = frozenset({"42501", "22023"})
 
 
 def role_problem(role: str) -> str | None:
@@ -91,6 +96,7 @@ class Identity:
             if isinstance(value, str) and "\x00" not in value and _SETTING_PART.fullmatch(name)
         ]
         self.command = _command(len(singles))
+        #: the command's parameters: the role first (as the role checks compare it)
         self.params: list[bytes | None] = [role.encode(), self.claims.encode()]
         for name, value in singles:
             self.params += [name.encode(), value.encode()]
@@ -98,3 +104,11 @@ class Identity:
     def __repr__(self) -> str:
         # the claims stay out of logs and tracebacks
         return f"Identity(role={self.role!r})"
+
+
+def identity_error(error: GatewayError) -> GatewayError:
+    """The error to answer when `Identity.command` failed with `error`: a role
+    PostgreSQL refused is `ForbiddenRole`; anything else (a cancel) stays as it is."""
+    if error.sqlstate in _ROLE_REFUSED:
+        return ForbiddenRole(error.message, sqlstate=error.sqlstate, hint=error.hint)
+    return error

@@ -27,6 +27,7 @@ from .._errors import GatewayError, Timeout, query_error
 from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
+from ._identity import identity_error
 from ._jobs import Job
 from ._planner import Plan
 from ._prepared import PreparedStatements
@@ -115,8 +116,9 @@ class BatchReader:
     def _settle(self, plan: Plan, results: list[PGresult], before: int) -> list[PGresult] | None:
         """Resolve the job from its segment's results, the statements' from `before` on;
         return the statements' results instead while one of their types is unknown."""
+        setup_end = plan.rollback_first + plan.setup
         if plan.prepares:
-            self._prepared.forget_failed(plan.prepares, results[plan.rollback_first :])
+            self._prepared.forget_failed(plan.prepares, results[setup_end:])
         # per statement: [read-only guard] statement [role check]
         step = 1 + plan.guarded + plan.checked
         end = before + step * len(plan.job.statements)
@@ -131,7 +133,8 @@ class BatchReader:
                 if plan.checked and before <= i < end and (i - before) % step == step - 1:
                     self._role_check_failed(plan, res)
                 else:
-                    self._fail(plan, res, first=i == 0)
+                    at_identity = plan.identity and i == setup_end - 1
+                    self._fail(plan, res, first=i == 0, at_identity=at_identity)
                 return None
         return None if self.deliver(plan.job, raw) else raw
 
@@ -140,17 +143,20 @@ class BatchReader:
         if (refusal := role_changed(res)) is not None:
             plan.job.fail(refusal)
         else:
-            self._fail(plan, res, first=False)
+            self._fail(plan, res, first=False, at_identity=False)
 
-    def _fail(self, plan: Plan, res: PGresult, *, first: bool) -> None:
+    def _fail(self, plan: Plan, res: PGresult, *, first: bool, at_identity: bool) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
-        error came from the job's very first message, before anything of it ran."""
+        error came from the job's very first message, before anything of it ran;
+        `at_identity`: from the statement that sets its role."""
         job = plan.job
         error = result_error(res, job.comment)
         if not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
+        elif at_identity:
+            job.fail(identity_error(error))
         else:
             job.fail(error)
 
@@ -165,8 +171,9 @@ class BatchReader:
             # ROLLBACK, leaving its transaction aborted: this one never started
             # (and its own cleanup ROLLBACK ends that transaction).
             return True
-        if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
+        if error.sqlstate == "25001" and plan.wrapped and not job.read_only and not plan.identity:
             # VACUUM and friends refuse a transaction block: run alone, unwrapped
+            # (not with a role of a token's: it is taken on inside the transaction only)
             plan.wrapped = False
             return not job.transaction and len(job.statements) == 1
         return False
