@@ -82,6 +82,18 @@ async def shared_table(admin: Any, table: str) -> str:
     return table
 
 
+@pytest.fixture
+def sql_dir(tmp_path: Path) -> Path:
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    (queries / "who.sql").write_text(
+        "-- name: whoami\n-- Who runs it.\nSELECT current_user AS role;\n\n"
+        f"-- name: readers_only\n-- For readers.\n-- roles: {READER}\n"
+        "SELECT current_user AS role;\n"
+    )
+    return tmp_path
+
+
 # --- the role and the claims -------------------------------------------------------------
 
 
@@ -128,17 +140,18 @@ async def test_the_token_role_obeys_postgresql_grants(
     ("role", "sqlstate"), [(STRANGER, "42501"), ("pgqg_test_no_such_role", "22023")]
 )
 async def test_a_role_the_login_role_cannot_take_is_403_forbidden_role(
-    gateway: ClientFactory, role: str, sqlstate: str
+    gateway: ClientFactory, sql_dir: Path, role: str, sqlstate: str
 ) -> None:
-    client = await gateway(pool_size=1)
-    for fmt in ("json", "ndjson", "csv"):
-        resp = await client.post(
-            f"/v1/query?format={fmt}", json={"sql": WHO}, headers=bearer(sign({"role": role}))
-        )
+    client = await gateway(pool_size=1, sql_dir=sql_dir)
+    token = bearer(sign({"role": role}))
+    requests = [("/v1/query", {"sql": WHO})]
+    requests += [(f"/v1/queries/whoami?format={fmt}", {}) for fmt in ("json", "ndjson", "csv")]
+    for path, body in requests:
+        resp = await client.post(path, json=body, headers=token)
         assert resp.status == 403, await resp.text()
-        body = await resp.json()
-        assert_error(body, "forbidden_role", sqlstate)
-        assert role in body["error"]["message"]
+        error = await resp.json()
+        assert_error(error, "forbidden_role", sqlstate)
+        assert role in error["error"]["message"]
     # the connection the refusal used serves the next request, as its own role
     status, body = await who(client, sign({"role": WRITER}))
     assert status == 200 and body["rows"][0]["role"] == WRITER
@@ -207,34 +220,64 @@ async def test_each_statement_of_a_transaction_runs_as_the_role(
     assert results[2]["rows"] == [{"sub": "ana"}]
 
 
-async def test_a_stream_runs_as_the_role(gateway: ClientFactory) -> None:
-    client = await gateway()
-    query = {"sql": "select current_user as role, g from generate_series(1, 3) g"}
-    token = sign({"role": WRITER})
-    resp = await client.post("/v1/query?format=ndjson", json=query, headers=bearer(token))
+async def test_a_named_query_streams_as_the_role(gateway: ClientFactory, sql_dir: Path) -> None:
+    client = await gateway(sql_dir=sql_dir)
+    token = bearer(sign({"role": WRITER}))
+    resp = await client.get("/v1/queries/whoami?format=ndjson", headers=token)
     assert resp.status == 200, await resp.text()
-    rows = [json.loads(line) for line in (await resp.text()).splitlines()]
-    assert rows == [{"role": WRITER, "g": g} for g in (1, 2, 3)]
+    assert [json.loads(line) for line in (await resp.text()).splitlines()] == [{"role": WRITER}]
+    resp = await client.get("/v1/queries/whoami?format=csv", headers=token)
+    assert (await resp.text()).splitlines() == ["role", WRITER]
 
 
-async def test_a_stream_is_described_as_the_role(gateway: ClientFactory, admin: Any) -> None:
+async def test_a_stream_is_described_as_the_role(
+    gateway: ClientFactory, admin: Any, tmp_path: Path
+) -> None:
     """Its statement is parsed as the token's role, which may use a schema the login
     role may not."""
     schema = f"s_{uuid.uuid4().hex[:10]}"
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "x.sql").write_text(f"-- name: x\nSELECT x FROM {schema}.t;\n")
     await admin.execute(f"create schema {schema}")
     try:
         await admin.execute(f"create table {schema}.t as select 1 as x")
         await admin.execute(f"grant usage on schema {schema} to {WRITER}")
         await admin.execute(f"grant select on {schema}.t to {WRITER}")
-        client = await gateway()
-        query = {"sql": f"select x from {schema}.t"}
+        client = await gateway(sql_dir=tmp_path)
         for fmt in ("json", "csv"):
-            resp = await client.post(
-                f"/v1/query?format={fmt}", json=query, headers=bearer(sign({"role": WRITER}))
+            resp = await client.get(
+                f"/v1/queries/x?format={fmt}", headers=bearer(sign({"role": WRITER}))
             )
             assert resp.status == 200, await resp.text()
     finally:
         await admin.execute(f"drop schema {schema} cascade")
+
+
+async def test_raw_sql_does_not_stream_with_a_role(
+    gateway: ClientFactory, admin: Any, table: str
+) -> None:
+    """A raw statement could take on another role of the login role's halfway (here
+    the login role's own request role, which may read every table) and run SQL as it
+    (ts_stat runs a query of its own): buffered, its answer waits for its role check;
+    streamed, rows would go out first. So it does not stream with a role: 406."""
+    await admin.execute(f"insert into {table} values (1, 'topsecret')")
+    client = await gateway(pool_size=1)
+    switch = f"pg_catalog.set_config('role', '{TEST_REQUEST_ROLE}', true)"
+    escape = (
+        f"select w.word from pg_catalog.ts_stat('select to_tsvector(''simple'', v) from {table}"
+        f" where ' || ({switch} is not null)::text) w"
+    )
+    token = bearer(sign({"role": READER}))
+    for fmt in ("ndjson", "csv"):
+        resp = await client.post(f"/v1/query?format={fmt}", json={"sql": escape}, headers=token)
+        text = await resp.text()
+        assert resp.status == 406, text
+        assert "topsecret" not in text
+        assert_error(json.loads(text), "not_acceptable")
+    resp = await client.post("/v1/query", json={"sql": escape}, headers=token)
+    text = await resp.text()
+    assert resp.status == 403 and "topsecret" not in text
+    assert_error(json.loads(text), "query_error", "42501")  # the role check's refusal
 
 
 async def test_vacuum_is_refused_with_a_role(gateway: ClientFactory, shared_table: str) -> None:
@@ -249,18 +292,6 @@ async def test_vacuum_is_refused_with_a_role(gateway: ClientFactory, shared_tabl
 
 
 # --- named queries and raw SQL ---------------------------------------------------------------
-
-
-@pytest.fixture
-def sql_dir(tmp_path: Path) -> Path:
-    queries = tmp_path / "queries"
-    queries.mkdir()
-    (queries / "who.sql").write_text(
-        "-- name: whoami\n-- Who runs it.\nSELECT current_user AS role;\n\n"
-        f"-- name: readers_only\n-- For readers.\n-- roles: {READER}\n"
-        "SELECT current_user AS role;\n"
-    )
-    return tmp_path
 
 
 async def test_named_queries_run_as_the_role_and_obey_their_roles_line(

@@ -24,7 +24,13 @@ batches it with other jobs) and stays in pipeline mode, in two round trips:
 
 A job with a role (``identity``: `gateway.engine._identity`) takes it on in both
 round trips, inside a transaction: its statement is parsed and described as that
-role (its schemas, not the login role's), and runs as it.
+role (its schemas, not the login role's), and runs as it. Only a named query
+streams with a role: a raw statement could take on another role of the login
+role's in the middle of its rows (``set_config('role', …)`` in an expression, then a
+function that runs SQL of its own, such as ``ts_stat``), and those rows would be out
+before its role check, which a buffered answer waits for. Such a stream would need
+a check between chunks (a cursor, FETCH and the check per chunk); until then it is
+refused (406).
 
 The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
 by PostgreSQL, nothing left behind; a raw statement's role checked after it, its
@@ -58,7 +64,7 @@ from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
-from .._errors import BadRequest, GatewayError, Timeout
+from .._errors import BadRequest, GatewayError, NotAcceptable, Timeout
 from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
 from ._identity import Identity, identity_error
@@ -85,6 +91,11 @@ class StreamJob(Job):
 
     `row_limit` cuts the stream (None: no limit); `stall_s` is how long either
     side may keep the other waiting once the stream has begun.
+
+    Raises:
+        NotAcceptable: the statement is raw SQL and the job runs as a token's role
+            (`identity`): its rows would go out before its role check, and the login
+            role may take on other roles than the token's (see the module docstring).
     """
 
     __slots__ = (
@@ -112,6 +123,12 @@ class StreamJob(Job):
         comment: bytes = b"",
         identity: Identity | None = None,
     ) -> None:
+        if identity is not None and statement.prepared is None:
+            raise NotAcceptable(
+                "NDJSON and CSV of raw SQL are not available to a request with a role: its"
+                " rows would go out before the check that it kept its role; use JSON, or a"
+                " named query"
+            )
         super().__init__(
             [statement],
             read_only=read_only,
