@@ -7,21 +7,24 @@ challenge, quote nothing of the token, and leave the gateway serving.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
-from conftest import ClientFactory
+from conftest import TEST_REQUEST_ROLE, ClientFactory
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from support import JWT_SECRET, assert_error, bearer, get_stats, sign
+from support import JWT_SECRET, Served, assert_error, bearer, get_stats, sign
 
 import gateway.web._auth as auth_module
 from gateway import ConfigError, load_settings
@@ -477,3 +480,37 @@ def test_a_log_line_that_quotes_a_bearer_token_does_not_show_it() -> None:
     )
     assert token_filter.filter(record)
     assert record.getMessage() == "Error: 400 b'Bearer (not shown)'"
+
+
+@pytest.mark.slow
+async def test_sighup_rereads_the_jwks_file(database_dsn: str, tmp_path: Path) -> None:
+    """A ``pgqg serve`` with a JWKS file: after the file gains a new key and loses the old
+    one, SIGHUP makes the new key's tokens verify and the old one's fail, without a restart."""
+    path = write_jwks(tmp_path / "jwks.json", public_jwk("ES256", "old"))
+    new_private = ec.generate_private_key(ec.SECP256R1())
+    new_jwk = {**ECAlgorithm.to_jwk(new_private.public_key(), as_dict=True), "kid": "new"}
+    claims = {"role": TEST_REQUEST_ROLE}
+    old = bearer(signed_by("ES256", claims, kid="old"))
+    new = bearer(sign(claims, key=new_private, algorithm="ES256", headers={"kid": "new"}))
+    served = Served(database_dsn, env={"PGQG_JWT_JWKS_FILE": str(path)})
+    try:
+        async with aiohttp.ClientSession() as http:
+            await served.ready(http)
+
+            async def status(headers: dict[str, str]) -> int:
+                body = {"sql": "select current_user"}
+                async with http.post(served.url + "/v1/query", json=body, headers=headers) as r:
+                    return r.status
+
+            assert (await status(old), await status(new)) == (200, 401)
+            write_jwks(path, new_jwk)
+            served.proc.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(20):
+                while await status(new) != 200:
+                    await asyncio.sleep(0.05)
+            assert await status(old) == 401
+            assert served.proc.poll() is None  # SIGHUP did not stop it
+            served.proc.send_signal(signal.SIGTERM)
+            assert await served.exit_code(timeout=30) == 0
+    finally:
+        served.stop()

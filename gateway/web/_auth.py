@@ -112,8 +112,9 @@ def _public_key(item: Any, where: str) -> _PublicKey:
 class Authenticator:
     """Turns a request's ``Authorization`` header into the `Identity` it runs as.
 
-    Made from the settings at start-up (`from_settings`); `identify` is called
-    once per request that runs SQL, and `reload` on SIGHUP.
+    Made from the settings at start-up (by the app, and by ``pgqg serve`` first, so a
+    bad JWKS file fails before anything starts); `identify` is called once per
+    request that runs SQL, and `reload` on SIGHUP.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -145,11 +146,6 @@ class Authenticator:
         }
         #: token text -> (its identity, the time.time() it stops being valid at)
         self._verified: dict[str, tuple[Identity, float]] = {}
-
-    @property
-    def verifies(self) -> bool:
-        """Whether tokens are accepted at all (a secret or a JWKS file is set)."""
-        return self._secret is not None or self._settings.jwt_jwks_file is not None
 
     def identify(self, authorization: str | None) -> Identity | None:
         """The identity a request with this ``Authorization`` header runs as; None
