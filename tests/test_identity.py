@@ -453,3 +453,25 @@ async def test_a_request_cannot_leave_the_role_of_its_token(
     for role in (READER, WRITER):
         status, body = await who(client, sign({"role": role}))
         assert status == 200 and body["rows"][0]["role"] == role
+
+
+# --- live events: who may listen -------------------------------------------------------------
+
+
+async def test_a_token_s_role_picks_the_channels_it_may_listen_to(gateway: ClientFactory) -> None:
+    """``PGQG_LISTEN_CHANNELS`` names roles: a token's (verified), or ``anon`` for a
+    request without one."""
+    client = await gateway(listen_channels={"anon": ["news"], READER: ["shop_*"]})
+    reader = bearer(sign({"role": READER}))
+    resp = await client.get("/v1/listen/shop_orders", headers=reader)
+    assert resp.status == 200
+    resp.close()
+    resp = await client.get("/v1/listen/shop_orders")
+    assert resp.status == 403
+    assert "anonymous requests may not listen" in (await resp.json())["error"]["message"]
+    resp = await client.get("/v1/listen/news", headers=reader)
+    assert resp.status == 403
+    assert f"role '{READER}' may not listen" in (await resp.json())["error"]["message"]
+    resp = await client.get("/v1/listen/shop_orders", headers=bearer("not.a.token"))
+    assert resp.status == 401
+    assert_error(await resp.json(), "invalid_token")
