@@ -80,11 +80,50 @@ class RawSqlDisabled(GatewayError):
     code = "raw_sql_disabled"
 
 
+class Unauthorized(GatewayError):
+    """The request carries no bearer token, and this gateway has no anonymous role.
+
+    `challenge` is the ``WWW-Authenticate`` header of the answer (RFC 6750: no
+    error code when the request had no credentials at all).
+    """
+
+    status = 401
+    code = "unauthorized"
+
+    @property
+    def challenge(self) -> str:
+        return "Bearer"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": self.challenge}
+
+
+class InvalidToken(Unauthorized):
+    """The bearer token is malformed, expired, not yet valid, for another audience,
+    or its signature does not verify. The message is one of the gateway's own
+    fixed sentences: it never quotes the token."""
+
+    code = "invalid_token"
+
+    @property
+    def challenge(self) -> str:
+        description = self.message.replace("\\", "").replace('"', "'")
+        return f'Bearer error="invalid_token", error_description="{description}"'
+
+
 class Forbidden(GatewayError):
     """The request asks for something the configuration does not allow."""
 
     status = 403
     code = "forbidden"
+
+
+class ForbiddenRole(GatewayError):
+    """The request's role may not do this: the gateway's login role cannot SET it,
+    the named query is declared for other roles, or raw SQL is limited to others."""
+
+    status = 403
+    code = "forbidden_role"
 
 
 class NotFound(GatewayError):

@@ -17,7 +17,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -27,6 +34,11 @@ from pydantic_settings import (
 )
 
 RawSqlMode = Literal["off", "read-only", "read-write"]
+
+#: HMAC keys shorter than this are refused (RFC 7518 §3.2: at least the hash's size)
+MIN_SECRET_BYTES = 32
+#: settings whose value never appears in an error message
+SECRET_SETTINGS = frozenset({"jwt_secret"})
 
 #: the repository's ``sql/`` folder, next to the package
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -88,6 +100,27 @@ class Settings(BaseSettings):
         False,
         description="Serve raw SQL even when the login role is a superuser or may read the "
         "server's files, run programs, signal sessions, replicate or bypass RLS.",
+    )
+    raw_sql_roles: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        None, description="Roles that may send raw SQL (comma-separated); unset: every role."
+    )
+    jwt_secret: SecretStr | None = Field(
+        None, description="HS256/384/512 secret of the bearer tokens, at least 32 bytes."
+    )
+    jwt_jwks_file: Path | None = Field(
+        None, description="JWKS file of RS256/ES256/EdDSA public keys; reread on SIGHUP."
+    )
+    jwt_audience: str | None = Field(
+        None, description="The aud a token must name; unset: aud is not checked."
+    )
+    jwt_role_claim: str = Field(
+        "role", description="The claim naming the role, a dotted path (app_metadata.role)."
+    )
+    jwt_leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed on a token's exp and nbf."
+    )
+    anon_role: str | None = Field(
+        None, description="Role of requests without a token; unset: they get 401."
     )
     statement_timeout_ms: int = Field(
         30000, ge=1, description="Default and upper bound of a request's timeout_ms."
@@ -172,6 +205,7 @@ class Settings(BaseSettings):
                         " not starting with a digit, at most 63), a prefix ending in *, or *"
                     )
         return rules
+
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as readable text, or one JSON object per line."
     )
@@ -211,13 +245,9 @@ class Settings(BaseSettings):
 
     @property
     def identity_configured(self) -> bool:
-        """Whether requests are authenticated (a token names who sends them).
-
-        No identity setting exists yet: the identity work makes this true when
-        its settings are given (``PGQG_JWT_SECRET`` …), which turns on the
-        check of `_cors_fits_identity`.
-        """
-        return False
+        """Whether requests are authenticated (a token names who sends them): the
+        same as `identity`; it turns on the check of `_cors_fits_identity`."""
+        return self.identity
 
     @model_validator(mode="after")
     def _cors_fits_identity(self) -> Settings:
@@ -230,6 +260,52 @@ class Settings(BaseSettings):
                 "PGQG_CORS_ORIGINS=* is refused when identity is configured: list the origins"
             )
         return self
+
+    @field_validator("raw_sql_roles", mode="before")
+    @classmethod
+    def _split_roles(cls, value: Any) -> Any:
+        """``a, b`` as the environment gives it; a list as TOML does."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple) and not all(value):
+            raise ValueError("an empty role name")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            size = len(value.get_secret_value().encode())
+            if size < MIN_SECRET_BYTES:
+                raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes, not {size}")
+        return value
+
+    @field_validator("jwt_role_claim")
+    @classmethod
+    def _dotted_path(cls, value: str) -> str:
+        if not all(value.split(".")):
+            raise ValueError("a claim name, or names joined by dots (app_metadata.role)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        if self.jwt_secret is not None and self.jwt_jwks_file is not None:
+            raise ValueError("set PGQG_JWT_SECRET or PGQG_JWT_JWKS_FILE, not both")
+        if self.raw_sql_roles is not None and not self.identity:
+            raise ValueError(
+                "PGQG_RAW_SQL_ROLES needs requests with roles:"
+                " set PGQG_JWT_SECRET, PGQG_JWT_JWKS_FILE or PGQG_ANON_ROLE"
+            )
+        return self
+
+    @property
+    def identity(self) -> bool:
+        """Whether requests run as roles (a token's, or the anonymous role)."""
+        return (
+            self.jwt_secret is not None
+            or self.jwt_jwks_file is not None
+            or self.anon_role is not None
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -320,8 +396,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def _describe(exc: ValidationError, config_file: Path | None) -> str:
     lines = []
     for err in exc.errors():
-        if not err["loc"]:  # a check across settings: its message names them
-            lines.append(err["msg"].removeprefix("Value error, "))
+        message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across settings: its message names them; its
+            lines.append(message)  # input is all of them, secrets too: not shown
             continue
         field = str(err["loc"][0])
         if err["type"] == "extra_forbidden":
@@ -329,7 +406,8 @@ def _describe(exc: ValidationError, config_file: Path | None) -> str:
             lines.append(f"unknown setting {field!r}{where}{_did_you_mean(field)}")
             continue
         name = env_name(field) if field in Settings.model_fields else field
-        lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        shown = "" if field in SECRET_SETTINGS else f" (got {err.get('input')!r})"
+        lines.append(f"{name}: {message}{shown}")
     return "invalid settings: " + "; ".join(lines)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import psycopg
 import psycopg.conninfo
 from aiohttp.test_utils import TestClient
@@ -172,6 +173,24 @@ async def gone_within(
     return loop.time() - started
 
 
+#: the tests' token secret (PGQG_JWT_SECRET): 32 bytes and more
+JWT_SECRET = "pgqg-tests-only-secret-0123456789abcdef"
+
+
+def sign(claims: dict[str, Any], *, lifetime_s: float = 300, **kwargs: Any) -> str:
+    """A token of `claims` (``exp`` `lifetime_s` from now unless given), HS256 with
+    `JWT_SECRET` unless `kwargs` (PyJWT's: key, algorithm, headers) say otherwise."""
+    payload = {"exp": int(time.time() + lifetime_s), **claims}
+    kwargs.setdefault("key", JWT_SECRET)
+    kwargs.setdefault("algorithm", "HS256")
+    return jwt.encode(payload, **kwargs)
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header that carries `token`."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:
     """The body has DESIGN §3's error shape with this code (and SQLSTATE)."""
     error = body["error"]
@@ -279,6 +298,7 @@ class Served:
 # --- /metrics, parsed by prometheus-client ------------------------------------------------
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
 
 async def scrape(client: GatewayClient) -> Samples:
     """Every sample of ``/metrics``, parsed by prometheus-client, by (name, labels)."""

@@ -87,6 +87,7 @@ def test_describe_gives_the_catalog_entry() -> None:
         "doc": "Adds.",
         "params": [{"name": "a", "type": "int"}, {"name": "b", "type": "text[]"}],
         "read_only": False,
+        "roles": None,
         "sql": "SELECT ($1::int), ($2::text[])",
     }
 
@@ -338,7 +339,9 @@ def test_the_shipped_queries_load() -> None:
         "reviews_for_book": (["book_id int", "lim int"], True),
         "top_rated": (["min_reviews int", "lim int"], True),
         "add_review": (["book_id int", "rating int", "reviewer text", "body text"], False),
+        "draft_review": (["book_id int", "rating int", "body text"], False),
     }
+    assert catalog.get("draft_review").roles == ("bookshop_reviewer",)
     for query in catalog:
         assert query.doc, f"{query.name} has no doc"
         assert ":" + query.params[0].name not in query.sql

@@ -17,16 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import psycopg
 import psycopg.conninfo
 import pytest
 from click.testing import CliRunner, Result
 from conftest import TEST_REQUEST_ROLE, ClientFactory
+from support import JWT_SECRET
 
 import gateway.cli._commands
 from gateway import load_settings
 from gateway.cli._commands import _announce, main
 from gateway.cli._demo import demo_state
+from gateway.web._auth import Authenticator
 
 #: settings the machine may have that would change where commands go
 CLEAN_ENV: dict[str, str | None] = {"PGQG_DSN": None, "DATABASE_URL": None}
@@ -631,7 +634,7 @@ def test_db_init_needs_a_database() -> None:
 def test_help_lists_every_command() -> None:
     result = pgqg("--help")
     assert result.exit_code == 0
-    for command in ("serve", "query", "run", "db"):
+    for command in ("serve", "query", "run", "db", "token"):
         assert f"  {command} " in result.stdout
     assert "init" in pgqg("db", "--help").stdout
 
@@ -706,3 +709,34 @@ def test_serve_names_the_console(console: bool, capsys: pytest.CaptureFixture[st
     _announce(load_settings(port=8123, console=console), demo=False)("http://127.0.0.1:8123")
     out = capsys.readouterr().out
     assert ("query console: http://127.0.0.1:8123/" in out) is console
+
+
+# --- token -----------------------------------------------------------------------------------
+
+
+def test_token_signs_with_the_gateway_secret() -> None:
+    env = {"PGQG_JWT_SECRET": JWT_SECRET, "PGQG_JWT_AUDIENCE": "shop"}
+    result = pgqg("token", "--role", "bookshop_reader", "--sub", "ana", "--claim", "k=v", env=env)
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="shop")
+    assert claims["role"] == "bookshop_reader"
+    assert (claims["sub"], claims["k"], claims["aud"]) == ("ana", "v", "shop")
+    assert claims["exp"] - claims["iat"] == 3600
+    # where the gateway reads the role, and what it makes of the token
+    env["PGQG_JWT_ROLE_CLAIM"] = "app_metadata.role"
+    nested = pgqg("token", "--role", "r", "--ttl-s", "60", env=env).stdout.strip()
+    claims = jwt.decode(nested, JWT_SECRET, algorithms=["HS256"], audience="shop")
+    assert claims["app_metadata"] == {"role": "r"} and "role" not in claims
+    settings = load_settings(jwt_secret=JWT_SECRET, jwt_audience="shop")
+    identity = Authenticator(settings).identify("Bearer " + token)
+    assert identity is not None and identity.role == "bookshop_reader"
+
+
+def test_token_needs_a_secret(tmp_path: Path) -> None:
+    result = pgqg("token", "--role", "r", env={"PGQG_JWT_SECRET": None})
+    assert result.exit_code == 2
+    assert "PGQG_JWT_SECRET, which is not set" in result.stderr
+    bad = pgqg("token", "--role", "r", "--claim", "novalue", env={"PGQG_JWT_SECRET": JWT_SECRET})
+    assert bad.exit_code == 2
+    assert "'novalue' is not NAME=VALUE" in bad.stderr

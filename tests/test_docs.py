@@ -48,6 +48,7 @@ import psutil
 import psycopg
 import psycopg.conninfo
 import pytest
+from conftest import TEST_LOGIN
 from support import REPO, Served, as_gateway, free_port
 
 from gateway._settings import DEFAULT_SQL_DIR as SQL_DIR
@@ -272,6 +273,8 @@ def docs_dsn(database_dsn: str) -> Iterator[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for file in ("schema.sql", "seed.sql"):
             conn.execute((SQL_DIR / file).read_text())
+        # what schema.sql does for the embedded server's login role (docs/identity.md)
+        conn.execute(f"GRANT bookshop_reader, bookshop_reviewer TO {TEST_LOGIN}")
     try:
         yield dsn
     finally:

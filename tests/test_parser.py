@@ -251,3 +251,34 @@ def test_error_lines_are_right_after_non_ascii_text(text: str) -> None:
 def test_error_names_the_path_it_was_given() -> None:
     with pytest.raises(CatalogError, match=r"^sql/queries/x\.sql:1: "):
         parse_queries("SELECT 1", "sql/queries/x.sql")
+
+
+# --------------------------------------------------------------------------
+# roles
+
+
+def test_a_roles_line_names_the_only_roles_that_may_run_it() -> None:
+    query = one(
+        "-- name: q\n-- Doc.\n-- roles: reader,  Reviewer , reader\n-- params: a int\nSELECT :a"
+    )
+    assert query.roles == ("reader", "Reviewer")  # as written: role names are exact
+    assert query.doc == "Doc."
+    assert query.describe()["roles"] == ["reader", "Reviewer"]
+    assert one("-- name: q\nSELECT 1").roles is None
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ("-- roles:", "takes role names"),
+        ("-- roles: a,,b", "takes role names"),
+        ("-- roles: two words", "takes role names"),
+        ("-- roles: none", "takes role names"),
+        ("-- roles: " + "r" * 64, "longer than 63 bytes"),
+        ("-- roles: a\n-- roles: b", "a second '-- roles:' line"),
+    ],
+)
+def test_a_bad_roles_line_is_an_error(header: str, problem: str) -> None:
+    with pytest.raises(CatalogError, match=problem) as caught:
+        parse_queries(f"-- name: q\n{header}\nSELECT 1", "f.sql")
+    assert caught.value.where.startswith("f.sql:")

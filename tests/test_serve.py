@@ -226,6 +226,8 @@ def test_serve_upgrades_an_older_data_directory_in_place(home: Path, data_dir: P
     assert "PostgreSQL started in" in out
     assert "upgraded the data directory in place: requests now run as the role pgqg_anon" in out
     assert "the demo bookshop is already loaded" in out
+
+
 def test_a_second_serve_on_a_data_dir_in_use_says_to_use_another(
     home: Path, data_dir: Path, embedded_factory: Any
 ) -> None:

@@ -3,6 +3,7 @@
 --   wrk -t2 -c32 -d10s -s bench/wrk/point_select.lua http://127.0.0.1:8080 -- 10
 --
 -- The argument after "--" is pgbench's scale: aid is uniform in 1..scale*100000.
+-- The next, if given, is the SQL; the one after it a bearer token every request carries.
 -- done() prints one line "RESULT {json}" with the counts and latency percentiles
 -- (microseconds). "non2xx" is wrk's own count of answers with status >= 400 (wrk
 -- counts no other non-2xx status; a point select gets no 1xx or 3xx), "socket_errors"
@@ -24,6 +25,9 @@ function init(args)
    end
    if args[2] ~= nil then
       sql = args[2]
+   end
+   if args[3] ~= nil then
+      wrk.headers["Authorization"] = "Bearer " .. args[3]
    end
    math.randomseed(os.time() * 1000 + (thread_id or 0) * 7919)
    for _ = 1, 10 do math.random() end  -- the first draws after seeding are poor

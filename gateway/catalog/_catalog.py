@@ -387,6 +387,8 @@ class NamedQuery:
     sql: str
     read_only: bool
     source: str  # "file.sql:12", the line of its "-- name:" comment
+    #: the only roles that may run it ("-- roles:"); None: any role
+    roles: tuple[str, ...] | None = None
 
     def bind(
         self, values: Mapping[str, object], *, from_query_string: bool = False
@@ -446,6 +448,7 @@ class NamedQuery:
             "doc": self.doc,
             "params": [{"name": param.name, "type": param.type} for param in self.params],
             "read_only": self.read_only,
+            "roles": None if self.roles is None else list(self.roles),
             "sql": self.sql,
         }
 

@@ -5,7 +5,11 @@ A file holds one or more queries in the format aiosql users know::
     -- name: book_by_id
     -- One book by its id, with its author.
     -- params: id int
+    -- roles: reader, reviewer
     SELECT b.id, b.title FROM book b WHERE b.id = :id;
+
+An optional ``-- roles:`` line names the only roles a request may run the query as
+(the role its token names, or the anonymous role); without one, any role may.
 
 Each ``:name`` becomes ``($n::type)``, n being the parameter's position in the
 ``-- params:`` line. The parentheses keep the cast attached to the parameter
@@ -17,7 +21,7 @@ so string literals, quoted identifiers, comments, dollar-quoted bodies and
 
 A file is read in steps, one function each: split it into queries
 (`_query_spans`), then for each query read its name line (`_name`), its header
-of doc and ``-- params:`` (`_header`), its statement (`_body`), find the
+of doc, ``-- params:`` and ``-- roles:`` (`_header`), its statement (`_body`), find the
 ``:name`` uses (`_usages`), check them against the declaration
 (`_check_usages`), rewrite them (`_rewrite`) and let PostgreSQL's parser check
 the result (`_check_parses`). Every step raises `CatalogError` naming file and
@@ -42,6 +46,9 @@ __all__ = ["parse_queries"]
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME_LINE = re.compile(r"--\s*name\s*:\s*(?P<name>.*?)\s*")
 _PARAMS_LINE = re.compile(r"--\s*params\s*:(?P<decl>.*)")
+_ROLES_LINE = re.compile(r"--\s*roles\s*:(?P<decl>.*)")
+#: the longest role name PostgreSQL keeps (NAMEDATALEN - 1)
+_MAX_ROLE_BYTES = 63
 
 # aiosql's operation suffixes. Only "!" and "<!" mean the query writes; "^" and
 # "$" (one row, one value) only shape aiosql's Python result, so they are
@@ -151,7 +158,7 @@ def _query(source: _Source, name_token: Token, tokens: list[Token]) -> NamedQuer
     """
     name, read_only = _name(source, name_token)
     header_end = next((i for i, t in enumerate(tokens) if t.name != "SQL_COMMENT"), len(tokens))
-    doc, params = _header(source, tokens[:header_end])
+    doc, params, roles = _header(source, tokens[:header_end])
     body = _body(source, name, name_token, tokens[header_end:])
     usages = _usages(source, body)
     _check_usages(source, name, params, usages)
@@ -164,6 +171,7 @@ def _query(source: _Source, name_token: Token, tokens: list[Token]) -> NamedQuer
         sql=sql,
         read_only=read_only,
         source=f"{source.filename}:{source.line(name_token.start)}",
+        roles=roles,
     )
 
 
@@ -190,17 +198,25 @@ def _name(source: _Source, token: Token) -> tuple[str, bool]:
 _Declared = list[tuple[Param, Token]]
 
 
-def _header(source: _Source, comments: list[Token]) -> tuple[str, _Declared]:
-    """The doc text and the declared parameters, from the comments after the name.
+def _header(
+    source: _Source, comments: list[Token]
+) -> tuple[str, _Declared, tuple[str, ...] | None]:
+    """The doc text, the declared parameters and the roles (None: any), from the
+    comments after the name.
 
-    Raises CatalogError for a second ``-- params:`` line or a bad declaration.
+    Raises CatalogError for a second ``-- params:`` or ``-- roles:`` line, or a bad
+    declaration.
     """
     doc: list[str] = []
     params: _Declared | None = None
+    roles: tuple[str, ...] | None = None
     for comment in comments:
         text = source.of(comment)
-        match = _PARAMS_LINE.fullmatch(text)
-        if match is None:
+        if (match := _ROLES_LINE.fullmatch(text)) is not None:
+            if roles is not None:
+                source.fail(comment.start, "a second '-- roles:' line")
+            roles = _roles(source, match["decl"], comment.start)
+        elif (match := _PARAMS_LINE.fullmatch(text)) is None:
             line = text.removeprefix("--")
             doc.append(line.removeprefix(" ").rstrip())
         elif params is not None:
@@ -208,7 +224,21 @@ def _header(source: _Source, comments: list[Token]) -> tuple[str, _Declared]:
         else:
             offset = comment.start + match.start("decl")
             params = [(p, comment) for p in _params(source, match["decl"], offset)]
-    return "\n".join(doc).strip("\n"), params or []
+    return "\n".join(doc).strip("\n"), params or [], roles
+
+
+def _roles(source: _Source, decl: str, offset: int) -> tuple[str, ...]:
+    """The role names of a ``-- roles:`` line: as a token names them, exactly.
+
+    Raises CatalogError for an empty, spaced or over-long name, or ``none``.
+    """
+    names = [name.strip() for name in decl.split(",")]
+    for name in names:
+        if not name or any(c.isspace() for c in name) or name == "none":
+            source.fail(offset, f"'-- roles:' takes role names joined by commas, got {decl!r}")
+        if len(name.encode()) > _MAX_ROLE_BYTES:
+            source.fail(offset, f"role name {name!r} is longer than {_MAX_ROLE_BYTES} bytes")
+    return tuple(dict.fromkeys(names))
 
 
 def _params(source: _Source, decl: str, offset: int) -> list[Param]:

@@ -1,4 +1,4 @@
-"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top.
+"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top, token.
 
 click parses the command line; rich draws tables and progress bars; statements of a
 file are split by `gateway.catalog._sqlfile` on PostgreSQL's own scanner. Every setting comes
@@ -37,12 +37,14 @@ from .._settings import (
 )
 from ..catalog import Catalog, CatalogError
 from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
+from ..web._auth import Authenticator
 from ..web._privileges import PrivilegedRoleError
 from ..web._server import serve
 from ._client import GatewayRefused, GatewayUnreachable
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
 from ._targets import DirectTarget, GatewayTarget, StatementFailed, Target, TargetUnavailable
+from ._token import NoSecret, make_token
 from ._top import run_top
 
 _CONFIG = click.option(
@@ -70,6 +72,7 @@ def main() -> None:
     pgqg run migrations.sql --dsn postgresql://...
     pgqg db init --dsn postgresql://...
     pgqg top --url http://127.0.0.1:8080
+    pgqg token --role bookshop_reader --sub ana
     """
     for warning in unknown_variables():
         click.echo(f"pgqg: warning: {warning}", err=True)
@@ -307,6 +310,10 @@ def serve_command(
     )
     _check_listen_address(settings)
     _check_catalog(settings)
+    try:
+        Authenticator(settings)  # a bad JWKS file fails now, not after PostgreSQL started
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     if settings.dsn:
         click.echo(f"pgqg: serving {_describe_dsn(settings.dsn)}")
         _serve(settings, settings.dsn, _announce(settings, demo=False))
@@ -686,3 +693,44 @@ def db_init_command(config: Path | None, dsn: str | None) -> None:
         click.echo(f"loaded the demo bookshop into {where}")
     else:
         click.echo(f"the demo bookshop is already in {where}; nothing changed")
+
+
+# --- token -----------------------------------------------------------------------------
+
+
+@main.command("token")
+@_CONFIG
+@click.option("--role", required=True, help="The PostgreSQL role the token names.")
+@click.option("--sub", help="The sub claim: who the token is for.")
+@click.option(
+    "--ttl-s", type=click.IntRange(min=1), default=3600, show_default=True, help="Valid for."
+)
+@click.option(
+    "--claim",
+    "claims",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Another claim, a string (repeat for more).",
+)
+def token_command(
+    config: Path | None, role: str, sub: str | None, ttl_s: int, claims: tuple[str, ...]
+) -> None:
+    """Print a token for development, signed with PGQG_JWT_SECRET (HS256).
+
+    The role goes where the gateway reads it (PGQG_JWT_ROLE_CLAIM), with
+    PGQG_JWT_AUDIENCE as its aud when that is set.
+
+    \b
+    export PGQG_JWT_SECRET=...        (the gateway's, at least 32 bytes)
+    curl -H "Authorization: Bearer $(pgqg token --role bookshop_reader --sub ana)" ...
+    """
+    extra = {}
+    for item in claims:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--claim")
+        extra[name] = value
+    try:
+        click.echo(make_token(_settings(config), role=role, sub=sub, ttl_s=ttl_s, claims=extra))
+    except NoSecret as exc:
+        raise click.UsageError(str(exc)) from None

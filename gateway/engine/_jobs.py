@@ -15,6 +15,7 @@ from typing import Any
 
 from .._errors import GatewayError
 from ..values._results import StatementResult
+from ._identity import Identity
 
 
 class JobState(enum.Enum):
@@ -50,7 +51,9 @@ class Job:
     isolation level. `deadline` is on the event loop's clock. `comment` (a SQL
     comment such as ``/* request_id=… */ ``) goes in front of each statement
     sent as text, where ``pg_stat_activity`` shows it; error positions are
-    given without it.
+    given without it. `identity` is the role (and the token's claims) its
+    transaction runs as; None: the login role's own, as when the gateway
+    verifies no tokens.
 
     The dispatcher marks a job `cheap` when its statement (known by
     `cost_key`) recently ran quickly; `cost_s` is how long it held its
@@ -68,6 +71,7 @@ class Job:
         "enqueued_at",
         "failed",
         "future",
+        "identity",
         "isolation",
         "max_rows",
         "read_only",
@@ -88,12 +92,14 @@ class Job:
         shape: str = "objects",
         transaction: bool = False,
         isolation: str | None = None,
+        identity: Identity | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         comment: bytes = b"",
     ) -> None:
         if loop is None:
             loop = asyncio.get_running_loop()
         self.statements = statements
+        self.identity = identity
         self.read_only = read_only
         self.deadline = deadline
         self.max_rows = max_rows

@@ -3,21 +3,30 @@
 Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
 
     read-only, one statement:
-                [ROLLBACK] [prepare] BEGIN READ ONLY; [set_config(timeout)]; stmt; [last]; Sync
+                [ROLLBACK] BEGIN READ ONLY; [timeout]; [identity]; [prepare]; stmt; [last]; Sync
     read-only, several:
-                [ROLLBACK] [prepare] BEGIN READ ONLY; [set_config(timeout)];
+                [ROLLBACK] BEGIN READ ONLY; [timeout]; [identity]; [prepare];
                 (guard; stmt; [role])… with [last] for the last [role]; Sync
                 ROLLBACK; cleanup; Sync
-    read-write: [ROLLBACK] [prepare] BEGIN READ WRITE; [set_config(timeout)];
+    read-write: [ROLLBACK] BEGIN READ WRITE; [timeout]; [identity]; [prepare];
                 (stmt; [role])… with [last] for the last [role]; COMMIT; Sync
                 ROLLBACK; cleanup; Sync
     batch end:  [ROLLBACK; Sync]  after a read-only job (`Planner.send_trailer`)
 
+    timeout:    SELECT set_config('statement_timeout', …, true)
+    identity:   the role and claims of the job's token (`Identity.command`)
     cleanup:    RESET ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;
                 DISCARD TEMP; CLOSE ALL; UNLISTEN *; unlock
     prepare:    [Close] Parse of a named statement not trusted yet (see `PreparedStatements`)
     role, last: after each statement of a job with raw SQL: see below
     unlock:     SELECT pg_advisory_unlock_all()
+
+A job with a role (`gateway.engine._identity`) takes it on right after its BEGIN,
+for its transaction only: its own statements, and the Parse of its named ones,
+run as that role, and the transaction's end gives the next job on the connection
+the login role's own role back. Its role checks (below) hold it to that role. Such
+a job never runs outside a transaction block (VACUUM and friends are refused with
+25001), as its role would not end with it.
 
 A read-only job's transaction is ended by the ROLLBACK that opens the next
 segment (or a last ``ROLLBACK; Sync`` closing the batch, `Planner.send_trailer`):
@@ -113,7 +122,10 @@ class Plan:
     checked: bool = False
     #: named statements prepared in this job's segment (Close and Parse, or Parse)
     prepares: tuple[bytes, ...] = ()
+    #: BEGIN and what follows it before the prepares: timeout, identity
     setup: int = 0
+    #: the last message of the setup sets the job's role (`Identity.command`)
+    identity: bool = False
     commit: bool = False
     cleanup: int = 0
     rollback_first: bool = False
@@ -137,6 +149,14 @@ def _begin_command(isolation: str | None, read_only: bool) -> bytes:
 def _has_raw_sql(job: Job) -> bool:
     """Whether a statement of `job` is not the catalog's (named queries are trusted)."""
     return any(st.prepared is None for st in job.statements)
+
+
+def job_roles(job: Job, roles: list[bytes | None]) -> list[bytes | None]:
+    """The current_user and session_user `job`'s role checks expect: the session's
+    own `roles`, the current_user replaced by the job's role when it has one."""
+    if job.identity is None:
+        return roles
+    return [job.identity.params[0], roles[1]]
 
 
 def send_cleanup(pg: PGconn) -> int:
@@ -169,12 +189,14 @@ class Planner:
             # it cannot fail, and it saves that job a Sync of its own
             pg.send_query_params(ROLLBACK, None)
             plan.rollback_first = True
-        self._send_prepares(job, plan)
         if wrapped:
             self._send_begin(job, plan, now)
+        self._send_prepares(job, plan)
         plan.guarded = guarded = wrapped and job.read_only and len(job.statements) > 1
         roles = self.roles
         plan.checked = checked = roles is not None and _has_raw_sql(job)
+        if checked and roles is not None:
+            roles = job_roles(job, roles)
         last = job.statements[-1]
         for st in job.statements:
             if guarded:
@@ -205,6 +227,11 @@ class Planner:
         if remaining_ms < self._cap_ms - _TIMEOUT_SLACK_MS:
             pg.send_query_params(_SET_TIMEOUT, [str(max(remaining_ms, 1)).encode()])
             plan.setup += 1
+        identity = job.identity
+        if identity is not None:
+            pg.send_query_params(identity.command, identity.params)
+            plan.setup += 1
+            plan.identity = True
 
     def _send_cleanup(self, plan: Plan) -> None:
         """A job's own last segment: end the transaction, reset the session."""

@@ -27,6 +27,7 @@ from .._errors import BadRequest, GatewayError, Timeout, query_error
 from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
+from ._identity import identity_error
 from ._jobs import Job
 from ._outcome import ends_connection, lost_error
 from ._planner import Plan
@@ -119,8 +120,9 @@ class BatchReader:
     def _settle(self, plan: Plan, results: list[PGresult], before: int) -> list[PGresult] | None:
         """Resolve the job from its segment's results, the statements' from `before` on;
         return the statements' results instead while one of their types is unknown."""
+        setup_end = plan.rollback_first + plan.setup
         if plan.prepares:
-            self._prepared.forget_failed(plan.prepares, results[plan.rollback_first :])
+            self._prepared.forget_failed(plan.prepares, results[setup_end:])
         # per statement: [read-only guard] statement [role check]
         step = 1 + plan.guarded + plan.checked
         end = before + step * len(plan.job.statements)
@@ -139,7 +141,10 @@ class BatchReader:
                 if plan.checked and before <= i < end and (i - before) % step == step - 1:
                     self._role_check_failed(plan, res)
                 else:
-                    self._fail(plan, res, first=i == 0, commits=i == commits)
+                    at_identity = plan.identity and i == setup_end - 1
+                    self._fail(
+                        plan, res, first=i == 0, commits=i == commits, at_identity=at_identity
+                    )
                 return None
         return None if self.deliver(plan.job, raw) else raw
 
@@ -148,13 +153,15 @@ class BatchReader:
         if (refusal := role_changed(res)) is not None:
             plan.job.fail(refusal)
         else:
-            self._fail(plan, res, first=False, commits=False)
+            self._fail(plan, res, first=False, commits=False, at_identity=False)
 
-    def _fail(self, plan: Plan, res: PGresult, *, first: bool, commits: bool) -> None:
+    def _fail(
+        self, plan: Plan, res: PGresult, *, first: bool, commits: bool, at_identity: bool
+    ) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
         error came from the job's very first message, before anything of it ran;
         `commits`: from the one that commits a write (its COMMIT, or the statement
-        of a write run unwrapped)."""
+        of a write run unwrapped); `at_identity`: from the statement that sets its role."""
         job = plan.job
         error = result_error(res, job.comment)
         if commits and not job.read_only and ends_connection(error.sqlstate):
@@ -163,6 +170,8 @@ class BatchReader:
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
+        elif at_identity:
+            job.fail(identity_error(error))
         else:
             job.fail(error)
 
@@ -177,8 +186,9 @@ class BatchReader:
             # ROLLBACK, leaving its transaction aborted: this one never started
             # (and its own cleanup ROLLBACK ends that transaction).
             return True
-        if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
+        if error.sqlstate == "25001" and plan.wrapped and not job.read_only and not plan.identity:
             # VACUUM and friends refuse a transaction block: run alone, unwrapped
+            # (not with a role of a token's: it is taken on inside the transaction only)
             plan.wrapped = False
             return not job.transaction and len(job.statements) == 1
         return False

@@ -15,11 +15,22 @@ worker cancels the query and gives its connection back at once.
 A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
-    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new,
-                                               and list parameters' array delimiters
-    execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
+    describe:  [BEGIN; identity] [Close] [Parse] Describe; Sync  [ROLLBACK; Sync]
+               column types, taught to the codec if new, and list parameters' array
+               delimiters
+    execute:   BEGIN …; set_config(statement_timeout, 0, local); [identity]; Flush;
                statement (libpq chunked-rows mode); [last]; [COMMIT]; Sync
                ROLLBACK; cleanup or unlock; Sync
+
+A job with a role (``identity``: `gateway.engine._identity`) takes it on in both
+round trips, inside a transaction: its statement is parsed and described as that
+role (its schemas, not the login role's), and runs as it. Only a named query
+streams with a role: a raw statement could take on another role of the login
+role's in the middle of its rows (``set_config('role', …)`` in an expression, then a
+function that runs SQL of its own, such as ``ts_stat``), and those rows would be out
+before its role check, which a buffered answer waits for. Such a stream would need
+a check between chunks (a cursor, FETCH and the check per chunk); until then it is
+refused (406).
 
 The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
 by PostgreSQL, nothing left behind; a raw statement's role checked after it, its
@@ -53,13 +64,22 @@ from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
-from .._errors import BadRequest, GatewayError, Timeout
+from .._errors import BadRequest, GatewayError, NotAcceptable, Timeout
 from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
+from ._identity import Identity, identity_error
 from ._jobs import Job, JobState, Statement
 from ._outcome import lost_error
 from ._pipeline import Session
-from ._planner import COMMIT, LAST_GUARD, ROLLBACK, UNLOCK, begin_command, send_cleanup
+from ._planner import (
+    COMMIT,
+    LAST_GUARD,
+    ROLLBACK,
+    UNLOCK,
+    begin_command,
+    job_roles,
+    send_cleanup,
+)
 from ._reader import role_changed
 from ._wire import ConnectionLost, CopyRefused, result_error, wake_future
 
@@ -72,6 +92,11 @@ class StreamJob(Job):
 
     `row_limit` cuts the stream (None: no limit); `stall_s` is how long either
     side may keep the other waiting once the stream has begun.
+
+    Raises:
+        NotAcceptable: the statement is raw SQL and the job runs as a token's role
+            (`identity`): its rows would go out before its role check, and the login
+            role may take on other roles than the token's (see the module docstring).
     """
 
     __slots__ = (
@@ -97,9 +122,21 @@ class StreamJob(Job):
         row_limit: int | None,
         stall_s: float,
         comment: bytes = b"",
+        identity: Identity | None = None,
     ) -> None:
+        if identity is not None and statement.prepared is None:
+            raise NotAcceptable(
+                "NDJSON and CSV of raw SQL are not available to a request with a role: its"
+                " rows would go out before the check that it kept its role; use JSON, or a"
+                " named query"
+            )
         super().__init__(
-            [statement], read_only=read_only, deadline=deadline, max_rows=0, comment=comment
+            [statement],
+            read_only=read_only,
+            deadline=deadline,
+            max_rows=0,
+            comment=comment,
+            identity=identity,
         )
         self.encoder = encoder
         #: rows handed to the client so far
@@ -291,31 +328,50 @@ class _StreamRun:
 
     async def _describe(self, statement: Statement) -> bool:
         """Parse and describe the statement; learn new column types. False if it failed."""
-        wire, prepared = self._wire, self._prepared
+        wire, prepared, pg = self._wire, self._prepared, self._pg
+        setup = self._send_identity(begin=True)
         name = prepared.send_prepare(statement)
         prepares = () if name is None else (name,)
         queued = len(prepares) * prepared.messages
         name = prepared.trusted_name(statement)
         if name is None:  # raw, or a name run unnamed: describe its text
             name = b""
-            self._pg.send_prepare(name, statement.sql)
+            pg.send_prepare(name, statement.sql)
             queued = 1
-        self._pg.send_describe_prepared(name)
-        self._pg.pipeline_sync()
+        pg.send_describe_prepared(name)
+        pg.pipeline_sync()
+        if setup:  # the role's transaction ends, whatever failed in it
+            pg.send_query_params(ROLLBACK, None)
+            pg.pipeline_sync()
         await wire.flush()
-        results = [await wire.result() for _ in range(queued + 1)]
+        results = [await wire.result() for _ in range(setup + queued + 1)]
         await wire.sync()
+        if setup:
+            await wire.result()
+            await wire.sync()
         if prepares:
-            prepared.forget_failed(prepares, results)
-        failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
-        if failed is not None:
-            self._job.fail(result_error(failed))
-            return False
+            prepared.forget_failed(prepares, results[setup:])
+        for i, res in enumerate(results):
+            if res.status == ExecStatus.FATAL_ERROR:
+                error = result_error(res)
+                self._job.fail(identity_error(error) if setup and i == 1 else error)
+                return False
         described = results[-1]
         if statement.lists:  # the description has the parameters' types too
             await self._housekeeping.fit_lists([(statement, described)])
         await self._housekeeping.learn_types_of([described])
         return True
+
+    def _send_identity(self, *, begin: bool) -> int:
+        """Queue what makes the job's role its own, after a BEGIN when `begin`;
+        return how many results that is (0: the job has no role)."""
+        identity = self._job.identity
+        if identity is None:
+            return 0
+        if begin:
+            self._pg.send_query_params(begin_command(self._job), None)
+        self._pg.send_query_params(identity.command, identity.params)
+        return 1 + begin
 
     # --- round trip 2: the rows ------------------------------------------------------------
 
@@ -324,12 +380,13 @@ class _StreamRun:
         pg, job = self._pg, self._job
         pg.send_query_params(begin_command(job), None)
         pg.send_query_params(_NO_TIMEOUT, None)
+        self._send_identity(begin=False)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
         self._prepared.send_statement(statement, job.comment)
         self._checked = statement.prepared is None
         if self._checked:
-            pg.send_query_params(LAST_GUARD, roles)
+            pg.send_query_params(LAST_GUARD, job_roles(job, roles))
         if not job.read_only:
             pg.send_query_params(COMMIT, None)
         pg.pipeline_sync()
@@ -344,10 +401,12 @@ class _StreamRun:
 
     async def _read_setup(self) -> bool:
         """Read BEGIN and what follows it up to the statement; False if one failed."""
-        setup = 2  # BEGIN, set_config
+        setup = 2 + (self._job.identity is not None)  # BEGIN, set_config, [identity]
         results = [await self._one_result() for _ in range(setup)]
-        for res in results:
-            self._note_error(res)
+        for i, res in enumerate(results):
+            if res.status == ExecStatus.FATAL_ERROR:
+                error = result_error(res)
+                self._note(identity_error(error) if i == 2 else error)
         return self._error is None
 
     def _chunked_rows_mode(self) -> None:

@@ -13,7 +13,8 @@ from ..engine._listener import Listener
 from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
 from ..values._encoding import Codec
 from . import _events
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._app_keys import AUTH, CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._auth import Authenticator, keep_tokens_out_of_aiohttp_logs
 from ._console import add_console
 from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
@@ -33,6 +34,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     Raises:
         ValueError: no DSN given and none in the settings.
         CatalogError: a named-query file is malformed.
+        ConfigError: the JWKS file is unusable (see `Authenticator`).
     """
     dsn = dsn or settings.dsn
     if not dsn:
@@ -47,6 +49,8 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[DSN] = dsn
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
+    app[AUTH] = Authenticator(settings)
+    keep_tokens_out_of_aiohttp_logs()
     app.add_routes(routes)
     app.add_routes(_events.routes)
     if settings.console:
@@ -120,6 +124,8 @@ async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await listener.close()
+
+
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """Let ``/metrics`` read the dispatcher and the pool while they are open;
     with several processes, publish this one's figures meanwhile."""

@@ -12,6 +12,7 @@ from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..values._encoding import Codec
+from ._auth import Authenticator
 from ._metrics import MetricsSource
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -22,3 +23,4 @@ POOL = web.AppKey("pool", AsyncConnectionPool[Any])
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 LISTENER = web.AppKey("listener", Listener)
 METRICS = web.AppKey("metrics", MetricsSource)
+AUTH = web.AppKey("auth", Authenticator)

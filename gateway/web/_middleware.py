@@ -7,7 +7,13 @@ import logging
 import orjson
 from aiohttp import web
 
-from .._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooLarge
+from .._errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    TooLarge,
+)
 
 log = logging.getLogger("gateway.http")
 

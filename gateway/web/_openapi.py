@@ -17,20 +17,9 @@ from .._settings import CHANNEL_NAME
 from ..catalog._catalog import Catalog, NamedQuery
 from ._requests import ISOLATION_LEVELS, RESERVED_QUERY_KEYS, SHAPES
 
-_ERROR_STATUSES = (
-    "400",
-    "403",
-    "404",
-    "405",
-    "406",
-    "409",
-    "413",
-    "415",
-    "500",
-    "502",
-    "503",
-    "504",
-)
+#: every error status an endpoint that runs SQL may answer (401 only with tokens on)
+_ERROR_STATUSES: tuple[str, ...] = ("400", "401", "403", "404", "405", "406", "409", "413")
+_ERROR_STATUSES += ("415", "500", "502", "503", "504")
 
 
 def _ref(name: str) -> dict[str, str]:

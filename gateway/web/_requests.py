@@ -19,6 +19,7 @@ from pglast.parser import ParseError, parse_sql
 from .._errors import BadRequest, TooLarge, UnsupportedMediaType
 from .._settings import Settings
 from ..catalog._catalog import NamedQuery, integral_number
+from ..engine._identity import Identity
 from ..engine._jobs import Job, Statement
 from ..engine._stream import StreamJob
 from ..values._encoding import list_params, loads_exact, params_to_text
@@ -268,6 +269,7 @@ def make_job(
     read_only: bool,
     transaction: bool = False,
     isolation: str | None = None,
+    identity: Identity | None = None,
     loop: asyncio.AbstractEventLoop,
     comment: bytes = b"",
 ) -> Job:
@@ -285,6 +287,7 @@ def make_job(
         shape=options.shape,
         transaction=transaction,
         isolation=isolation,
+        identity=identity,
         loop=loop,
         comment=comment,
     )
@@ -297,6 +300,7 @@ def make_stream_job(
     *,
     read_only: bool,
     comment: bytes = b"",
+    identity: Identity | None = None,
 ) -> StreamJob:
     """A streamed job: `options.timeout_ms` to its first rows, and its longest stall after."""
     loop = asyncio.get_running_loop()
@@ -309,6 +313,7 @@ def make_stream_job(
         row_limit=options.row_limit,
         stall_s=timeout_s,
         comment=comment,
+        identity=identity,
     )
 
 

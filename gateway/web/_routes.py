@@ -14,6 +14,7 @@ from aiohttp import web
 from .._errors import (
     BadRequest,
     Forbidden,
+    ForbiddenRole,
     GatewayError,
     MethodNotAllowed,
     NotAcceptable,
@@ -24,11 +25,13 @@ from .._errors import (
     query_error,
 )
 from .._settings import Settings
+from ..catalog._catalog import NamedQuery
 from ..engine._dispatcher import probe_job
+from ..engine._identity import Identity
 from ..engine._jobs import Statement
 from ..values._formats import OutputFormat, negotiate
 from ..values._results import StatementResult
-from ._app_keys import CATALOG, DISPATCHER, LISTENER, POOL, SETTINGS
+from ._app_keys import AUTH, CATALOG, DISPATCHER, LISTENER, POOL, SETTINGS
 from ._observe import Exchange, exchange_of, sql_comment, stream_headers
 from ._openapi import openapi_document
 from ._requests import (
@@ -110,19 +113,33 @@ async def _run_one(
     options: Options,
     *,
     read_only: bool,
+    identity: Identity | None,
 ) -> web.StreamResponse:
-    """Run one statement; answer its result as JSON, or stream its rows."""
+    """Run one statement as `identity`; answer its result as JSON, or stream its rows."""
     exchange = exchange_of(request)
     # raw SQL carries the request id into pg_stat_activity; a named query's text is
     # prepared once, and its name says what it is
     comment = sql_comment(exchange.request_id) if statement.prepared is None else b""
     if fmt.streamed:
         return await _stream_one(
-            request, fmt, statement, options, read_only=read_only, comment=comment
+            request,
+            fmt,
+            statement,
+            options,
+            read_only=read_only,
+            comment=comment,
+            identity=identity,
         )
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
-    job = make_job([statement], options, read_only=read_only, loop=dispatcher.loop, comment=comment)
+    job = make_job(
+        [statement],
+        options,
+        read_only=read_only,
+        identity=identity,
+        loop=dispatcher.loop,
+        comment=comment,
+    )
     exchange.ran(job, started)
     results = await dispatcher.run(job)
     exchange.answered = time.perf_counter()
@@ -139,6 +156,7 @@ async def _stream_one(
     *,
     read_only: bool,
     comment: bytes,
+    identity: Identity | None,
 ) -> web.StreamResponse:
     """Stream one statement's rows as NDJSON or CSV (see `gateway.values._formats`).
 
@@ -147,7 +165,9 @@ async def _stream_one(
             error response); a failure after it ends the stream instead.
     """
     exchange = exchange_of(request)
-    job = make_stream_job(statement, options, fmt, read_only=read_only, comment=comment)
+    job = make_stream_job(
+        statement, options, fmt, read_only=read_only, comment=comment, identity=identity
+    )
     exchange.ran(job, time.perf_counter())
     await request.app[DISPATCHER].run(job)  # returns once the first rows are ready
     exchange.answered = time.perf_counter()
@@ -193,10 +213,39 @@ def _end_incomplete(request: web.Request, *_: object, abort: bool = False) -> No
         transport.close()
 
 
-def _allow_raw_sql(settings: Settings) -> None:
-    """Raises RawSqlDisabled when raw SQL is off on this gateway."""
+def _identify(request: web.Request) -> Identity | None:
+    """The role (and claims) the request runs as; None: the login role's own.
+
+    Raises:
+        Unauthorized: no token, and no anonymous role.
+        InvalidToken: the token does not verify.
+        ForbiddenRole: the token names something that cannot be a role.
+    """
+    return request.app[AUTH].identify(request.headers.get("Authorization"))
+
+
+def _allow_raw_sql(settings: Settings, identity: Identity | None) -> None:
+    """Raises RawSqlDisabled when raw SQL is off on this gateway, ForbiddenRole when
+    it is limited to roles (``raw_sql_roles``) the request's is not one of."""
     if settings.raw_sql == "off":
         raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
+    allowed = settings.raw_sql_roles
+    if allowed is not None and (identity is None or identity.role not in allowed):
+        role = "no role" if identity is None else f"role {identity.role!r}"
+        raise ForbiddenRole(f"raw SQL is not allowed for {role}; use the named queries")
+
+
+def _allow_query(query: NamedQuery, identity: Identity | None) -> None:
+    """Raises ForbiddenRole when `query` declares its roles and the request's is not one."""
+    if query.roles is None:
+        return
+    if identity is None:
+        raise ForbiddenRole(
+            f"query {query.name!r} is for some roles only, and this gateway runs no request"
+            " as a role (set PGQG_JWT_SECRET, PGQG_JWT_JWKS_FILE or PGQG_ANON_ROLE)"
+        )
+    if identity.role not in query.roles:
+        raise ForbiddenRole(f"role {identity.role!r} may not run query {query.name!r}")
 
 
 #: what a client refused a write on a read-only gateway is told to change
@@ -222,16 +271,17 @@ def _on_read_only_gateway(error: QueryError) -> QueryError:
 async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
     settings = request.app[SETTINGS]
+    identity = _identify(request)
     fmt = _output_format(request)
-    _allow_raw_sql(settings)
+    _allow_raw_sql(settings, identity)
     body = await read_json_object(request)
     check_keys(body, _QUERY_KEYS)
     statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
     if settings.raw_sql != "read-only":
-        return await _run_one(request, fmt, statement, options, read_only=False)
+        return await _run_one(request, fmt, statement, options, read_only=False, identity=identity)
     try:
-        return await _run_one(request, fmt, statement, options, read_only=True)
+        return await _run_one(request, fmt, statement, options, read_only=True, identity=identity)
     except QueryError as exc:
         raise _on_read_only_gateway(exc) from None
 
@@ -240,8 +290,9 @@ async def post_query(request: web.Request) -> web.StreamResponse:
 async def post_transaction(request: web.Request) -> web.Response:
     """Run several raw statements all or nothing, on one connection."""
     settings = request.app[SETTINGS]
+    identity = _identify(request)
     _json_only(request)
-    _allow_raw_sql(settings)
+    _allow_raw_sql(settings, identity)
     body = await read_json_object(request)
     check_keys(body, _TRANSACTION_KEYS)
     items = body.get("statements")
@@ -265,6 +316,7 @@ async def post_transaction(request: web.Request) -> web.Response:
         read_only=read_only,
         transaction=True,
         isolation=parse_isolation(body.get("isolation")),
+        identity=identity,
         loop=dispatcher.loop,
         comment=sql_comment(exchange.request_id),
     )
@@ -287,8 +339,10 @@ async def list_queries(request: web.Request) -> web.Response:
 @routes.get("/v1/queries/{name}")
 async def get_named_query(request: web.Request) -> web.StreamResponse:
     """Run a read-only named query, parameters from the query string."""
+    identity = _identify(request)
     fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
+    _allow_query(query, identity)
     if not query.read_only:
         raise MethodNotAllowed(f"{query.name} writes; call it with POST", allow=("POST",))
     if len(set(request.query)) != len(request.query):
@@ -296,14 +350,16 @@ async def get_named_query(request: web.Request) -> web.StreamResponse:
     values = {k: v for k, v in request.query.items() if k not in RESERVED_QUERY_KEYS}
     statement = named_statement(query, values, from_query_string=True)
     options = parse_options(request.query, request.app[SETTINGS], streamed=fmt.streamed)
-    return await _run_one(request, fmt, statement, options, read_only=True)
+    return await _run_one(request, fmt, statement, options, read_only=True, identity=identity)
 
 
 @routes.post("/v1/queries/{name}")
 async def post_named_query(request: web.Request) -> web.StreamResponse:
     """Run a named query, parameters from the JSON body."""
+    identity = _identify(request)
     fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
+    _allow_query(query, identity)
     body = await read_json_object(request)
     check_keys(body, _NAMED_QUERY_KEYS)
     values = body.get("params") or {}
@@ -311,7 +367,9 @@ async def post_named_query(request: web.Request) -> web.StreamResponse:
         raise BadRequest("params must be an object of name: value")
     statement = named_statement(query, values, from_query_string=False)
     options = parse_options(body, request.app[SETTINGS], streamed=fmt.streamed)
-    return await _run_one(request, fmt, statement, options, read_only=query.read_only)
+    return await _run_one(
+        request, fmt, statement, options, read_only=query.read_only, identity=identity
+    )
 
 
 @routes.get("/healthz")

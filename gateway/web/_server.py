@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import Callable
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .._settings import Settings
 from ._app import create_app
+from ._app_keys import AUTH, SETTINGS
 from ._logs import configure_logging
 
 
@@ -64,6 +66,12 @@ class BadRequestsInOneLine(logging.Filter):
         return True
 
 
+async def reload_keys_on_sighup(app: web.Application) -> None:
+    """With a JWKS file, SIGHUP rereads it (a key rotation without a restart)."""
+    if app[SETTINGS].jwt_jwks_file is not None and hasattr(signal, "SIGHUP"):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[AUTH].reload)
+
+
 def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
@@ -86,6 +94,7 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
             on_ready(f"http://{settings.host}:{settings.port}")
 
     app.on_startup.append(freeze_startup_objects)  # after the cleanup contexts' start-up
+    app.on_startup.append(reload_keys_on_sighup)
     app.on_startup.append(announce)
     web.run_app(
         app,
