@@ -53,12 +53,13 @@ STREAM_SQL = "SELECT i, md5(i::text) AS digest, now() AS at FROM generate_series
 
 @contextlib.contextmanager
 def demo_gateway() -> Iterator[str]:
-    """``pgqg serve`` on the demo bookshop in a throwaway embedded PostgreSQL; yields its URL."""
+    """``pgqg serve`` on the demo bookshop in a throwaway embedded PostgreSQL, logged in
+    as its least-privileged role; yields its URL."""
     with tempfile.TemporaryDirectory(prefix="pgqg-shots-") as tmp:
         os.chmod(tmp, 0o755)  # as root, the embedded server runs as another user
         with EmbeddedPostgres(Path(tmp) / "pgdata", fast=True) as pg:
             load_demo(pg.dsn, DEFAULT_SQL_DIR)
-            served = Served(pg.dsn)
+            served = Served(pg.gateway_dsn)
             try:
                 served.ready_sync()
                 yield served.url
