@@ -13,11 +13,23 @@ from ._encoding import (
     params_to_text,
 )
 from ._formats import OutputFormat, StreamEncoder, negotiate, stream_encoder
-from ._results import Column, ResultConverter, Row, StatementResult, command_name
+from ._results import (
+    DESCRIBED_SHAPE,
+    TEXT_SHAPE,
+    Column,
+    Field,
+    ResultConverter,
+    Row,
+    StatementResult,
+    command_name,
+)
 
 __all__ = [
+    "DESCRIBED_SHAPE",
+    "TEXT_SHAPE",
     "Codec",
     "Column",
+    "Field",
     "JSONNumber",
     "NegativeZero",
     "OutputFormat",
