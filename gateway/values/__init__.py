@@ -22,6 +22,7 @@ from ._results import (
     Row,
     StatementResult,
     command_name,
+    fields_json,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "StatementResult",
     "StreamEncoder",
     "command_name",
+    "fields_json",
     "list_params",
     "loads_exact",
     "negotiate",

@@ -69,8 +69,10 @@ class StatementResult:
     truncated: bool = False
     #: `columns` as JSON, when known (a connection's `ResultConverter` keeps it per shape)
     columns_json: orjson.Fragment | None = None
-    #: every field as PostgreSQL describes it, in `TEXT_SHAPE` and `DESCRIBED_SHAPE` only
+    #: every field as PostgreSQL describes it, in `TEXT_SHAPE` and `DESCRIBED_SHAPE` only,
+    #: and as JSON (see `fields_json`)
     fields: list[Field] | None = None
+    fields_json: orjson.Fragment | None = None
 
 
 #: rows as lists of each value's PostgreSQL text output (str; None for NULL), fields described
@@ -87,6 +89,8 @@ DESCRIBED_COLUMNS_MAX = 64
 #: a result's columns, how to make one row of it in the job's shape, and the
 #: columns as JSON (an answer embeds them as they are)
 Description = tuple[list[Column], Callable[[Any], Any], orjson.Fragment]
+#: a result's columns, its fields as PostgreSQL described them, and the fields as JSON
+FieldsDescription = tuple[list[Column], list[Field], orjson.Fragment]
 
 _TAG_COUNT = re.compile(rb"(?: \d+)+$")
 _TUPLES_OK = ExecStatus.TUPLES_OK  # a plain constant: an enum lookup per result costs
@@ -123,6 +127,27 @@ def result_fields(res: PGresult) -> list[Field]:
     ]
 
 
+def fields_json(fields: list[Field]) -> orjson.Fragment:
+    """`fields` as JSON, each as node-postgres names a field (its ``FieldDef``), which
+    JavaScript clients read and Neon's answer holds."""
+    return orjson.Fragment(
+        orjson.dumps(
+            [
+                {
+                    "name": f.name,
+                    "dataTypeID": f.type_oid,
+                    "tableID": f.table_oid,
+                    "columnID": f.column,
+                    "dataTypeSize": f.size,
+                    "dataTypeModifier": f.modifier,
+                    "format": "binary" if f.format else "text",
+                }
+                for f in fields
+            ]
+        )
+    )
+
+
 def row_maker(shape: str, columns: list[Column]) -> Callable[[Any], Any]:
     """How to build a row of `columns` from its values: a list, or a dict by name."""
     if shape == "arrays":
@@ -144,6 +169,8 @@ class ResultConverter:
         self._text_tx = Transformer(TEXT_ADAPTERS)
         #: (shape, *column names, *column type oids) -> description, for known types
         self._descriptions: dict[tuple[Any, ...], Description] = {}
+        #: the described shapes' descriptions, by the fields' (see `describe_fields`)
+        self._fields: dict[tuple[Any, ...], FieldsDescription] = {}
 
     def convert(self, res: PGresult, shape: str, max_rows: int) -> StatementResult | None:
         """`res` in `shape`, at most `max_rows` rows of it; None while one of its
@@ -178,15 +205,12 @@ class ResultConverter:
     ) -> StatementResult | None:
         """`convert` in `TEXT_SHAPE` (never None: no type needs to be known) or
         `DESCRIBED_SHAPE`."""
-        if shape == TEXT_SHAPE:
-            columns = result_columns(res, self._codec)
-            tx = self._text_tx
-        else:
-            described = self.describe(res, "arrays")
-            if described is None:
-                return None
-            columns = described[0]
-            tx = self._tx
+        text = shape == TEXT_SHAPE
+        described = self.describe_fields(res, known_types=not text)
+        if described is None:
+            return None
+        columns, fields, fields_as_json = described
+        tx = self._text_tx if text else self._tx
         rows: list[Any] = []
         truncated = False
         if res.status == _TUPLES_OK:
@@ -195,8 +219,36 @@ class ResultConverter:
             tx.set_pgresult(res)
             rows = tx.load_rows(0, take, list)
         command = command_name(res.command_status)
+        return StatementResult(
+            columns, rows, command, res.command_tuples, truncated, None, fields, fields_as_json
+        )
+
+    def describe_fields(self, res: PGresult, *, known_types: bool) -> FieldsDescription | None:
+        """`res`'s columns and fields; None when `known_types` asks for every type to
+        be known to the codec and one is not yet."""
+        n = range(res.nfields)
+        # the names, type oids, tables, column numbers and type modifiers: all that
+        # tells two descriptions apart (a size follows from the type; the format is text)
+        key = (
+            *map(res.fname, n),
+            *map(res.ftype, n),
+            *map(res.ftable, n),
+            *map(res.ftablecol, n),
+            *map(res.fmod, n),
+        )
+        found = self._fields.get(key)
+        if found is not None:
+            return found
+        known = all(self._codec.is_known(res.ftype(i)) for i in n)
+        if known_types and not known:
+            return None
         fields = result_fields(res)
-        return StatementResult(columns, rows, command, res.command_tuples, truncated, None, fields)
+        found = (result_columns(res, self._codec), fields, fields_json(fields))
+        if known and len(fields) <= DESCRIBED_COLUMNS_MAX:
+            if len(self._fields) >= DESCRIPTIONS_REMEMBERED:
+                self._fields.clear()
+            self._fields[key] = found
+        return found
 
     def describe(self, res: PGresult, shape: str) -> Description | None:
         """`res`'s columns and row maker; None while one of its types is unknown."""
