@@ -18,14 +18,16 @@ Headers (a flag is on only when its value is exactly ``true``, as Neon reads it)
 * ``Neon-Array-Mode``: rows as arrays, else objects (a query's ``arrayMode`` wins);
 * ``Neon-Batch-Isolation-Level`` (``ReadUncommitted``, ``ReadCommitted``,
   ``RepeatableRead``, ``Serializable``), ``Neon-Batch-Read-Only`` and
-  ``Neon-Batch-Deferrable``: the transaction of a batch;
+  ``Neon-Batch-Deferrable``: the transaction of a batch (read for batches only,
+  where Neon's proxy also refuses a bad isolation level on a single query);
 * ``Neon-Connection-String`` is accepted and not used: requests run on the
   gateway's own pool, as its own role; its user, password and database are
   neither used nor checked.
 
 Each result is ``{"rowAsArray", "fields", "rows", "command", "rowCount"}``,
 ``fields`` as PostgreSQL describes them; a batch answers ``{"results": [...]}``.
-Errors have Neon's body (`error_body`).
+Errors have Neon's body (`error_body`). Unknown keys in the body are refused (400),
+where Neon's proxy ignores them.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from aiohttp import web
 from .._errors import BadRequest, GatewayError, ResultTooLarge, Timeout
 from .._settings import Settings
 from ..engine._jobs import Statement
-from ..values._results import DESCRIBED_SHAPE, TEXT_SHAPE, Field, StatementResult
+from ..values._results import DESCRIBED_SHAPE, TEXT_SHAPE, StatementResult
 from ._app_keys import DISPATCHER, SETTINGS
 from ._observe import exchange_of, sql_comment
 from ._requests import Options, check_keys, make_job, read_json_object, sql_statement
@@ -74,17 +76,16 @@ QUERY_CANCELED = "57014"
 
 
 @dataclass(frozen=True, slots=True)
-class NeonHeaders:
-    """What a request's ``Neon-*`` headers ask for."""
+class BatchOptions:
+    """A batch's transaction, from its ``Neon-Batch-*`` headers (read for batches only)."""
 
-    raw_text: bool
-    array_mode: bool
+    #: PostgreSQL's name of the isolation level; None: the server's default
     isolation: str | None
     read_only: bool
     deferrable: bool
 
     @classmethod
-    def parse(cls, headers: Mapping[str, str]) -> NeonHeaders:
+    def parse(cls, headers: Mapping[str, str]) -> BatchOptions:
         """The headers as Neon's proxy reads them: a flag is on only when it is ``true``.
 
         Raises:
@@ -98,16 +99,10 @@ class NeonHeaders:
                     f"{ISOLATION_LEVEL} must be one of {', '.join(ISOLATION_LEVELS)}"
                 )
             isolation = level
-        return cls(
-            raw_text=headers.get(RAW_TEXT_OUTPUT) == "true",
-            array_mode=headers.get(ARRAY_MODE) == "true",
-            isolation=isolation,
-            read_only=headers.get(READ_ONLY) == "true",
-            deferrable=headers.get(DEFERRABLE) == "true",
-        )
+        return cls(isolation, _flag(headers, READ_ONLY), _flag(headers, DEFERRABLE))
 
-    def batch_headers(self) -> dict[str, str]:
-        """The batch options a batch's answer repeats, as Neon's proxy does."""
+    def headers(self) -> dict[str, str]:
+        """The options the answer repeats, as Neon's proxy does."""
         headers = {}
         if self.read_only:
             headers[READ_ONLY] = "true"
@@ -117,6 +112,11 @@ class NeonHeaders:
             names = {level: name for name, level in ISOLATION_LEVELS.items()}
             headers[ISOLATION_LEVEL] = names[self.isolation]
         return headers
+
+
+def _flag(headers: Mapping[str, str], name: str) -> bool:
+    """A ``Neon-*`` flag, read as Neon's proxy reads it: on only when exactly ``true``."""
+    return headers.get(name) == "true"
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,46 +150,48 @@ async def post_sql(request: web.Request) -> web.Response:
     mode permitting: a read-only gateway runs every request read-only)."""
     settings = request.app[SETTINGS]
     _allow_raw_sql(settings)
-    neon = NeonHeaders.parse(request.headers)
+    headers = request.headers
+    array_mode = _flag(headers, ARRAY_MODE)
     # the driver posts its JSON with fetch's default Content-Type, text/plain
     body = await read_json_object(request, any_type=True)
     if "queries" in body:
+        batch = BatchOptions.parse(headers)
         check_keys(body, _BATCH_KEYS)
         items = body["queries"]
         if not isinstance(items, list):
             raise BadRequest("queries must be a list of {query, params} objects")
-        queries = [_query(item, f"queries[{i}]", neon.array_mode) for i, item in enumerate(items)]
-        response = await _run(request, settings, neon, queries, batch=True)
-        response.headers.update(neon.batch_headers())
+        queries = [_query(item, f"queries[{i}]", array_mode) for i, item in enumerate(items)]
+        response = await _run(request, settings, queries, _flag(headers, RAW_TEXT_OUTPUT), batch)
+        response.headers.update(batch.headers())
         return response
-    check_keys(body, _QUERY_KEYS)
-    return await _run(request, settings, neon, [_query(body, "body", neon.array_mode)])
+    query = _query(body, "body", array_mode)
+    return await _run(request, settings, [query], _flag(headers, RAW_TEXT_OUTPUT))
 
 
 async def _run(
     request: web.Request,
     settings: Settings,
-    neon: NeonHeaders,
     queries: list[tuple[Statement, bool]],
-    *,
-    batch: bool = False,
+    raw_text: bool,
+    batch: BatchOptions | None = None,
 ) -> web.Response:
-    """Run `queries` (statements, and whether each one's rows are arrays) as one job:
-    a `batch` in one transaction, with the batch headers' isolation level,
-    read-only and deferrable; answer as Neon does."""
+    """Run `queries` (statements, and whether each one's rows are arrays) as one job,
+    their values as PostgreSQL's text when `raw_text`; a `batch` in one transaction
+    with its options. Answer as Neon does."""
     exchange = exchange_of(request)
     if not queries:  # an empty batch: nothing to run
         return _answer(exchange, {"results": []}, 0)
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
-    read_only = settings.raw_sql == "read-only" or (batch and neon.read_only)
+    read_only = settings.raw_sql == "read-only" or (batch is not None and batch.read_only)
+    shape = TEXT_SHAPE if raw_text else DESCRIBED_SHAPE
     job = make_job(
         [statement for statement, _ in queries],
-        _job_options(settings, neon),
+        _options(settings.statement_timeout_ms, settings.max_rows, shape),
         read_only=read_only,
-        transaction=batch,
-        isolation=neon.isolation if batch else None,
-        deferrable=batch and neon.deferrable,
+        transaction=batch is not None,
+        isolation=None if batch is None else batch.isolation,
+        deferrable=batch is not None and batch.deferrable,
         loop=dispatcher.loop,
         comment=sql_comment(exchange.request_id),
     )
@@ -201,12 +203,7 @@ async def _run(
         for result, (_, array_mode) in zip(results, queries, strict=True)
     ]
     rows = sum(len(result.rows) for result in results)
-    return _answer(exchange, {"results": answers} if batch else answers[0], rows)
-
-
-def _job_options(settings: Settings, neon: NeonHeaders) -> Options:
-    shape = TEXT_SHAPE if neon.raw_text else DESCRIBED_SHAPE
-    return _options(settings.statement_timeout_ms, settings.max_rows, shape)
+    return _answer(exchange, answers[0] if batch is None else {"results": answers}, rows)
 
 
 def _result_body(result: StatementResult, array_mode: bool, *, committed: bool) -> dict[str, Any]:
@@ -216,7 +213,6 @@ def _result_body(result: StatementResult, array_mode: bool, *, committed: bool) 
         ResultTooLarge: the result has more rows than ``max_rows``: Neon's answer
             has no way to say it was cut.
     """
-    fields = result.fields or []
     if result.truncated:
         raise ResultTooLarge(
             f"a result has more than max_rows ({len(result.rows)}) rows, and this protocol"
@@ -226,26 +222,14 @@ def _result_body(result: StatementResult, array_mode: bool, *, committed: bool) 
         )
     rows = result.rows
     if not array_mode:
-        names = [field.name for field in fields]
+        names = [column.name for column in result.columns]
         rows = [dict(zip(names, row, strict=True)) for row in rows]
     return {
         "rowAsArray": array_mode,
-        "fields": [_field_body(field) for field in fields],
+        "fields": result.fields_json,  # JSON already, and kept per result description
         "rows": rows,
         "command": result.command,
         "rowCount": result.row_count,
-    }
-
-
-def _field_body(field: Field) -> dict[str, Any]:
-    return {
-        "name": field.name,
-        "dataTypeID": field.type_oid,
-        "tableID": field.table_oid,
-        "columnID": field.column,
-        "dataTypeSize": field.size,
-        "dataTypeModifier": field.modifier,
-        "format": "binary" if field.format else "text",
     }
 
 
