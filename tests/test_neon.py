@@ -21,6 +21,7 @@ from test_values import BUILTIN_CASES
 
 from gateway import load_settings
 from gateway.engine._pool import session_options
+from gateway.web._neon import ISOLATION_LEVELS
 
 #: what the driver sends with every request (its batch options come on top)
 DRIVER = {
@@ -487,3 +488,15 @@ async def test_requests_ride_the_dispatcher(client: GatewayClient) -> None:
         c["jobs"] for c in before["connections"]
     )
     assert jobs == 100
+    # and observed as /v1's are: a request id, Server-Timing, in the access log and /metrics
+    resp = await client.post("/sql", json={"query": "select 1"}, headers=DRIVER)
+    assert resp.headers["X-Request-Id"]
+    assert resp.headers["Server-Timing"].startswith("queue;dur=")
+
+
+async def test_openapi_describes_sql(client: GatewayClient) -> None:
+    spec = await (await client.get("/openapi.json")).json()
+    operation = spec["paths"]["/sql"]["post"]
+    headers = {p["name"]: p["schema"] for p in operation["parameters"]}
+    assert headers["Neon-Batch-Isolation-Level"]["enum"] == list(ISOLATION_LEVELS)
+    assert set(spec["components"]["schemas"]["NeonError"]["properties"]) == NEON_ERROR_KEYS
