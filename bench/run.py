@@ -252,9 +252,16 @@ def cpu_figures(before: dict[str, float], after: dict[str, float], requests: int
 
 
 def run_wrk(
-    url: str, *, connections: int, duration: float, scale: int, threads: int = 2
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    scale: int,
+    threads: int = 2,
+    script_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """One wrk run with the point-select script; counts, rate and latency percentiles."""
+    """One wrk run with the point-select script (`script_args` after its scale);
+    counts, rate and latency percentiles."""
     threads = max(1, min(threads, connections))
     argv = [
         "wrk",
@@ -268,6 +275,7 @@ def run_wrk(
         url,
         "--",
         str(scale),
+        *script_args,
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     match = re.search(r"^RESULT (\{.*\})$", done.stdout, re.MULTILINE)
