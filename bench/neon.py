@@ -3,20 +3,22 @@
     python bench/neon.py [--dsn DSN] [--rounds 5] [--duration 8] [--connections 32]
                          [--pool-size 8] [--scale 1]
 
-One ``pgqg serve`` (read-only raw SQL, its defaults otherwise) on an embedded
-PostgreSQL loaded with pgbench's tables (unless ``--dsn`` names a database that has
-them), two kinds of request to it in interleaved rounds, the order rotating:
+One ``pgqg serve`` (read-only raw SQL, its defaults otherwise; logged in as the
+embedded server's least-privileged role, as bench/run.py's) on an embedded
+PostgreSQL loaded with pgbench's tables (or the database ``--dsn`` names), two kinds
+of request to it in interleaved rounds, the order rotating:
 
 * ``/v1/query``: ``{"sql": ..., "params": [aid]}``, as bench/run.py sends it;
 * ``/sql``: what ``@neondatabase/serverless`` sends for ``sql`SELECT … WHERE aid =
   ${aid}```: ``{"query": ..., "params": ["aid"]}`` as text/plain with its
   ``Neon-Connection-String``, ``Neon-Raw-Text-Output`` and ``Neon-Array-Mode`` headers.
 
-Both go through ``wrk`` with bench/wrk/point_select.lua. Prints the median req/s,
-p50 and p99 and the gateway's CPU per request of each, the ratio /sql over /v1, and how
-busy the rest of the machine was (``other CPU``: others' share of all CPUs during the
-runs; the load average before and after). A run with an error answer is flagged and
-left out of the medians. Every process started here is stopped on exit.
+Both go through ``wrk`` with bench/wrk/point_select.lua. Prints the median req/s, p50
+and p99, the gateway's CPU per request and jobs per round trip of each, the ratio /sql
+over /v1, and how busy the rest of the machine was (``other CPU``: others' share of
+all CPUs during the runs; the load average before and after). A run with an error
+answer is flagged and left out of the medians. Every process started here is stopped
+on exit.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from run import (
     cpu_figures,
     free_port,
     load_pgbench_tables,
+    pgqg_jobs,
     run_wrk,
 )
 
@@ -72,6 +75,7 @@ def measure(
     server: Server, kind: str, args: argparse.Namespace, postmaster: int | None
 ) -> dict[str, Any]:
     meter = CpuMeter(server.pid, postmaster)
+    jobs0 = pgqg_jobs(server.url)
     before = meter.sample()
     result = run_wrk(
         server.url,
@@ -81,10 +85,14 @@ def measure(
         script_args=KINDS[kind],
     )
     result.update(cpu_figures(before, meter.sample(), result["requests"]))
+    jobs1 = pgqg_jobs(server.url)
+    trips = jobs1[1] - jobs0[1]
+    result["jobs_per_round_trip"] = (jobs1[0] - jobs0[0]) / trips if trips else 0.0
     return result
 
 
-def compare(dsn: str, args: argparse.Namespace, postmaster: int | None) -> None:
+def compare(dsn: str, serve_dsn: str, args: argparse.Namespace, postmaster: int | None) -> None:
+    """Load the tables through `dsn`, serve `serve_dsn`'s role, measure and report."""
     if not args.skip_load:
         print(f"loading pgbench tables, scale {args.scale}", file=sys.stderr)
         load_pgbench_tables(PgConn(dsn), args.scale)
@@ -94,12 +102,13 @@ def compare(dsn: str, args: argparse.Namespace, postmaster: int | None) -> None:
         name="pgqg",
         argv=[
             sys.executable,
-            *("-m", "gateway", "serve", "--dsn", dsn, "--port", str(port)),
+            *("-m", "gateway", "serve", "--dsn", serve_dsn, "--port", str(port)),
             *("--pool-size", str(args.pool_size)),
         ],
         port=port,
         log_path=scratch / "pgqg.log",
-        env={"PGQG_LOG_LEVEL": "warning"},
+        # a --dsn may name a superuser, which pgqg serves raw SQL to only when allowed
+        env={"PGQG_LOG_LEVEL": "warning", "PGQG_ALLOW_PRIVILEGED_ROLE": str(args.dsn is not None)},
     )
     server.start()
     try:
@@ -137,21 +146,26 @@ def report(
         f" {args.pool_size}, {args.rounds} interleaved rounds, medians; pgqg {compiled},"
         f" {os.cpu_count()} CPUs\n"
     )
-    print("| request | req/s | p50 ms | p99 ms | gateway CPU µs/req | other CPU % |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| request | req/s | p50 ms | p99 ms | gateway CPU µs/req | jobs/round trip"
+        " | other CPU % |"
+    )
+    print("|---|---|---|---|---|---|---|")
     medians: dict[str, float] = {}
     for kind, results in runs.items():
         valid = [r for r in results if r["valid"]]
         if not valid:
-            print(f"| `{kind}` | no valid run | | | | |")
+            print(f"| `{kind}` | no valid run | | | | | |")
             continue
         medians[kind] = statistics.median(r["rps"] for r in valid)
         p50 = statistics.median(r["p50_ms"] for r in valid)
         p99 = statistics.median(r["p99_ms"] for r in valid)
         cpu = statistics.median(r["cpu_us_per_request"]["server"] for r in valid)
+        trips = statistics.median(r["jobs_per_round_trip"] for r in valid)
         other = statistics.median(r["other_cpu_pct"] for r in valid)
         print(
-            f"| `{kind}` | {medians[kind]:.0f} | {p50:.2f} | {p99:.2f} | {cpu:.1f} | {other:.1f} |"
+            f"| `{kind}` | {medians[kind]:.0f} | {p50:.2f} | {p99:.2f} | {cpu:.1f}"
+            f" | {trips:.2f} | {other:.1f} |"
         )
     if len(medians) == 2:
         print(f"\n/sql over /v1/query: {medians['/sql'] / medians['/v1/query']:.3f}x req/s")
@@ -171,13 +185,13 @@ def main() -> None:
     args = p.parse_args()
     os.chdir(REPO_DIR)
     if args.dsn:
-        compare(args.dsn, args, None)
+        compare(args.dsn, args.dsn, args, None)
         return
     with (
         tempfile.TemporaryDirectory(prefix="pgqg-bench-neon-") as scratch,
         EmbeddedPostgres(Path(scratch) / "pgdata", fast=True) as pg,
     ):
-        compare(pg.dsn, args, pg.pid)
+        compare(pg.dsn, pg.gateway_dsn, args, pg.pid)
 
 
 if __name__ == "__main__":
