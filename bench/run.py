@@ -278,9 +278,11 @@ def run_wrk(
     scale: int,
     threads: int = 2,
     token: str | None = None,
+    script_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One wrk run with the point-select script; counts, rate and latency percentiles;
-    with `token`, every request carries it."""
+    with `token`, every request carries it; `script_args`, if given, replace what
+    follows the scale (the SQL, and "neon" for POST /sql: bench/neon.py)."""
     threads = max(1, min(threads, connections))
     argv = [
         "wrk",
@@ -294,8 +296,7 @@ def run_wrk(
         url,
         "--",
         str(scale),
-        POINT_SELECT,
-        *([token] if token else []),
+        *(script_args or (POINT_SELECT, *([token] if token else []))),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     match = re.search(r"^RESULT (\{.*\})$", done.stdout, re.MULTILINE)

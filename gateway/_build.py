@@ -48,6 +48,7 @@ NATIVE_GROUP = "gateway._native"
 COMPILED_MODULES = (
     "web._routes",
     "web._requests",
+    "web._neon",
     "values._encoding",
     "catalog._catalog",
     "engine._jobs",

@@ -16,6 +16,9 @@ class DiagnosticError(Exception):
     """An error with PostgreSQL's diagnostic fields, where it came from PostgreSQL.
 
     `position` is the 1-based character of the statement the error points at.
+    `diagnostics` holds the other fields PostgreSQL sent (severity, context,
+    schema_name, table_name, ...), named as psycopg's ``Diagnostic`` names them;
+    the v1 error body leaves them out, the Neon one (``POST /sql``) has them.
     """
 
     def __init__(
@@ -26,6 +29,7 @@ class DiagnosticError(Exception):
         detail: str | None = None,
         hint: str | None = None,
         position: int | None = None,
+        diagnostics: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -33,6 +37,7 @@ class DiagnosticError(Exception):
         self.detail = detail
         self.hint = hint
         self.position = position
+        self.diagnostics = diagnostics or {}
 
 
 class GatewayError(DiagnosticError):
@@ -175,6 +180,14 @@ class UnsupportedMediaType(GatewayError):
     code = "unsupported_media_type"
 
 
+class ResultTooLarge(GatewayError):
+    """A result has more rows than ``max_rows``, where the answer cannot say it was cut
+    (``POST /sql``: Neon's protocol has no ``truncated``)."""
+
+    status = 507
+    code = "result_too_large"
+
+
 class Overloaded(GatewayError):
     """The dispatcher queue is full, or a job waited in it too long."""
 
@@ -290,6 +303,7 @@ def query_error(
     detail: str | None = None,
     hint: str | None = None,
     position: int | None = None,
+    diagnostics: dict[str, str] | None = None,
 ) -> QueryError:
     """Build the `QueryError` for a PostgreSQL error, its status from the SQLSTATE.
 
@@ -303,6 +317,7 @@ def query_error(
         detail=detail,
         hint=hint,
         position=position,
+        diagnostics=diagnostics,
     )
 
 

@@ -54,7 +54,9 @@ def no_server_error_but_transient(
     if response.status_code < 500:
         return
     body = response.json()
-    code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+    code = None
+    if isinstance(body, dict):  # DESIGN §3's error body, or Neon's flat one (POST /sql)
+        code = body["error"].get("code") if "error" in body else body.get("code")
     if (response.status_code, code) not in TRANSIENT:
         raise AssertionError(f"server error {response.status_code}: {response.text[:500]}")
 

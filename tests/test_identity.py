@@ -107,6 +107,18 @@ async def test_a_request_runs_as_the_role_its_token_names(gateway: ClientFactory
     assert json.loads(row["claims"]) == {"role": READER, "sub": "ana", "n": 1, **_exp(token)}
 
 
+async def test_neon_sql_goes_by_the_token_too(gateway: ClientFactory) -> None:
+    # the Neon driver's authToken arrives as a Bearer token on POST /sql
+    client = await gateway()
+    body = {"query": "select current_user::text AS role", "params": []}
+    refused = await client.post("/sql", json=body)
+    assert refused.status == 401
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    resp = await client.post("/sql", json=body, headers=bearer(sign({"role": READER})))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["rows"] == [{"role": READER}]
+
+
 def _exp(token: str) -> dict[str, Any]:
     import jwt
 

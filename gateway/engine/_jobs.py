@@ -48,12 +48,13 @@ class Job:
 
     `read_only` runs the job in a READ ONLY transaction (PostgreSQL enforces it).
     `transaction` runs several statements all or nothing; `isolation` names its
-    isolation level. `deadline` is on the event loop's clock. `comment` (a SQL
-    comment such as ``/* request_id=… */ ``) goes in front of each statement
-    sent as text, where ``pg_stat_activity`` shows it; error positions are
-    given without it. `identity` is the role (and the token's claims) its
-    transaction runs as; None: the login role's own, as when the gateway
-    verifies no tokens.
+    isolation level, and `deferrable` makes it DEFERRABLE (PostgreSQL heeds it
+    only in a serializable read-only transaction). `deadline` is on the event
+    loop's clock. `comment` (a SQL comment such as ``/* request_id=… */ ``) goes
+    in front of each statement sent as text, where ``pg_stat_activity`` shows
+    it; error positions are given without it. `identity` is the role (and the
+    token's claims) its transaction runs as; None: the login role's own, as when
+    the gateway verifies no tokens.
 
     The dispatcher marks a job `cheap` when its statement (known by
     `cost_key`) recently ran quickly; `cost_s` is how long it held its
@@ -68,6 +69,7 @@ class Job:
         "cost_key",
         "cost_s",
         "deadline",
+        "deferrable",
         "enqueued_at",
         "failed",
         "future",
@@ -93,6 +95,7 @@ class Job:
         transaction: bool = False,
         isolation: str | None = None,
         identity: Identity | None = None,
+        deferrable: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
         comment: bytes = b"",
     ) -> None:
@@ -106,6 +109,7 @@ class Job:
         self.shape = shape
         self.transaction = transaction
         self.isolation = isolation
+        self.deferrable = deferrable
         self.comment = comment
         self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
         self.state = JobState.QUEUED

@@ -134,15 +134,17 @@ class Plan:
 
 def begin_command(job: Job) -> bytes:
     """The BEGIN that opens `job`'s transaction."""
-    return _begin_command(job.isolation, job.read_only)
+    return _begin_command(job.isolation, job.read_only, job.deferrable)
 
 
-@functools.lru_cache(maxsize=16)
-def _begin_command(isolation: str | None, read_only: bool) -> bytes:
+@functools.lru_cache(maxsize=32)
+def _begin_command(isolation: str | None, read_only: bool, deferrable: bool) -> bytes:
     parts = ["BEGIN"]
     if isolation:
         parts.append(f"ISOLATION LEVEL {isolation.upper()}")
     parts.append("READ ONLY" if read_only else "READ WRITE")
+    if deferrable:
+        parts.append("DEFERRABLE")
     return " ".join(parts).encode()
 
 

@@ -48,6 +48,27 @@ def wake_future(fut: asyncio.Future[T], value: T) -> None:
         fut.set_result(value)
 
 
+#: the diagnostic fields an error carries beyond its message, SQLSTATE, detail, hint and
+#: position, by psycopg's names (``Diagnostic``): the Neon error body has them all
+_MORE_FIELDS = tuple(
+    (field, field.name.lower())
+    for field in (
+        DiagnosticField.SEVERITY,
+        DiagnosticField.INTERNAL_POSITION,
+        DiagnosticField.INTERNAL_QUERY,
+        DiagnosticField.CONTEXT,
+        DiagnosticField.SCHEMA_NAME,
+        DiagnosticField.TABLE_NAME,
+        DiagnosticField.COLUMN_NAME,
+        DiagnosticField.DATATYPE_NAME,
+        DiagnosticField.CONSTRAINT_NAME,
+        DiagnosticField.SOURCE_FILE,
+        DiagnosticField.SOURCE_LINE,
+        DiagnosticField.SOURCE_FUNCTION,
+    )
+)
+
+
 def result_error(res: PGresult, comment: bytes = b"") -> GatewayError:
     """The `QueryError` PostgreSQL's error result `res` describes; its position
     counted in the statement the client sent, without the `comment` sent in
@@ -56,12 +77,18 @@ def result_error(res: PGresult, comment: bytes = b"") -> GatewayError:
     if message is None:
         message = (res.error_message or b"query failed").decode(errors="replace").strip()
     position = _field(res, DiagnosticField.STATEMENT_POSITION)
+    more = {}
+    for code, name in _MORE_FIELDS:
+        value = _field(res, code)
+        if value is not None:
+            more[name] = value
     return query_error(
         message,
         sqlstate=_field(res, DiagnosticField.SQLSTATE),
         detail=_field(res, DiagnosticField.MESSAGE_DETAIL),
         hint=_field(res, DiagnosticField.MESSAGE_HINT),
         position=max(int(position) - len(comment), 1) if position else None,
+        diagnostics=more,
     )
 
 

@@ -13,11 +13,24 @@ from ._encoding import (
     params_to_text,
 )
 from ._formats import OutputFormat, StreamEncoder, negotiate, stream_encoder
-from ._results import Column, ResultConverter, Row, StatementResult, command_name
+from ._results import (
+    DESCRIBED_SHAPE,
+    TEXT_SHAPE,
+    Column,
+    Field,
+    ResultConverter,
+    Row,
+    StatementResult,
+    command_name,
+    fields_json,
+)
 
 __all__ = [
+    "DESCRIBED_SHAPE",
+    "TEXT_SHAPE",
     "Codec",
     "Column",
+    "Field",
     "JSONNumber",
     "NegativeZero",
     "OutputFormat",
@@ -26,6 +39,7 @@ __all__ = [
     "StatementResult",
     "StreamEncoder",
     "command_name",
+    "fields_json",
     "list_params",
     "loads_exact",
     "negotiate",

@@ -281,6 +281,19 @@ JOIN pg_catalog.pg_type t ON t.oid = w.oid
 LEFT JOIN pg_catalog.pg_type e ON e.typarray = t.oid"""
 
 
+def _text_adapters() -> AdaptersMap:
+    """Loaders that leave every value as PostgreSQL's text (str), NULL as None."""
+    adapters = AdaptersMap(types=postgres.types)
+    text = default_adapters.get_loader(0, Format.TEXT)
+    assert text is not None
+    adapters.register_loader(0, text)  # the fallback of every oid
+    return adapters
+
+
+#: every value as PostgreSQL's text output: CSV cells, and results of shape "text"
+TEXT_ADAPTERS = _text_adapters()
+
+
 # --- request JSON --------------------------------------------------------------
 
 

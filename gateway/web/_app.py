@@ -12,12 +12,13 @@ from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
 from ..values._encoding import Codec
-from . import _events
+from . import _events, _neon
 from ._app_keys import AUTH, CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
 from ._auth import Authenticator, keep_tokens_out_of_aiohttp_logs
 from ._console import add_console
 from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
+from ._middleware import ERROR_BODIES, ErrorBody
 from ._observe import observe_middleware
 from ._privileges import check_login_role, connection_check
 from ._routes import routes
@@ -53,6 +54,9 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     keep_tokens_out_of_aiohttp_logs()
     app.add_routes(routes)
     app.add_routes(_events.routes)
+    app.add_routes(_neon.routes)
+    error_bodies: dict[str, ErrorBody] = {_neon.PATH: _neon.error_body}
+    app[ERROR_BODIES] = error_bodies
     if settings.console:
         add_console(app)
     install_cors(app, settings.cors_origins)

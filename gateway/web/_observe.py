@@ -36,7 +36,7 @@ from aiohttp.typedefs import Handler, Middleware
 from .._errors import GatewayError
 from ..engine._jobs import Job
 from ._metrics import HttpMetrics
-from ._middleware import error_response, gateway_error
+from ._middleware import error_body_of, error_response, gateway_error
 
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVER_TIMING_HEADER = "Server-Timing"
@@ -204,7 +204,7 @@ def observe_middleware(metrics: HttpMetrics | None) -> Middleware:
                 _done(request, exchange, exc.status, started, metrics)
                 raise
             exchange.error = gateway_error(request, exc)
-            response = error_response(exchange.error)
+            response = error_response(exchange.error, error_body_of(request))
         if not response.prepared:  # a stream sets its headers itself, before its rows
             headers = response.headers
             headers[REQUEST_ID_HEADER] = exchange.request_id

@@ -92,6 +92,155 @@ def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
 #: the options, as a JSON body gives them
 _OPTIONS = {name: _or_null(schema) for name, schema in _QUERY_OPTIONS.items()}
 
+
+# --- POST /sql, Neon's protocol (gateway/web/_neon.py) -----------------------------------
+
+#: Neon's names of the isolation levels (``_neon.ISOLATION_LEVELS``; the tests compare them)
+_NEON_ISOLATION_LEVELS = ["ReadUncommitted", "ReadCommitted", "RepeatableRead", "Serializable"]
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+_NEON_ERROR_FIELDS = (
+    "detail",
+    "hint",
+    "position",
+    "internalPosition",
+    "internalQuery",
+    "severity",
+    "where",
+    "table",
+    "column",
+    "schema",
+    "dataType",
+    "constraint",
+    "file",
+    "line",
+    "routine",
+)
+
+_NEON_SCHEMAS: dict[str, Any] = {
+    "NeonQuery": {
+        "type": "object",
+        "required": ["query"],
+        "additionalProperties": False,
+        "properties": {
+            "query": {"type": "string", "minLength": 1, "description": "one statement, $1…"},
+            "params": _or_null({"type": "array", "items": {}}),
+            "arrayMode": _or_null(
+                {"type": "boolean", "description": "overrides Neon-Array-Mode"}
+            ),
+        },
+    },
+    "NeonBatch": {
+        "type": "object",
+        "required": ["queries"],
+        "additionalProperties": False,
+        "properties": {"queries": {"type": "array", "items": _ref("NeonQuery")}},
+    },
+    "NeonField": {
+        "type": "object",
+        "required": [
+            "name",
+            "dataTypeID",
+            "tableID",
+            "columnID",
+            "dataTypeSize",
+            "dataTypeModifier",
+            "format",
+        ],
+        "properties": {
+            "name": {"type": "string"},
+            "dataTypeID": {"type": "integer"},
+            "tableID": {"type": "integer"},
+            "columnID": {"type": "integer"},
+            "dataTypeSize": {"type": "integer"},
+            "dataTypeModifier": {"type": "integer"},
+            "format": {"type": "string", "enum": ["text", "binary"]},
+        },
+    },
+    "NeonResult": {
+        "type": "object",
+        "required": ["rowAsArray", "fields", "rows", "command", "rowCount"],
+        "properties": {
+            "rowAsArray": {"type": "boolean"},
+            "fields": {"type": "array", "items": _ref("NeonField")},
+            "rows": {"type": "array", "items": {"type": ["object", "array"]}},
+            "command": {"type": "string"},
+            "rowCount": {"type": ["integer", "null"]},
+        },
+    },
+    "NeonError": {
+        "type": "object",
+        "required": ["message", "code"],
+        "properties": {
+            "message": {"type": "string"},
+            "code": {"type": "string", "description": "the SQLSTATE, else the gateway's code"},
+            **{name: _NULLABLE_TEXT for name in _NEON_ERROR_FIELDS},
+        },
+    },
+}
+
+
+def _neon_header(name: str, description: str, enum: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if enum is not None:
+        schema["enum"] = enum
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+def _neon_sql() -> dict[str, Any]:
+    """``POST /sql``: Neon's SQL over HTTP, for @neondatabase/serverless."""
+    flag = "on only when exactly true"
+    error = _json(_ref("NeonError"), "an error in Neon's body")
+    return {
+        "post": {
+            "summary": "Neon's SQL over HTTP (the @neondatabase/serverless driver)",
+            "description": "One query, or a batch in one transaction. Read-only and raw"
+            " SQL rules as /v1/query; the body is JSON whatever its Content-Type.",
+            "parameters": [
+                _neon_header("Neon-Connection-String", "accepted, not used"),
+                _neon_header("Neon-Raw-Text-Output", f"values as PostgreSQL's text; {flag}"),
+                _neon_header("Neon-Array-Mode", f"rows as arrays; {flag}"),
+                _neon_header(
+                    "Neon-Batch-Isolation-Level", "a batch's isolation", _NEON_ISOLATION_LEVELS
+                ),
+                _neon_header("Neon-Batch-Read-Only", f"a batch read-only; {flag}"),
+                _neon_header("Neon-Batch-Deferrable", f"a batch deferrable; {flag}"),
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"oneOf": [_ref("NeonQuery"), _ref("NeonBatch")]}
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "oneOf": [
+                            _ref("NeonResult"),
+                            {
+                                "type": "object",
+                                "required": ["results"],
+                                "properties": {
+                                    "results": {"type": "array", "items": _ref("NeonResult")}
+                                },
+                            },
+                        ]
+                    },
+                    "the query's result, or the batch's results in order",
+                ),
+                **{status: error for status in ("400", "403", "405", "413", "500", "503", "507")},
+            },
+        }
+    }
+
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -171,6 +320,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {"params": {"type": ["object", "null"]}, **_OPTIONS},
     },
     "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
+    **_NEON_SCHEMAS,
 }
 
 
@@ -347,6 +497,7 @@ def _paths(catalog: Catalog) -> dict[str, Any]:
         **named,
         "/v1/listen": _listen(path_channel=False),
         "/v1/listen/{channel}": _listen(path_channel=True),
+        "/sql": _neon_sql(),
         "/healthz": {
             "get": {
                 "summary": "Liveness",

@@ -50,16 +50,16 @@ class Options:
     row_limit: int | None = None
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object.
+async def read_json_object(request: web.Request, *, any_type: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; `any_type`: whatever its Content-Type says.
 
     Raises:
-        UnsupportedMediaType: the Content-Type is not JSON.
+        UnsupportedMediaType: the Content-Type is not JSON (unless `any_type`).
         BadRequest: the body is not a JSON object.
         TooLarge: the Content-Length announces a body over the limit; (from
             aiohttp, mapped by the middleware) a body read turns out too big.
     """
-    if not _is_json(request):
+    if not any_type and not _is_json(request):
         raise UnsupportedMediaType(
             f"send the body as application/json, not {request.content_type or 'nothing'}"
         )
@@ -189,18 +189,19 @@ def raw_statement(item: Any, where: str) -> Statement:
     return sql_statement(item.get("sql"), item.get("params"), where)
 
 
-def sql_statement(sql: Any, params: Any, where: str) -> Statement:
-    """`sql` and its `params` (None: none) from the body as a `Statement`.
+def sql_statement(sql: Any, params: Any, where: str, sql_key: str = "sql") -> Statement:
+    """`sql` and its `params` (None: none) from the body as a `Statement`; the
+    body names the SQL `sql_key` (errors say so).
 
     Raises:
         BadRequest: as `raw_statement`.
     """
     if not isinstance(sql, str):
-        raise BadRequest(f"{where}.sql must be a non-empty string")
+        raise BadRequest(f"{where}.{sql_key} must be a non-empty string")
     # most requests repeat a few statements: each text is checked once
     text = _sql_text(sql) if len(sql) <= SQL_CHECKS_MAX_CHARS else _check_sql(sql)
     if isinstance(text, str):
-        raise BadRequest(f"{where}.sql{text}")
+        raise BadRequest(f"{where}.{sql_key}{text}")
     if params is None:
         params = []
     if not isinstance(params, list):
@@ -270,6 +271,7 @@ def make_job(
     transaction: bool = False,
     isolation: str | None = None,
     identity: Identity | None = None,
+    deferrable: bool = False,
     loop: asyncio.AbstractEventLoop,
     comment: bytes = b"",
 ) -> Job:
@@ -288,6 +290,7 @@ def make_job(
         transaction=transaction,
         isolation=isolation,
         identity=identity,
+        deferrable=deferrable,
         loop=loop,
         comment=comment,
     )
