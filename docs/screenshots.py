@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 from playwright.async_api import Page, async_playwright, expect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,19 +52,32 @@ GROUP BY b.title"""
 ENDLESS_SQL = "SELECT generate_series(1, 1000000000) AS n, 'and so on' AS more"
 STREAM_SQL = "SELECT i, md5(i::text) AS digest, now() AS at FROM generate_series(1, 100000) AS i"
 
+LISTEN_CHANNELS = {"anon": ["orders_*"]}
+ORDERS = [
+    ("orders_new", '{"order": 1041, "book": 7, "qty": 1}'),
+    ("orders_new", '{"order": 1042, "book": 3, "qty": 2}'),
+    ("orders_paid", '{"order": 1041, "amount": "24.90"}'),
+]
+AFTER_MISSED = [
+    ("orders_new", '{"order": 1043, "book": 12, "qty": 1}'),
+    ("orders_paid", "<img src=x onerror=alert(1)>"),
+]
+
 
 @contextlib.contextmanager
-def demo_gateway() -> Iterator[str]:
-    """``pgqg serve`` on the demo bookshop in a throwaway embedded PostgreSQL, logged in
-    as its least-privileged role; yields its URL."""
+def demo_gateway() -> Iterator[tuple[str, str]]:
+    """``pgqg serve`` on the demo bookshop in a throwaway embedded PostgreSQL, anyone
+    allowed to listen to ``orders_*``; yields its URL and the database's DSN."""
     with tempfile.TemporaryDirectory(prefix="pgqg-shots-") as tmp:
         os.chmod(tmp, 0o755)  # as root, the embedded server runs as another user
         with EmbeddedPostgres(Path(tmp) / "pgdata", fast=True) as pg:
             load_demo(pg.dsn, DEFAULT_SQL_DIR)
-            served = Served(pg.gateway_dsn)
+            # the gateway logs in as the least-privileged role of the embedded server
+            listen = {"PGQG_LISTEN_CHANNELS": json.dumps(LISTEN_CHANNELS)}
+            served = Served(pg.gateway_dsn, env=listen, privileged=True)
             try:
                 served.ready_sync()
-                yield served.url
+                yield served.url, pg.dsn
             finally:
                 served.stop()
 
@@ -78,7 +93,22 @@ async def shoot(page: Page, name: str) -> None:
     print(f"wrote {path.relative_to(REPO)}")
 
 
-async def take(url: str) -> None:
+async def notify(dsn: str, notes: list[tuple[str, str]]) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for channel, payload in notes:
+            await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def kill_listener(dsn: str) -> None:
+    """Ends the gateway's LISTEN connection: it comes back and sends ``missed``."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'pgqg-listen'"
+        )
+
+
+async def take(url: str, dsn: str) -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -134,6 +164,24 @@ async def take(url: str) -> None:
             await page.click("#stop")
             await expect(page.locator("#status")).to_contain_text("Stopped after")
             await context.close()
+
+            context = await browser.new_context(viewport=VIEWPORT)
+            context.set_default_timeout(TIMEOUT_MS)
+            page = await context.new_page()
+            await open_console(page, url)
+            await page.fill("#listen-channels", "orders_new, orders_paid")
+            await page.click("#subscribe")
+            await expect(page.locator("#listen-status")).to_contain_text("Listening to")
+            events = page.locator("#listen-events li")
+            await notify(dsn, ORDERS)
+            await expect(events).to_have_count(len(ORDERS))
+            await kill_listener(dsn)
+            await expect(events).to_have_count(len(ORDERS) + 1)
+            await notify(dsn, AFTER_MISSED)
+            await expect(events).to_have_count(len(ORDERS) + 1 + len(AFTER_MISSED))
+            await page.locator("#listen").scroll_into_view_if_needed()
+            await shoot(page, "console-listen")
+            await context.close()
         finally:
             await browser.close()
 
@@ -141,8 +189,8 @@ async def take(url: str) -> None:
 def main() -> None:
     if not CHROMIUM.exists():
         install_chromium()
-    with demo_gateway() as url:
-        asyncio.run(take(url))
+    with demo_gateway() as (url, dsn):
+        asyncio.run(take(url, dsn))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 from playwright.async_api import Page, expect
-from support import REPO, GatewayClient, Served, gone_within, marker, running
+from support import REPO, GatewayClient, Served, get_stats, gone_within, marker, running
 
 from gateway.web._console import CONTENT_SECURITY_POLICY, FILES
 
@@ -462,3 +462,118 @@ async def test_a_link_only_fills_while_a_token_is_entered(
     await expect(page.locator("#status")).to_contain_text("press Run")
     assert await page.input_value("#sql") == "SELECT 1"
     assert await page.locator("#result table").count() == 0
+
+
+# --- the Listen panel (live events, issue 24) -------------------------------------------
+
+#: how long the gateway may take to free a stream the page gave up (a loaded machine)
+FREED_S = 30.0
+
+
+def listen_channel() -> str:
+    return "console_" + marker().removeprefix("pgqg-")
+
+
+async def subscribers_become(client: GatewayClient, count: int, limit: float = FREED_S) -> None:
+    """Wait until /v1/stats counts `count` open streams; fails after `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while (stats := await get_stats(client))["subscribers"] != count:
+        assert loop.time() - started < limit, f"subscribers {stats['subscribers']}, not {count}"
+        await asyncio.sleep(0.05)
+
+
+async def subscribe(page: Page, *channels: str) -> None:
+    await page.fill("#listen-channels", " ".join(channels))
+    await page.click("#subscribe")
+
+
+async def notify(admin: psycopg.AsyncConnection[Any], channel: str, *payloads: str) -> None:
+    async with admin.transaction():
+        for payload in payloads:
+            await admin.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def test_listen_panel_shows_events_as_text_and_unsubscribe_frees_the_stream(
+    page: Page,
+    page_errors: list[str],
+    gateway_factory: Any,
+    admin: psycopg.AsyncConnection[Any],
+) -> None:
+    name, other = listen_channel(), listen_channel()
+    # a quiet stream gets a comment every 0.3 s: the test server (which does not
+    # cancel handlers as `pgqg serve` does) notices a client gone at the next one
+    client = await gateway_factory(listen_channels={"anon": [name, other]}, listen_heartbeat_s=0.3)
+    await open_console(page, client)
+    await subscribe(page, name, other)
+    status = page.locator("#listen-status")
+    await expect(status).to_contain_text(f"Listening to {name}, {other}")
+    await subscribers_become(client, 1)
+    await notify(admin, name, XSS, "two\nlines")
+    await notify(admin, other, "<script>window.__xss = 2</script>")
+    events = page.locator("#listen-events li")
+    await expect(events).to_have_count(3)
+    # newest first; the payload as the characters it is, the channel and number from the id
+    assert await events.locator(".payload").all_text_contents() == [
+        "<script>window.__xss = 2</script>",
+        "two\nlines",
+        XSS,
+    ]
+    assert await events.locator(".channel").all_text_contents() == [other, name, name]
+    assert await events.locator(".seq").all_text_contents() == ["#1", "#2", "#1"]
+    await expect(page.locator("#event-count")).to_have_attribute("data-events", "3")
+    assert await page.locator("img, script:not([src])").count() == 0
+    assert await page.evaluate("() => window.__xss") is None
+
+    await page.click("#unsubscribe")
+    await expect(status).to_contain_text(f"Unsubscribed from {name}, {other} after 3 events")
+    assert await page.locator("#unsubscribe").is_disabled()
+    await subscribers_become(client, 0)
+    await notify(admin, name, "after")  # nobody listens: the list stays as it was
+    await subscribe(page, name)  # and a new subscription works
+    await subscribers_become(client, 1)
+    await notify(admin, name, "again")
+    await expect(events.first.locator(".payload")).to_have_text("again")
+    assert page_errors == []
+
+
+async def test_listen_panel_shows_the_gateways_error(page: Page, gateway_factory: Any) -> None:
+    name = listen_channel()
+    client = await gateway_factory(listen_channels={"anon": [name]})
+    await open_console(page, client)
+    error = page.locator("#listen-error")
+    await subscribe(page, "other_channel")
+    await expect(error.locator(".code")).to_have_text("forbidden")
+    await expect(error).to_contain_text("may not listen to other_channel")
+    await expect(page.locator("#listen-status")).to_have_text("Not subscribed (HTTP 403).")
+    await subscribe(page, "1bad")
+    await expect(error.locator(".code")).to_have_text("bad_request")
+    await subscribe(page, name)
+    await expect(page.locator("#listen-status")).to_contain_text(f"Listening to {name}")
+    await expect(error).to_be_hidden()
+
+
+async def test_listen_panel_shows_missed_and_dropped_apart(
+    page: Page, gateway_factory: Any, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    name = listen_channel()
+    client = await gateway_factory(listen_channels={"anon": [name]}, listen_buffer=4)
+    await open_console(page, client)
+    await subscribe(page, name)
+    await expect(page.locator("#listen-status")).to_contain_text("Listening to")
+    await subscribers_become(client, 1)
+    pid = (await get_stats(client))["listen"]["backend_pid"]
+    await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    missed = page.locator('#listen-events li[data-kind="missed"]')
+    await expect(missed).to_have_count(1)
+    await expect(missed).to_have_attribute("data-reason", "reconnected")
+    await expect(missed).to_contain_text("missed")
+    # a burst larger than the buffer drops even a fast reader: its stream ends
+    await notify(admin, name, *(f"n{i}" for i in range(200)))
+    dropped = page.locator('#listen-events li[data-kind="dropped"]')
+    await expect(dropped).to_have_count(1)
+    await expect(dropped).to_have_attribute("data-reason", "slow")
+    assert await page.locator("#listen-events li.notice").count() == 2
+    await expect(page.locator("#listen-status")).to_contain_text("ended the stream (slow)")
+    assert await page.locator("#unsubscribe").is_disabled()
+    await subscribers_become(client, 0)

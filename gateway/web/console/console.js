@@ -9,6 +9,8 @@
 const SHOWN_ROWS = 1000;
 /** Query-string keys of GET /v1/queries/{name} that are options, not parameters. */
 const RESERVED_KEYS = new Set(["format", "shape", "timeout_ms", "max_rows"]);
+/** Events kept in the Listen panel's list; older ones leave it (the counter counts all). */
+const SHOWN_EVENTS = 500;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -26,6 +28,13 @@ const ui = {
   token: $("token"),
   catalogStatus: $("catalog-status"),
   catalogList: $("catalog-list"),
+  listenForm: $("listen-form"),
+  listenChannels: $("listen-channels"),
+  unsubscribe: $("unsubscribe"),
+  listenClear: $("listen-clear"),
+  listenStatus: $("listen-status"),
+  listenError: $("listen-error"),
+  listenEvents: $("listen-events"),
 };
 
 /** An element with attributes and children (strings become text nodes, never HTML). */
@@ -218,8 +227,11 @@ function clearError() {
   markError(null);
 }
 
-/** Shows an API error ({code, message, sqlstate, position, …}); `marks` the editor. */
-function showError(error, { inEditor = false } = {}) {
+/**
+ * Shows an API error ({code, message, sqlstate, position, …}) in `box` (the
+ * SQL's error box unless told); `inEditor` marks the position in the editor.
+ */
+function showError(error, { inEditor = false, box = ui.error } = {}) {
   const facts = [
     ["SQLSTATE", error.sqlstate],
     ["detail", error.detail],
@@ -227,7 +239,7 @@ function showError(error, { inEditor = false } = {}) {
   ];
   let where = null;
   if (inEditor && error.position) where = markError(error.position);
-  ui.error.replaceChildren(
+  box.replaceChildren(
     el("p", { class: "message" },
       el("span", { class: "code" }, error.code || "error"), " ", error.message || ""),
     el("dl", {}, ...facts.filter(([, value]) => value).flatMap(([name, value]) => [
@@ -235,7 +247,7 @@ function showError(error, { inEditor = false } = {}) {
     ]),
     ...(where ? [el("dt", {}, "position"), el("dd", {}, where)] : [])),
   );
-  ui.error.hidden = false;
+  box.hidden = false;
 }
 
 const WORD = /[\p{L}\p{N}_$]/u;
@@ -682,6 +694,183 @@ function runNamed(name) {
   run(request, { stream, label: name });
 }
 
+// --- live events: the Listen panel --------------------------------------------------
+// GET v1/listen?channel=… is read with fetch() and a streaming reader, not
+// EventSource: so the token (if one is entered) is sent like on every other
+// call, a refused subscription shows the API's JSON error (EventSource only
+// says "error"), and Unsubscribe aborts the request, which frees the
+// subscriber on the gateway. The server-sent events are parsed here. A stream
+// that ends is not reopened by itself: the panel says why it ended.
+
+let listening = null; // {controller, channels, count} of the subscription open now
+
+/**
+ * A server-sent event stream's parser (the HTML standard's rules): feed it
+ * decoded text as it comes; it calls `dispatch({event, id, data})` for each
+ * event. Comments (": keep-alive") are skipped.
+ */
+class EventStreamParser {
+  constructor(dispatch) {
+    this.dispatch = dispatch;
+    this.buffer = "";
+    this.event = "";
+    this.data = [];
+    this.id = "";
+  }
+
+  push(text) {
+    this.buffer += text;
+    let start = 0;
+    for (;;) {
+      const lf = this.buffer.indexOf("\n", start);
+      const cr = this.buffer.indexOf("\r", start);
+      const end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
+      if (end === -1) break;
+      // a CR at the end of what came so far may be the first half of CR LF: wait for more
+      if (end === cr && cr === this.buffer.length - 1) break;
+      this.line(this.buffer.slice(start, end));
+      start = end + (end === cr && this.buffer[cr + 1] === "\n" ? 2 : 1);
+    }
+    this.buffer = this.buffer.slice(start);
+  }
+
+  line(line) {
+    if (line === "") {
+      if (this.data.length) {
+        this.dispatch({ event: this.event || "message", id: this.id, data: this.data.join("\n") });
+      }
+      this.event = "";
+      this.data = [];
+      return;
+    }
+    if (line.startsWith(":")) return; // a comment
+    const colon = line.indexOf(":");
+    const name = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (name === "event") this.event = value;
+    else if (name === "data") this.data.push(value);
+    else if (name === "id" && !value.includes("\0")) this.id = value;
+  }
+}
+
+/** The channels typed in the field: names separated by spaces or commas. */
+function listenChannels() {
+  return ui.listenChannels.value.split(/[\s,]+/).filter(Boolean);
+}
+
+function setListenStatus(...parts) {
+  ui.listenStatus.replaceChildren(...parts);
+}
+
+function eventCounter(count) {
+  return el("output", { id: "event-count", dataset: { events: String(count) } },
+    count.toLocaleString());
+}
+
+/** The time of day an event came, to the millisecond. */
+function clock() {
+  const now = new Date();
+  const ms = String(now.getMilliseconds()).padStart(3, "0");
+  return `${now.toLocaleTimeString([], { hour12: false })}.${ms}`;
+}
+
+/** One entry of the list: a notification, or the gateway's `missed` or `dropped`. */
+function eventItem({ event, id, data }) {
+  const time = el("span", { class: "time" }, clock());
+  if (event === "notify") {
+    const colon = id.lastIndexOf(":");
+    const channel = colon === -1 ? id : id.slice(0, colon);
+    const seq = colon === -1 ? "" : id.slice(colon + 1);
+    return el("li", { class: "notify", dataset: { kind: event, channel, seq } },
+      time, el("span", { class: "channel" }, channel), el("span", { class: "seq" }, `#${seq}`),
+      el("span", { class: "payload" }, data));
+  }
+  let reason = "";
+  let message = data;
+  try {
+    ({ reason = "", message = data } = JSON.parse(data));
+  } catch {
+    // not the gateway's JSON: shown as it came
+  }
+  return el("li", { class: `notice ${event}`, dataset: { kind: event, reason } },
+    time, el("span", { class: "kind" }, event), el("span", { class: "reason" }, reason),
+    el("span", { class: "payload" }, message));
+}
+
+function showEvent(sse, state) {
+  const list = ui.listenEvents;
+  const item = eventItem(sse);
+  list.prepend(item);
+  while (list.childElementCount > SHOWN_EVENTS) list.lastElementChild.remove();
+  if (sse.event === "notify") state.count++;
+  if (sse.event === "dropped") state.dropped = item.dataset.reason || "dropped";
+}
+
+/** Subscribes to the field's channels, instead of the ones followed so far. */
+async function subscribe() {
+  unsubscribe({ quiet: true });
+  const channels = listenChannels();
+  const controller = new AbortController();
+  const state = { controller, channels, count: 0, dropped: null };
+  listening = state;
+  ui.unsubscribe.disabled = false;
+  ui.listenError.hidden = true;
+  const names = channels.join(", ");
+  setListenStatus(el("span", { class: "busy" }, `Subscribing to ${names}`));
+  const search = new URLSearchParams(channels.map((name) => ["channel", name]));
+  try {
+    const response = await call({ method: "GET", url: `v1/listen?${search}` },
+      { signal: controller.signal });
+    if (!response.ok) {
+      showError(await errorOf(response), { box: ui.listenError });
+      setListenStatus(`Not subscribed (HTTP ${response.status}).`);
+      return;
+    }
+    const paint = () => {
+      if (listening === state) setListenStatus(`Listening to ${names}: `, eventCounter(state.count), " events");
+    };
+    paint();
+    const parser = new EventStreamParser((sse) => showEvent(sse, state));
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(decoder.decode(value, { stream: true }));
+      paint();
+    }
+    if (listening !== state) return;
+    const why = state.dropped ? ` (${state.dropped})` : "";
+    setListenStatus(`The gateway ended the stream${why} after `, eventCounter(state.count),
+      " events; Subscribe again to go on.");
+  } catch (error) {
+    if (error.name === "AbortError") return; // Unsubscribe, or a newer subscription
+    if (listening !== state) return;
+    showError({ code: "network", message: `the stream was cut: ${error.message}` },
+      { box: ui.listenError });
+    setListenStatus("Cut after ", eventCounter(state.count), " events.");
+  } finally {
+    if (listening === state) {
+      listening = null;
+      ui.unsubscribe.disabled = true;
+    }
+  }
+}
+
+/** Ends the subscription open now, if any: the gateway frees its subscriber. */
+function unsubscribe({ quiet = false } = {}) {
+  const state = listening;
+  if (!state) return;
+  listening = null;
+  ui.unsubscribe.disabled = true;
+  state.controller.abort();
+  if (!quiet) {
+    setListenStatus(`Unsubscribed from ${state.channels.join(", ")} after `,
+      eventCounter(state.count), " events.");
+  }
+}
+
 // --- links: #sql=… and #query=name&param=value ------------------------------------
 
 /** Puts the run in the address bar, so that the page's URL is a link to it. */
@@ -753,6 +942,12 @@ ui.csv.addEventListener("click", () => {
   if (ui.sql.value.trim()) download(editorRequest("arrays"), "result.csv", { inEditor: true });
 });
 ui.token.addEventListener("change", loadCatalog);
+ui.listenForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  subscribe();
+});
+ui.unsubscribe.addEventListener("click", () => unsubscribe());
+ui.listenClear.addEventListener("click", () => ui.listenEvents.replaceChildren());
 window.addEventListener("hashchange", () => applyFragment(Promise.resolve()));
 
 markError(null);
