@@ -11,10 +11,10 @@ with a backoff that doubles without a cap (after a minute of outage the next
 try could be a minute away), and logs every failed attempt of every
 connection: some 40 lines in 6 s for 8 connections. Here psycopg_pool gives
 up a connection at once (`reconnect_timeout` 0), and one task tries the
-database after 0.5 s, 1 s, then every 2 s (`RETRY_FIRST_S`, `RETRY_MAX_S`),
+database after 0.5 s, then every second (`RETRY_FIRST_S`, `RETRY_MAX_S`),
 logging one line per try with the next delay, and one line when the
 database answers again; then the pool fills up again. So the gateway is
-ready within about two seconds of the database accepting connections.
+ready within about a second of the database accepting connections.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ APPLICATION_NAME = "pgqg"
 #: the first retry once the database is found unreachable, and the longest wait
 #: between two (the delay doubles up to it)
 RETRY_FIRST_S = 0.5
-RETRY_MAX_S = 2.0
+RETRY_MAX_S = 1.0  # the service is back within about a second of the database
 #: libpq's own limit for one connection attempt (an unreachable host)
 CONNECT_TIMEOUT_S = 5
 #: closing the pool: how long its background tasks (a reconnection under way)
