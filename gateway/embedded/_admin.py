@@ -34,11 +34,17 @@ class Admin:
     @contextlib.contextmanager
     def _connect(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
         """An autocommit superuser connection; errors become EmbeddedError, saying
-        what we were `doing`."""
+        what we were `doing`.
+
+        Its commits wait for the WAL to be written even on a throwaway cluster
+        (``synchronous_commit=off``): a role or password it makes is kept on disk
+        beside the data directory's password file, and a server killed right after
+        start (the fault tests do) must not come back without them.
+        """
         try:
             with psycopg.connect(
                 host=str(self._socket_dir), port=self._port, user=SUPERUSER, dbname=DATABASE,
-                autocommit=True, connect_timeout=10,
+                autocommit=True, connect_timeout=10, options="-c synchronous_commit=on",
             ) as conn:  # fmt: skip
                 yield conn
         except psycopg.Error as exc:
