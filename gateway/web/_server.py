@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -15,6 +17,8 @@ from .._settings import Settings
 from ._app import create_app
 from ._app_keys import AUTH, SETTINGS
 from ._logs import configure_logging
+
+log = logging.getLogger("gateway.server")
 
 
 def install_uvloop() -> bool:
@@ -72,6 +76,33 @@ async def reload_keys_on_sighup(app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[AUTH].reload)
 
 
+#: how long past the grace the process may take to close its connections before it
+#: exits regardless (a connection whose server vanished may not close in time)
+SHUTDOWN_SLACK_S = 1.5
+
+
+def exit_deadline(seconds: float) -> Callable[[web.Application], Awaitable[None]]:
+    """An on_shutdown hook: from the shutdown's start, the process has `seconds` to end.
+
+    Every request has been answered by then (the drain), so what is left is closing
+    connections; one stuck on a black-holed socket (a task that does not yield to
+    its cancellation) must not keep the process alive past its stop. Past the
+    deadline it logs one line and exits 0, as a completed shutdown does.
+    """
+
+    async def arm(_app: web.Application) -> None:
+        def expire() -> None:
+            log.warning("shutdown still closing connections after %.1f s: exiting now", seconds)
+            logging.shutdown()
+            os._exit(0)
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+
+    return arm
+
+
 def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
@@ -93,6 +124,7 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
         if on_ready is not None:
             on_ready(f"http://{settings.host}:{settings.port}")
 
+    app.on_shutdown.insert(0, exit_deadline(settings.shutdown_grace_s + SHUTDOWN_SLACK_S))
     app.on_startup.append(freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_startup.append(reload_keys_on_sighup)
     app.on_startup.append(announce)
