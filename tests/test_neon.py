@@ -494,6 +494,26 @@ async def test_requests_ride_the_dispatcher(client: GatewayClient) -> None:
     assert resp.headers["Server-Timing"].startswith("queue;dur=")
 
 
+async def test_browsers_may_call_it_where_cors_allows(gateway_factory: Any) -> None:
+    """/sql is a route like the others: CORS (web/_cors.py) grants it the Neon headers."""
+    gateway = await gateway_factory(cors_origins="https://app.example.com")
+    origin = {"Origin": "https://app.example.com"}
+    preflight = await gateway.options(
+        "/sql",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "neon-connection-string, neon-raw-text-output,"
+            " neon-array-mode, neon-batch-isolation-level, neon-batch-read-only,"
+            " neon-batch-deferrable, authorization",
+        },
+    )
+    assert preflight.status == 204
+    for query in ("select 1", "select 1 / 0"):
+        resp = await gateway.post("/sql", json={"query": query}, headers={**DRIVER, **origin})
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
 async def test_openapi_describes_sql(client: GatewayClient) -> None:
     spec = await (await client.get("/openapi.json")).json()
     operation = spec["paths"]["/sql"]["post"]

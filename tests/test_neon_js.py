@@ -3,11 +3,11 @@ own test runner (gateway/web/_neon.py; tests/test_neon.py pins the wire format).
 
 ``tests/js`` holds the JavaScript tests with their ``package.json`` and
 ``package-lock.json``. This test installs them with ``npm ci`` when ``node_modules``
-is missing or does not hold what the lock file says, starts two gateways on the
-test database (raw SQL read-write, and the default read-only), makes the tables
-the JavaScript tests use, and runs ``node --test``; node's report is the failure
-message. It needs node 20 or newer and npm on the PATH, and the npm registry the
-first time.
+is missing or does not hold what the lock file says, starts three gateways on the
+test database (raw SQL read-write, the default read-only, and one that verifies
+tokens, for the driver's ``authToken``), makes the tables the JavaScript tests use,
+and runs ``node --test``; node's report is the failure message. It needs node 20 or
+newer and npm on the PATH, and the npm registry the first time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import REPO
+from support import JWT_SECRET, REPO, sign
+from test_identity import READER, request_roles  # noqa: F401 - a fixture, used by name
 
 JS_DIR = REPO / "tests" / "js"
 TEST_FILES = ("neon.test.mjs", "drizzle.test.mjs")
@@ -90,6 +91,7 @@ async def tables(admin: psycopg.AsyncConnection[Any]) -> AsyncIterator[dict[str,
 
 
 @pytest.mark.timeout(NPM_TIMEOUT_S + NODE_TIMEOUT_S + 60)
+@pytest.mark.usefixtures("request_roles")
 async def test_the_driver_and_drizzle_under_node(
     gateway_factory: Any, tables: dict[str, str]
 ) -> None:
@@ -100,9 +102,13 @@ async def test_the_driver_and_drizzle_under_node(
         assert status == 0, f"npm ci failed:\n{out}"
     read_write = await gateway_factory(raw_sql="read-write")
     read_only = await gateway_factory()
+    with_tokens = await gateway_factory(jwt_secret=JWT_SECRET)
     env = {
         "PGQG_URL": str(read_write.make_url("")),
         "PGQG_READ_ONLY_URL": str(read_only.make_url("")),
+        "PGQG_TOKENS_URL": str(with_tokens.make_url("")),
+        "PGQG_READER_ROLE": READER,
+        "PGQG_READER_TOKEN": sign({"role": READER, "sub": "ana"}, lifetime_s=NODE_TIMEOUT_S * 2),
         **tables,
     }
     status, out = await run("node", "--test", *TEST_FILES, timeout=NODE_TIMEOUT_S, env=env)

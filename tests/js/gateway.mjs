@@ -16,9 +16,13 @@ function connectionString(base) {
   return `postgresql://anyone:anything@${new URL(base).host}/anydb`;
 }
 
-// a gateway with raw_sql = read-write, and one in the default read-only mode
+// a gateway with raw_sql = read-write, one in the default read-only mode, and one that
+// verifies tokens (PGQG_JWT_SECRET): readerToken names the role reader
 export const readWrite = connectionString(required('PGQG_URL'));
 export const readOnly = connectionString(required('PGQG_READ_ONLY_URL'));
+export const withTokens = connectionString(required('PGQG_TOKENS_URL'));
+export const reader = required('PGQG_READER_ROLE');
+export const readerToken = required('PGQG_READER_TOKEN');
 // (id int primary key, v text), made for these tests and dropped after them
 export const table = required('PGQG_TABLE');
 // (id int primary key, name text not null, price numeric(10,2), tags text[], meta jsonb,

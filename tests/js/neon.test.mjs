@@ -4,7 +4,14 @@ import { beforeEach, describe, test } from 'node:test';
 
 import { NeonDbError, neon } from '@neondatabase/serverless';
 
-import { readOnly, readWrite, table } from './gateway.mjs';
+import {
+  reader,
+  readerToken,
+  readOnly,
+  readWrite,
+  table,
+  withTokens,
+} from './gateway.mjs';
 
 const sql = neon(readWrite);
 
@@ -216,5 +223,32 @@ describe('errors', () => {
     const batch = await failure(ro.transaction([ro`insert into ${t} values (1, 'a')`]));
     assert.equal(batch.code, '25006');
     assert.deepEqual(await sql`select count(*)::int as n from ${t}`, [{ n: 0 }]);
+  });
+});
+
+describe('identity', () => {
+  const who = 'select current_user::text as role, current_setting($1, true) as sub';
+  const claim = 'request.jwt.claim.sub';
+
+  test('authToken: the request runs as the role its token names', async () => {
+    const sqlAsReader = neon(withTokens, { authToken: readerToken });
+    assert.deepEqual(await sqlAsReader.query(who, [claim]), [{ role: reader, sub: 'ana' }]);
+    // a function that gives the token, per query
+    const anyone = neon(withTokens);
+    const getToken = async () => readerToken;
+    assert.deepEqual(await anyone.query(who, [claim], { authToken: getToken }), [
+      { role: reader, sub: 'ana' },
+    ]);
+    // a transaction sends neon()'s token (driver 1.2.0 leaves a transaction's own
+    // authToken option out of the request)
+    const [[row]] = await sqlAsReader.transaction([sqlAsReader.query(who, [claim])]);
+    assert.deepEqual(row, { role: reader, sub: 'ana' });
+  });
+
+  test('without a token, a gateway that wants one refuses', async () => {
+    const err = await failure(neon(withTokens)`select 1`);
+    assert.match(err.message, /HTTP status 401/);
+    const forged = await failure(neon(withTokens, { authToken: `${readerToken}x` })`select 1`);
+    assert.match(forged.message, /HTTP status 401/);
   });
 });
