@@ -71,12 +71,24 @@ async def test_full_queue_is_refused_at_once(gateway_factory: Any) -> None:
     assert status == 200
 
 
-async def test_queue_timeout_refuses_a_job_that_waited_too_long(gateway_factory: Any) -> None:
+async def test_queue_timeout_refuses_a_job_that_waited_too_long(
+    gateway_factory: Any, admin: Any
+) -> None:
     client = await gateway_factory(pool_size=1, queue_timeout_ms=200)
-    blocker = asyncio.ensure_future(query(client, "select pg_sleep(3)"))
-    await until_stats(client, lambda stats: stats["running"] == 1)
-    status, body = await query(client, "select 1")
-    assert status == 503
+    key = 917_000 + os.getpid() % 1000
+    # held until the refusal is seen: a stall of a loaded machine cannot free
+    # the one connection early, as a timed sleep could
+    await admin.execute("select pg_advisory_lock(%s)", [key])
+    try:
+        blocker = asyncio.ensure_future(
+            query(client, "select pg_advisory_xact_lock_shared($1::bigint)::text", key)
+        )
+        await waiting_for_lock(admin, key)
+        status, body = await query(client, "select 1")
+        assert not blocker.done(), blocker.result()
+    finally:
+        await admin.execute("select pg_advisory_unlock(%s)", [key])
+    assert status == 503, body
     assert_error(body, "overloaded")
     assert (await blocker)[0] == 200
 
