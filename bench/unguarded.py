@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `gateway`
 
 from gateway.cli import main
-from gateway.engine import _lease
+from gateway.engine import _lease  # plain Python even in a compiled build: patchable
 from gateway.engine._pipeline import Session
 
 _lease.Session = functools.partial(Session, role_checks=False)  # type: ignore[misc]
