@@ -99,7 +99,7 @@ async def get_stats(client: GatewayClient) -> Any:
     return await (await client.get("/v1/stats")).json()
 
 
-async def settled_stats(client: GatewayClient, timeout: float = 5.0) -> Any:
+async def settled_stats(client: GatewayClient, timeout: float = 30.0) -> Any:
     """``/v1/stats`` once no job runs and none is queued; fails after `timeout` seconds.
 
     A job is answered as soon as its own results are read, while its connection

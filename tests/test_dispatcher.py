@@ -61,18 +61,18 @@ async def until_stats(client: Any, holds: Any) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_full_queue_is_refused_at_once(gateway_factory: Any) -> None:
+async def test_full_queue_is_refused_at_once(gateway_factory: Any, admin: Any) -> None:
     client = await gateway_factory(pool_size=1, queue_size=2)
-    running = asyncio.ensure_future(query(client, "select pg_sleep(3)", timeout_ms=60_000))
-    await until_stats(client, lambda stats: stats["running"] == 1)
-    queued = [asyncio.ensure_future(query(client, "select 1", timeout_ms=60_000)) for _ in range(2)]
-    await until_stats(client, lambda stats: stats["queue"]["depth"] == 2)
-    resp = await client.post("/v1/query", json={"sql": "select 1"})
-    assert not running.done()  # at once: not once a place came free
-    assert resp.status == 503
+    async with connection_held(client, admin) as holder:
+        queued = [
+            asyncio.ensure_future(query(client, "select 1", timeout_ms=60_000)) for _ in range(2)
+        ]
+        await until_stats(client, lambda stats: stats["queue"]["depth"] == 2)
+        resp = await client.post("/v1/query", json={"sql": "select 1"})
+        assert resp.status == 503  # at once: not once a place came free
     assert resp.headers["Retry-After"] == "1"
     assert_error(await resp.json(), "overloaded")
-    statuses = [status for status, _ in await asyncio.gather(running, *queued)]
+    statuses = [status for status, _ in await asyncio.gather(holder, *queued)]
     assert statuses == [200, 200, 200]
     status, _ = await query(client, "select 1")
     assert status == 200

@@ -16,6 +16,7 @@ from conftest import ClientFactory
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     GatewayClient,
+    connection_held,
     get_stats,
     moved,
     query,
@@ -165,17 +166,17 @@ async def test_queue_and_connection_gauges(gateway_factory: ClientFactory) -> No
 
 
 async def test_busy_connections_and_the_queue_while_queries_run(
-    gateway_factory: ClientFactory,
+    gateway_factory: ClientFactory, admin: psycopg.AsyncConnection[Any]
 ) -> None:
     client = await gateway_factory(pool_size=1)
-    slow = [asyncio.create_task(query(client, "select pg_sleep(1.5)"))]
-    await wait_for_metric(client, "pgqg_jobs_running", 1)
-    # the connection is taken: these wait in the queue
-    slow += [asyncio.create_task(query(client, "select pg_sleep(0.1)")) for _ in range(2)]
-    samples = await wait_for_metric(client, "pgqg_queue_depth", 2)
-    assert value(samples, "pgqg_connections", target="primary", state="busy") == 1
-    assert value(samples, "pgqg_jobs_running") == 1
-    assert [(await t)[0] for t in slow] == [200, 200, 200]
+    async with connection_held(client, admin) as holder:
+        await wait_for_metric(client, "pgqg_jobs_running", 1)
+        # the connection is taken: these wait in the queue
+        queued = [asyncio.create_task(query(client, "select pg_sleep(0.1)")) for _ in range(2)]
+        samples = await wait_for_metric(client, "pgqg_queue_depth", 2)
+        assert value(samples, "pgqg_connections", target="primary", state="busy") == 1
+        assert value(samples, "pgqg_jobs_running") == 1
+    assert [(await t)[0] for t in [holder, *queued]] == [200, 200, 200]
 
 
 async def test_batches_are_counted_by_their_jobs(gateway_factory: ClientFactory) -> None:

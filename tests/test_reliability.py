@@ -36,7 +36,7 @@ from gateway.engine._pool import make_pool, session_options
 # --- helpers ---------------------------------------------------------------------------
 
 
-async def no_leaks(client: GatewayClient, pool_size: int, timeout: float = 5.0) -> None:
+async def no_leaks(client: GatewayClient, pool_size: int, timeout: float = 30.0) -> None:
     """The queue is empty, nothing runs, and every pooled connection answers."""
     async with asyncio.timeout(timeout):
         while True:
