@@ -67,41 +67,68 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class HttpMetrics:
-    """The front end's counters, kept by `gateway.web._observe.observe_middleware`."""
+    """The front end's counters, kept by `gateway.web._observe.observe_middleware`.
+
+    A request costs one dict lookup and one histogram observation here: its
+    count by (method, route, status) is its histogram's count, and the duration
+    histogram by (method, route) is added up over the statuses at scrape time
+    (`requests`, `durations`).
+    """
 
     __slots__ = (
-        "bytes_sent",
+        "answers",
         "cancellations",
-        "durations",
         "errors",
         "queue_wait",
-        "requests",
-        "rows_sent",
+        "sent_by_format",
         "sqlstate_classes",
     )
 
     def __init__(self) -> None:
-        #: (method, route, status): requests answered
-        self.requests: dict[tuple[str, str, int], int] = {}
-        #: (method, route): their durations, from the request's arrival to its answer
-        self.durations: dict[tuple[str, ...], Buckets] = {}
+        #: (method, route, status): the durations of the requests answered so, from
+        #: each one's arrival to its answer
+        self.answers: dict[tuple[str, str, int], Buckets] = {}
         #: from a query's submission until a connection took it
         self.queue_wait = Buckets(LATENCY_BOUNDS_S)
         self.errors: dict[str, int] = {}
         self.sqlstate_classes: dict[str, int] = {}
         self.cancellations = 0
-        self.rows_sent: dict[str, int] = {}
-        self.bytes_sent: dict[str, int] = {}
+        #: format: [rows, bytes] sent in query answers
+        self.sent_by_format: dict[str, list[int]] = {}
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        answers = self.answers.get((method, route, status))
+        if answers is None:
+            answers = self._answers_of(method, route, status)
+        answers.observe(seconds)
+
+    def _answers_of(self, method: str, route: str, status: int) -> Buckets:
+        """The histogram of a key not seen yet, or of a method no label is made of.
+
+        Such a method is counted as "other" and never becomes a key of its own, so
+        a client cannot grow the label set (it takes this slower way each time).
+        """
         if method not in _METHODS:
             method = "other"
         key = (method, route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        durations = self.durations.get((method, route))
-        if durations is None:
-            durations = self.durations[method, route] = Buckets(LATENCY_BOUNDS_S)
-        durations.observe(seconds)
+        answers = self.answers.get(key)
+        if answers is None:
+            answers = self.answers[key] = Buckets(LATENCY_BOUNDS_S)
+        return answers
+
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        """(method, route, status): requests answered."""
+        return {key: answers.count for key, answers in self.answers.items()}
+
+    def durations(self) -> dict[tuple[str, ...], Buckets]:
+        """(method, route): the durations of their requests, whatever the status."""
+        merged: dict[tuple[str, ...], Buckets] = {}
+        for (method, route, _), answers in self.answers.items():
+            into = merged.get((method, route))
+            if into is None:
+                into = merged[method, route] = Buckets(LATENCY_BOUNDS_S)
+            into.add(answers)
+        return merged
 
     def error(self, error: GatewayError) -> None:
         self.errors[error.code] = self.errors.get(error.code, 0) + 1
@@ -112,8 +139,11 @@ class HttpMetrics:
             self.sqlstate_classes[cls] = self.sqlstate_classes.get(cls, 0) + 1
 
     def sent(self, fmt: str, rows: int, size: int) -> None:
-        self.rows_sent[fmt] = self.rows_sent.get(fmt, 0) + rows
-        self.bytes_sent[fmt] = self.bytes_sent.get(fmt, 0) + size
+        totals = self.sent_by_format.get(fmt)
+        if totals is None:
+            totals = self.sent_by_format[fmt] = [0, 0]
+        totals[0] += rows
+        totals[1] += size
 
 
 # --- the metric families -----------------------------------------------------------------
@@ -171,13 +201,13 @@ def _http_families(http: HttpMetrics) -> Iterator[Metric]:
         "HTTP requests answered, by method, route pattern and status"
         " (499: the client went away first).",
         ["method", "route", "status"],
-        http.requests,
+        http.requests(),
     )
     yield _histogram(
         "pgqg_request_duration_seconds",
         "From a request's arrival to its answer (a stream: to its last row).",
         ["method", "route"],
-        http.durations,
+        http.durations(),
     )
     yield _histogram(
         "pgqg_queue_wait_seconds",
@@ -204,14 +234,18 @@ def _http_families(http: HttpMetrics) -> Iterator[Metric]:
         [],
         {(): http.cancellations},
     )
+    sent = http.sent_by_format
     yield _counter(
-        "pgqg_rows_sent", "Rows sent in query answers, by format.", ["format"], http.rows_sent
+        "pgqg_rows_sent",
+        "Rows sent in query answers, by format.",
+        ["format"],
+        {fmt: rows for fmt, (rows, _) in sent.items()},
     )
     yield _counter(
         "pgqg_bytes_sent",
         "Bytes of query answers' bodies, by format.",
         ["format"],
-        http.bytes_sent,
+        {fmt: size for fmt, (_, size) in sent.items()},
     )
 
 
