@@ -27,7 +27,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -48,6 +48,9 @@ from .._errors import GatewayError
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..engine._metrics import LATENCY_BOUNDS_S, Buckets
+
+if TYPE_CHECKING:  # _observe imports this module
+    from ._observe import Exchange
 
 #: the one target so far; read replicas (DESIGN §8, Scale) will be others
 PRIMARY = "primary"
@@ -95,6 +98,27 @@ class HttpMetrics:
         self.cancellations = 0
         #: format: [rows, bytes] sent in query answers
         self.sent_by_format: dict[str, list[int]] = {}
+
+    def answered(
+        self, request: web.Request, exchange: Exchange, status: int, seconds: float
+    ) -> str:
+        """Count a request answered with `status` after `seconds`; returns its route.
+
+        Everything metrics cost a request happens in here (bench/run.py's profile
+        counts the samples in `HttpMetrics`' methods as that cost).
+        """
+        route = route_of(request)
+        self.request(request.method, route, status, seconds)
+        job = exchange.job
+        if job is not None and job.started_at:
+            self.queue_wait.observe(job.started_at - exchange.submitted)
+        if exchange.error is not None:
+            self.error(exchange.error)
+        if exchange.cancelled:
+            self.cancellations += 1
+        if exchange.format:
+            self.sent(exchange.format, exchange.rows, exchange.bytes)
+        return route
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         answers = self.answers.get((method, route, status))
@@ -144,6 +168,13 @@ class HttpMetrics:
             totals = self.sent_by_format[fmt] = [0, 0]
         totals[0] += rows
         totals[1] += size
+
+
+def route_of(request: web.Request) -> str:
+    """The route's pattern (``/v1/queries/{name}``): a bounded label, never the
+    path a client typed; "unmatched" for a path or method no route has."""
+    resource = request.match_info.route.resource
+    return "unmatched" if resource is None else resource.canonical
 
 
 # --- the metric families -----------------------------------------------------------------
