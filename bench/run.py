@@ -19,13 +19,16 @@
    ``wrk -t2 -c32 -d{duration}s`` with ``bench/wrk/point_select.lua`` (a random aid per
    request); pgbench ``-S`` (the database's ceiling) takes its turn in the same rounds.
    Figures are medians over the rounds; ratios are pgqg's median over each target's.
+   With ``pgqg-nometrics``, then ``--rounds`` more in which pgqg and pgqg-nometrics get
+   wrk at the same time (what metrics cost, measured under the same load at once).
 4. Sweeps, pgqg only: client concurrency 1, 8, 32, 128, 512 at the same pool size, and
    pool size 1, 2, 4, 8, 16 at 32 clients (pgqg restarted each time); jobs per round
    trip from ``/v1/stats``, before and after each run.
 5. Prints Markdown tables and writes everything to ``bench/results/latest.json``:
    per run also the CPU time per request of the server and of PostgreSQL, and the share
    of the machine's CPUs that other processes took meanwhile (a noise figure).
-   ``--profile`` adds a py-spy profile of pgqg under the same load, in a separate run.
+   ``--profile`` adds a py-spy profile of pgqg under the same load, in a separate run,
+   and the share of its samples spent counting requests for ``/metrics``.
 
 A run with a non-2xx answer or a socket error is flagged invalid, never averaged in.
 Every process started here is stopped on exit, Ctrl-C or SIGTERM.
@@ -51,6 +54,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,6 +592,7 @@ class Bench:
                     f"(others used {res['other_cpu_pct']:.0f} % CPU){flag}"
                 )
             rounds.append(this_round)
+        side_by_side = self.side_by_side() if PGQG_NO_METRICS in servers else None
         for name in servers:
             self.stop(name)
         summary = {name: summarize([rnd[name] for rnd in rounds]) for name in names}
@@ -598,7 +603,65 @@ class Bench:
             for name, s in summary.items()
             if name != PGQG
         }
-        return {"rounds": rounds, "summary": summary, "ratios": ratios}
+        out = {"rounds": rounds, "summary": summary, "ratios": ratios}
+        if side_by_side is not None:
+            out["metrics_side_by_side"] = side_by_side
+        return out
+
+    def side_by_side(self) -> dict[str, Any]:
+        """pgqg and pgqg-nometrics under the same load at the same time, `--rounds` times.
+
+        Whatever else the machine runs meanwhile weighs on both alike, where the
+        interleaved rounds (one target alone after the other) see the load change
+        between turns: on a shared machine those differ by more than the 5 % asked
+        of metrics. Each is one CPU-bound process, which the kernel gives equal CPU
+        time, so the one that needs less per request answers more. Per round:
+        req/s with metrics over without, and CPU µs/req without over with (both
+        are 1.0 when metrics cost nothing); medians over the valid rounds.
+        """
+        a = self.args
+        pair_names = (PGQG, PGQG_NO_METRICS)
+        rounds: list[dict[str, Any]] = []
+        with ThreadPoolExecutor(max_workers=2) as threads:
+            for r in range(a.rounds):
+                order = pair_names[:: 1 if r % 2 == 0 else -1]  # who starts first alternates
+                futures = {
+                    name: threads.submit(
+                        self.measure, name, connections=a.connections, duration=a.duration
+                    )
+                    for name in order
+                }
+                pair = {name: future.result() for name, future in futures.items()}
+                on, off = pair[PGQG], pair[PGQG_NO_METRICS]
+                on_cpu = on["cpu_us_per_request"].get("server")
+                off_cpu = off["cpu_us_per_request"].get("server")
+                pair["valid"] = on["valid"] and off["valid"] and bool(off["rps"] and on_cpu)
+                if pair["valid"]:
+                    pair["rps_ratio"] = on["rps"] / off["rps"]
+                    pair["cpu_ratio"] = off_cpu / on_cpu
+                    self.log(
+                        f"side by side {r + 1}/{a.rounds}: metrics on {on['rps']:.0f} req/s "
+                        f"{on_cpu:.0f} µs/req, off {off['rps']:.0f} req/s {off_cpu:.0f} µs/req: "
+                        f"on ÷ off {pair['rps_ratio']:.3f} (req/s), {pair['cpu_ratio']:.3f} (CPU)"
+                    )
+                rounds.append(pair)
+        valid = [p for p in rounds if p["valid"]]
+        if not valid:
+            return {"rounds": rounds, "rps_ratio": None, "cpu_ratio": None}
+        return {
+            "rounds": rounds,
+            **{k: statistics.median(p[k] for p in valid) for k in ("rps_ratio", "cpu_ratio")},
+            # the spread shows the noise: an A/A run (both with metrics) spreads as widely
+            **{
+                f"{k}_range": (min(p[k] for p in valid), max(p[k] for p in valid))
+                for k in ("rps_ratio", "cpu_ratio")
+            },
+            "cpu_us_per_request": {
+                name: statistics.median(p[name]["cpu_us_per_request"]["server"] for p in valid)
+                for name in pair_names
+            },
+            "invalid_rounds": len(rounds) - len(valid),
+        }
 
     def concurrency_sweep(self) -> list[dict[str, Any]]:
         a = self.args
@@ -708,10 +771,12 @@ def top_frames(collapsed: Path, n: int = 15) -> dict[str, Any]:
     Stacks are cut below the event loop (``run_app``): a sample whose innermost frame
     is ``run_app`` itself was in uvloop's C code (polling, callbacks, transports).
     "self" is by line (where the samples landed), "inclusive" by function.
+    ``metrics_pct``: the share of samples inside `HttpMetrics`' methods, where
+    everything metrics cost a request happens (`HttpMetrics.answered`).
     """
     self_count: dict[str, int] = {}
     incl_count: dict[str, int] = {}
-    total = 0
+    total = metrics = 0
     with contextlib.suppress(OSError), open(collapsed) as fh:
         for line in fh:
             stack, _, count_text = line.rstrip("\n").rpartition(" ")
@@ -723,6 +788,8 @@ def top_frames(collapsed: Path, n: int = 15) -> dict[str, Any]:
             if roots:
                 frames = frames[roots[-1] :]
             total += count
+            if any(f.startswith("HttpMetrics.") for f in frames):
+                metrics += count
             leaf = _short_frame(frames[-1], line=True)
             if leaf.startswith("run_app "):
                 leaf = "event loop (uvloop, C)"
@@ -734,7 +801,12 @@ def top_frames(collapsed: Path, n: int = 15) -> dict[str, Any]:
         ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:n]
         return [(frame, round(100 * c / total, 1)) for frame, c in ranked]
 
-    return {"samples": total, "top_self": top(self_count), "top_inclusive": top(incl_count)}
+    return {
+        "samples": total,
+        "top_self": top(self_count),
+        "top_inclusive": top(incl_count),
+        "metrics_pct": round(100 * metrics / total, 2) if total else None,
+    }
 
 
 def _short_frame(frame: str, *, line: bool) -> str:
@@ -842,6 +914,7 @@ def report(results: dict[str, Any]) -> str:
         met = "yes" if got is not None and got >= want else "no"
         shown = f"{got:.4f}x" if got is not None else "-"
         lines.append(f"| {LABELS[name]} | >= {want:g}x | {shown} | {met} |")
+    lines += _side_by_side_lines(comp.get("metrics_side_by_side"), cfg)
     if ratios.get(PGQG_JWT):
         cost = 1 - 1 / ratios[PGQG_JWT]
         met = "yes" if cost < TOKEN_COST_GOAL else "no"
@@ -883,7 +956,38 @@ def report(results: dict[str, Any]) -> str:
         ]
         for (sf, sp), (inf, ip) in zip(prof["top_self"], prof["top_inclusive"], strict=False):
             lines.append(f"| {sp} | `{sf}` | | {ip} | `{inf}` |")
+        if prof.get("metrics_pct") is not None:
+            goal = 100 * (1 - TARGETS[PGQG_NO_METRICS])
+            met = "yes" if prof["metrics_pct"] < goal else "no"
+            lines += [
+                "",
+                f"Metrics' share of pgqg's samples (inside HttpMetrics, where a request is "
+                f"counted): {prof['metrics_pct']:.2f} % (goal: under {goal:.0f} %; met: {met}).",
+            ]
     return "\n".join(lines)
+
+
+def _side_by_side_lines(pair: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
+    """What metrics cost with both pgqg's under load at once (`Bench.side_by_side`)."""
+    if pair is None:
+        return []
+    if pair["rps_ratio"] is None:
+        return ["", "Metrics on and off side by side: no valid round."]
+    want = TARGETS[PGQG_NO_METRICS]
+    met = "yes" if pair["rps_ratio"] >= want and pair["cpu_ratio"] >= want else "no"
+    cpu = pair["cpu_us_per_request"]
+    invalid = f", {pair['invalid_rounds']} invalid" if pair["invalid_rounds"] else ""
+    rps_low, rps_high = pair["rps_ratio_range"]
+    cpu_low, cpu_high = pair["cpu_ratio_range"]
+    return [
+        "",
+        f"Metrics on and off side by side ({cfg['connections']} clients each, both at once, "
+        f"{len(pair['rounds'])} rounds of {cfg['duration']:g} s{invalid}; medians of each "
+        f"round's ratio, then their range): req/s on ÷ off {pair['rps_ratio']:.3f} "
+        f"({rps_low:.3f}-{rps_high:.3f}), CPU µs/req off ÷ on {pair['cpu_ratio']:.3f} "
+        f"({cpu_low:.3f}-{cpu_high:.3f}; server {cpu[PGQG]:.0f} µs/req with metrics, "
+        f"{cpu[PGQG_NO_METRICS]:.0f} without); goal both >= {want:g}: met {met}.",
+    ]
 
 
 # --- the command ------------------------------------------------------------------------------

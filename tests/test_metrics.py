@@ -29,6 +29,7 @@ from support import (
 
 from gateway import create_app, load_settings
 from gateway.engine._metrics import LATENCY_BOUNDS_S, Buckets
+from gateway.web._app_keys import METRICS
 from gateway.web._metrics import HttpMetrics, SharedMetrics, collect
 
 QUERY = {"method": "POST", "route": "/v1/query"}
@@ -149,6 +150,31 @@ async def test_labels_hold_route_patterns_never_what_a_client_sent(
     assert value(samples, "pgqg_requests_total", **named, status="200") == 1
     assert value(samples, "pgqg_requests_total", **named, status="404") == 1
     assert value(samples, "pgqg_requests_total", method="other", route="unmatched", status="405")
+
+
+async def test_new_paths_and_methods_add_nothing_the_metrics_keep(
+    demo_client: GatewayClient,
+) -> None:
+    """What a client makes up counts under "unmatched" and "other", and is never kept
+    as a key of its own (each such request takes the slow way instead)."""
+    assert demo_client.app is not None
+    metrics = demo_client.app[METRICS].http
+
+    async def made_up() -> None:
+        marker = uuid.uuid4().hex
+        assert (await demo_client.get(f"/{marker}")).status == 404
+        # methods beyond the labels' (aiohttp's parser refuses ones it does not know)
+        for method in ("PROPFIND", "MKCOL", "LOCK"):
+            assert (await demo_client.request(method, "/v1/query")).status == 405
+            assert (await demo_client.request(method, f"/{marker}")).status in (404, 405)
+
+    await made_up()
+    routes, keys = len(metrics.routes), len(metrics.answers)
+    for _ in range(10):
+        await made_up()
+    assert (len(metrics.routes), len(metrics.answers)) == (routes, keys)
+    samples = await scrape(demo_client)
+    assert value(samples, "pgqg_requests_total", method="GET", route="unmatched", status="404")
 
 
 async def test_queue_and_connection_gauges(gateway_factory: ClientFactory) -> None:

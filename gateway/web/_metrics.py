@@ -27,10 +27,11 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import AbstractRoute
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -48,6 +49,9 @@ from .._errors import GatewayError
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..engine._metrics import LATENCY_BOUNDS_S, Buckets
+
+if TYPE_CHECKING:  # _observe imports this module
+    from ._observe import Exchange
 
 #: the one target so far; read replicas (DESIGN §8, Scale) will be others
 PRIMARY = "primary"
@@ -67,41 +71,111 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class HttpMetrics:
-    """The front end's counters, kept by `gateway.web._observe.observe_middleware`."""
+    """The front end's counters, kept by `gateway.web._observe.observe_middleware`.
+
+    A request costs one dict lookup and one histogram observation here: its
+    count by (method, route, status) is its histogram's count, and the duration
+    histogram by (method, route) is added up over the statuses at scrape time
+    (`requests`, `durations`).
+    """
 
     __slots__ = (
-        "bytes_sent",
+        "answers",
         "cancellations",
-        "durations",
         "errors",
         "queue_wait",
-        "requests",
-        "rows_sent",
+        "routes",
+        "sent_by_format",
         "sqlstate_classes",
     )
 
     def __init__(self) -> None:
-        #: (method, route, status): requests answered
-        self.requests: dict[tuple[str, str, int], int] = {}
-        #: (method, route): their durations, from the request's arrival to its answer
-        self.durations: dict[tuple[str, ...], Buckets] = {}
+        #: (method, route, status): the durations of the requests answered so, from
+        #: each one's arrival to its answer
+        self.answers: dict[tuple[str, str, int], Buckets] = {}
         #: from a query's submission until a connection took it
         self.queue_wait = Buckets(LATENCY_BOUNDS_S)
         self.errors: dict[str, int] = {}
         self.sqlstate_classes: dict[str, int] = {}
         self.cancellations = 0
-        self.rows_sent: dict[str, int] = {}
-        self.bytes_sent: dict[str, int] = {}
+        #: format: [rows, bytes] sent in query answers
+        self.sent_by_format: dict[str, list[int]] = {}
+        #: the app's routes' labels: two property calls fewer a request than `route_of`
+        self.routes: dict[AbstractRoute, str] = {}
+
+    def answered(
+        self, request: web.Request, exchange: Exchange, status: int, seconds: float
+    ) -> str:
+        """Count a request answered with `status` after `seconds`; returns its route.
+
+        Everything metrics cost a request happens in here (bench/run.py's profile
+        counts the samples in `HttpMetrics`' methods as that cost).
+        """
+        matched = request.match_info.route
+        route = self.routes.get(matched)
+        if route is None:
+            route = self._route_of(matched)
+        self.request(request.method, route, status, seconds)
+        job = exchange.job
+        if job is not None and job.started_at:
+            self.queue_wait.observe(job.started_at - exchange.submitted)
+        if exchange.error is not None:
+            self.error(exchange.error)
+        if exchange.cancelled:
+            self.cancellations += 1
+        fmt = exchange.format
+        if fmt:  # a query's answer: its rows and bytes (inline: a call costs as much)
+            totals = self.sent_by_format.get(fmt)
+            if totals is None:
+                totals = self.sent_by_format[fmt] = [0, 0]
+            totals[0] += exchange.rows
+            totals[1] += exchange.bytes
+        return route
+
+    def _route_of(self, matched: AbstractRoute) -> str:
+        """`route_of` for a route not in `routes` yet; remembers the app's own routes.
+
+        A request no route matched has a route object of its own: never remembered.
+        """
+        resource = matched.resource
+        if resource is None:
+            return "unmatched"
+        route = self.routes[matched] = resource.canonical
+        return route
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        answers = self.answers.get((method, route, status))
+        if answers is None:
+            answers = self._answers_of(method, route, status)
+        answers.observe(seconds)
+
+    def _answers_of(self, method: str, route: str, status: int) -> Buckets:
+        """The histogram of a key not seen yet, or of a method no label is made of.
+
+        Such a method is counted as "other" and never becomes a key of its own, so
+        a client cannot grow the label set (it takes this slower way each time).
+        """
         if method not in _METHODS:
             method = "other"
         key = (method, route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        durations = self.durations.get((method, route))
-        if durations is None:
-            durations = self.durations[method, route] = Buckets(LATENCY_BOUNDS_S)
-        durations.observe(seconds)
+        answers = self.answers.get(key)
+        if answers is None:
+            answers = self.answers[key] = Buckets(LATENCY_BOUNDS_S)
+        return answers
+
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        """(method, route, status): requests answered."""
+        return {key: answers.count for key, answers in self.answers.items()}
+
+    def durations(self) -> dict[tuple[str, ...], Buckets]:
+        """(method, route): the durations of their requests, whatever the status."""
+        merged: dict[tuple[str, ...], Buckets] = {}
+        for (method, route, _), answers in self.answers.items():
+            into = merged.get((method, route))
+            if into is None:
+                into = merged[method, route] = Buckets(LATENCY_BOUNDS_S)
+            into.add(answers)
+        return merged
 
     def error(self, error: GatewayError) -> None:
         self.errors[error.code] = self.errors.get(error.code, 0) + 1
@@ -111,9 +185,12 @@ class HttpMetrics:
                 cls = "other"
             self.sqlstate_classes[cls] = self.sqlstate_classes.get(cls, 0) + 1
 
-    def sent(self, fmt: str, rows: int, size: int) -> None:
-        self.rows_sent[fmt] = self.rows_sent.get(fmt, 0) + rows
-        self.bytes_sent[fmt] = self.bytes_sent.get(fmt, 0) + size
+
+def route_of(request: web.Request) -> str:
+    """The route's pattern (``/v1/queries/{name}``): a bounded label, never the
+    path a client typed; "unmatched" for a path or method no route has."""
+    resource = request.match_info.route.resource
+    return "unmatched" if resource is None else resource.canonical
 
 
 # --- the metric families -----------------------------------------------------------------
@@ -171,13 +248,13 @@ def _http_families(http: HttpMetrics) -> Iterator[Metric]:
         "HTTP requests answered, by method, route pattern and status"
         " (499: the client went away first).",
         ["method", "route", "status"],
-        http.requests,
+        http.requests(),
     )
     yield _histogram(
         "pgqg_request_duration_seconds",
         "From a request's arrival to its answer (a stream: to its last row).",
         ["method", "route"],
-        http.durations,
+        http.durations(),
     )
     yield _histogram(
         "pgqg_queue_wait_seconds",
@@ -204,14 +281,18 @@ def _http_families(http: HttpMetrics) -> Iterator[Metric]:
         [],
         {(): http.cancellations},
     )
+    sent = http.sent_by_format
     yield _counter(
-        "pgqg_rows_sent", "Rows sent in query answers, by format.", ["format"], http.rows_sent
+        "pgqg_rows_sent",
+        "Rows sent in query answers, by format.",
+        ["format"],
+        {fmt: rows for fmt, (rows, _) in sent.items()},
     )
     yield _counter(
         "pgqg_bytes_sent",
         "Bytes of query answers' bodies, by format.",
         ["format"],
-        http.bytes_sent,
+        {fmt: size for fmt, (_, size) in sent.items()},
     )
 
 

@@ -35,7 +35,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .._errors import GatewayError
 from ..engine._jobs import Job
-from ._metrics import HttpMetrics
+from ._metrics import HttpMetrics, route_of
 from ._middleware import error_body_of, error_response, gateway_error
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -225,13 +225,6 @@ def stream_headers(exchange: Exchange) -> dict[str, str]:
     }
 
 
-def route_of(request: web.Request) -> str:
-    """The route's pattern (``/v1/queries/{name}``): a bounded label, never the
-    path a client typed; "unmatched" for a path or method no route has."""
-    resource = request.match_info.route.resource
-    return "unmatched" if resource is None else resource.canonical
-
-
 def _done(
     request: web.Request,
     exchange: Exchange,
@@ -240,19 +233,7 @@ def _done(
     metrics: HttpMetrics | None,
 ) -> None:
     seconds = time.perf_counter() - started
-    route = ""
-    if metrics is not None:
-        route = route_of(request)
-        metrics.request(request.method, route, status, seconds)
-        job = exchange.job
-        if job is not None and job.started_at:
-            metrics.queue_wait.observe(job.started_at - exchange.submitted)
-        if exchange.error is not None:
-            metrics.error(exchange.error)
-        if exchange.cancelled:
-            metrics.cancellations += 1
-        if exchange.format:
-            metrics.sent(exchange.format, exchange.rows, exchange.bytes)
+    route = "" if metrics is None else metrics.answered(request, exchange, status, seconds)
     level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
     if access_log.isEnabledFor(level):
         _log_access(request, exchange, level, status, seconds, route or route_of(request))
