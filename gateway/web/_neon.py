@@ -96,9 +96,7 @@ class BatchOptions:
         if isolation is not None:
             level = ISOLATION_LEVELS.get(isolation)
             if level is None:
-                raise BadRequest(
-                    f"{ISOLATION_LEVEL} must be one of {', '.join(ISOLATION_LEVELS)}"
-                )
+                raise BadRequest(f"{ISOLATION_LEVEL} must be one of {', '.join(ISOLATION_LEVELS)}")
             isolation = level
         return cls(isolation, _flag(headers, READ_ONLY), _flag(headers, DEFERRABLE))
 

@@ -124,9 +124,7 @@ _NEON_SCHEMAS: dict[str, Any] = {
         "properties": {
             "query": {"type": "string", "minLength": 1, "description": "one statement, $1…"},
             "params": _or_null({"type": "array", "items": {}}),
-            "arrayMode": _or_null(
-                {"type": "boolean", "description": "overrides Neon-Array-Mode"}
-            ),
+            "arrayMode": _or_null({"type": "boolean", "description": "overrides Neon-Array-Mode"}),
         },
     },
     "NeonBatch": {
