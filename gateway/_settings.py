@@ -58,7 +58,17 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the HTTP server listens on.")
     pool_size: int = Field(
-        8, ge=1, le=256, description="PostgreSQL connections, one connection worker each."
+        8,
+        ge=1,
+        le=256,
+        description="PostgreSQL connections of each process, one connection worker each.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Front-end processes sharing the port (SO_REUSEPORT), each with its own"
+        " pool; more than 1 runs them under a supervisor.",
     )
     queue_size: int = Field(
         256, ge=0, description="Jobs that may wait beyond the running ones; more get 503."

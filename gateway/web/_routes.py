@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import time
 from typing import Any
 
@@ -305,8 +306,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Dispatcher and pool figures: queue depth, per-connection load; live event streams."""
+    """Dispatcher and pool figures: queue depth, per-connection load; live event streams.
+
+    ``pid`` is the answering process's: with ``--workers`` each has its own figures.
+    """
     body = request.app[DISPATCHER].stats()
+    body["pid"] = os.getpid()
     body["pool"] = request.app[POOL].get_stats()
     body["subscribers"] = request.app[LISTENER].subscribers
     body["listen"] = request.app[LISTENER].stats()

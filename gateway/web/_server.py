@@ -40,7 +40,13 @@ async def freeze_startup_objects(_app: web.Application) -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
+def serve(
+    settings: Settings,
+    dsn: str,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    reuse_port: bool = False,
+) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
     On the signal aiohttp stops accepting connections; the app's shutdown hook
@@ -49,6 +55,8 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
     aiohttp waits for handlers still writing (cancelling them after another
     grace period at most); the cleanup context stops the workers and closes
     the pool. Then this returns, and the process exits 0.
+
+    `reuse_port` binds with SO_REUSEPORT, for the workers of `gateway.web._supervisor`.
     """
     configure_logging(settings.log_level, settings.log_format)
     install_uvloop()
@@ -64,6 +72,7 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
         app,
         host=settings.host,
         port=settings.port,
+        reuse_port=reuse_port or None,
         shutdown_timeout=settings.shutdown_grace_s,
         handler_cancellation=True,
         access_log=None,  # the gateway writes its own, with request ids (web/_observe.py)
