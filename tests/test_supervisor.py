@@ -174,7 +174,7 @@ async def test_workers_that_keep_dying_stop_the_supervisor(
     victim = 0
     for _ in range(6):  # MAX_RESTARTS + 1 deaths within a minute
         current = wait_for(
-            lambda: (w := workers_of(served)) and len(w) == 2 and victim not in w and w,
+            lambda gone=victim: (w := workers_of(served)) and len(w) == 2 and gone not in w and w,
             "2 workers",
         )
         await answering_pids(served, http, current)  # each is ready before it is killed
