@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -69,6 +70,16 @@ class Settings(BaseSettings):
         le=64,
         description="Front-end processes sharing the port (SO_REUSEPORT), each with its own"
         " pool; more than 1 runs them under a supervisor.",
+    )
+    replica_dsns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Read replicas' connection strings, comma-separated: read-only requests"
+        " go to the least-loaded healthy one.",
+    )
+    replica_max_lag_ms: int = Field(
+        1000,
+        ge=0,
+        description="A replica whose replay lag is over this is skipped until it catches up.",
     )
     queue_size: int = Field(
         256, ge=0, description="Jobs that may wait beyond the running ones; more get 503."
@@ -140,6 +151,13 @@ class Settings(BaseSettings):
         1000, ge=1, description="Event streams open at once at /v1/listen; more get 503."
     )
 
+    @field_validator("replica_dsns", mode="before")
+    @classmethod
+    def _split_replica_dsns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     @field_validator("listen_channels")
     @classmethod
     def _check_listen_channels(cls, rules: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -153,6 +171,7 @@ class Settings(BaseSettings):
                         " not starting with a digit, at most 63), a prefix ending in *, or *"
                     )
         return rules
+
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as readable text, or one JSON object per line."
     )
@@ -222,7 +241,7 @@ def describe_settings() -> list[tuple[str, str, str]]:
     rows = []
     for name, field in Settings.model_fields.items():
         default = field.default
-        shown = "(unset)" if default is None else str(default)
+        shown = "(unset)" if default is None or default == () else str(default)
         if name == "data_dir":
             shown = "<user data dir>/pgqg/pgdata"
         elif name == "sql_dir":

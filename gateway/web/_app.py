@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -11,9 +13,20 @@ from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..engine._pool import make_pool
+from ..engine._replicas import Replicas
 from ..values._encoding import Codec
 from . import _events
-from ._app_keys import CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._app_keys import (
+    CATALOG,
+    CODEC,
+    DISPATCHER,
+    DSN,
+    LISTENER,
+    METRICS,
+    POOL,
+    REPLICAS,
+    SETTINGS,
+)
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
 from ._observe import observe_middleware
 from ._routes import routes
@@ -69,9 +82,13 @@ async def drain_requests(app: web.Application) -> None:
     This runs before aiohttp waits for (and then cancels) its handlers, so a
     request cut short still gets an answer rather than a dropped connection.
     """
+    grace = app[SETTINGS].shutdown_grace_s
     dispatcher = app.get(DISPATCHER)
-    if dispatcher is not None:
-        await dispatcher.drain(app[SETTINGS].shutdown_grace_s)
+    replicas = app.get(REPLICAS)
+    await asyncio.gather(
+        *([dispatcher.drain(grace)] if dispatcher is not None else []),
+        *([replicas.drain(grace)] if replicas is not None else []),
+    )
 
 
 async def end_event_streams(app: web.Application) -> None:
@@ -83,7 +100,8 @@ async def end_event_streams(app: web.Application) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the pool and start the workers; on shutdown stop them, then close the pool."""
+    """Open the pool and start the workers, and the read replicas' if any; on
+    shutdown stop them, then close the pools."""
     settings = app[SETTINGS]
     pool = make_pool(settings, app[DSN])
     await pool.open(wait=False)
@@ -93,11 +111,28 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             app[POOL] = pool
             app[DISPATCHER] = dispatcher
-            yield
+            if settings.replica_dsns:
+                async with replicas_of(settings, app[CODEC]) as replicas:
+                    app[REPLICAS] = dispatcher.replicas = replicas
+                    yield
+            else:
+                yield
         finally:
+            dispatcher.replicas = None
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def replicas_of(settings: Settings, codec: Codec) -> AsyncIterator[Replicas]:
+    """The read replicas, open; closed at the end (also when opening failed half-way)."""
+    replicas = Replicas(settings, codec)
+    try:
+        await replicas.open()
+        yield replicas
+    finally:
+        await replicas.close(grace=settings.shutdown_grace_s)
 
 
 async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -108,6 +143,8 @@ async def listener_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await listener.close()
+
+
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """Let ``/metrics`` read the dispatcher and the pool while they are open;
     with several processes, publish this one's figures meanwhile."""

@@ -124,6 +124,11 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "sql": {"type": "string", "minLength": 1, "description": "one statement, $1… params"},
             "params": {"type": "array", "items": {}},
+            "read_only": {
+                "type": "boolean",
+                "description": "run it read-only (always so in read-only mode); a read"
+                " replica may answer",
+            },
             **_OPTIONS,
         },
     },

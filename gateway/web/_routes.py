@@ -26,7 +26,7 @@ from ..engine._dispatcher import probe_job
 from ..engine._jobs import Statement
 from ..values._formats import OutputFormat, negotiate
 from ..values._results import StatementResult
-from ._app_keys import CATALOG, DISPATCHER, LISTENER, POOL, SETTINGS
+from ._app_keys import CATALOG, DISPATCHER, LISTENER, POOL, REPLICAS, SETTINGS
 from ._observe import Exchange, exchange_of, sql_comment, stream_headers
 from ._openapi import openapi_document
 from ._requests import (
@@ -46,7 +46,7 @@ from ._requests import (
 routes = web.RouteTableDef()
 
 _OPTION_KEYS = frozenset({"timeout_ms", "max_rows", "shape"})
-_QUERY_KEYS = _OPTION_KEYS | {"sql", "params"}
+_QUERY_KEYS = _OPTION_KEYS | {"sql", "params", "read_only"}
 _TRANSACTION_KEYS = _OPTION_KEYS | {"statements", "isolation", "read_only"}
 _NAMED_QUERY_KEYS = _OPTION_KEYS | {"params"}
 
@@ -197,6 +197,19 @@ def _allow_raw_sql(settings: Settings) -> None:
         raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
 
 
+def _read_only(body: dict[str, Any], settings: Settings) -> bool:
+    """Whether raw SQL runs read-only: always in read-only mode, else as the body's
+    ``read_only`` says (read-only jobs may go to a read replica).
+
+    Raises:
+        BadRequest: ``read_only`` is not a boolean.
+    """
+    read_only = body.get("read_only", False)
+    if not isinstance(read_only, bool):
+        raise BadRequest("read_only must be true or false")
+    return read_only or settings.raw_sql == "read-only"
+
+
 @routes.post("/v1/query")
 async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
@@ -207,8 +220,7 @@ async def post_query(request: web.Request) -> web.StreamResponse:
     check_keys(body, _QUERY_KEYS)
     statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
-    read_only = settings.raw_sql == "read-only"
-    return await _run_one(request, fmt, statement, options, read_only=read_only)
+    return await _run_one(request, fmt, statement, options, read_only=_read_only(body, settings))
 
 
 @routes.post("/v1/transaction")
@@ -223,10 +235,8 @@ async def post_transaction(request: web.Request) -> web.Response:
     if not isinstance(items, list) or not items:
         raise BadRequest("statements must be a non-empty list")
     statements = [raw_statement(item, f"statements[{i}]") for i, item in enumerate(items)]
-    read_only = body.get("read_only", False)
-    if not isinstance(read_only, bool):
-        raise BadRequest("read_only must be true or false")
-    if settings.raw_sql == "read-only" and not read_only:
+    read_only = _read_only(body, settings)
+    if settings.raw_sql == "read-only" and body.get("read_only") is not True:
         raise Forbidden("raw SQL is read-only on this gateway; send read_only: true")
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
@@ -300,8 +310,21 @@ async def readyz(request: web.Request) -> web.Response:
     if not dispatcher.ready:
         raise Unavailable("no working database connection yet")
     loop = asyncio.get_running_loop()
-    await dispatcher.run(probe_job(loop.time() + 2.0))
-    return json_response({"status": "ready"})
+    await dispatcher.run(probe_job(loop.time() + 2.0), here=True)  # the primary
+    return json_response({"status": "ready", "targets": _targets(request.app)})
+
+
+def _targets(app: web.Application) -> list[dict[str, Any]]:
+    """The primary and each read replica: role, health, what waits for it."""
+    dispatcher = app[DISPATCHER]
+    primary = {
+        "name": "primary",
+        "role": "primary",
+        "healthy": dispatcher.ready,
+        "pending": dispatcher.pending,
+    }
+    replicas = app.get(REPLICAS)
+    return [primary, *(replicas.stats() if replicas is not None else [])]
 
 
 @routes.get("/v1/stats")
@@ -312,6 +335,7 @@ async def stats(request: web.Request) -> web.Response:
     """
     body = request.app[DISPATCHER].stats()
     body["pid"] = os.getpid()
+    body["targets"] = _targets(request.app)
     body["pool"] = request.app[POOL].get_stats()
     body["subscribers"] = request.app[LISTENER].subscribers
     body["listen"] = request.app[LISTENER].stats()
