@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,6 +69,18 @@ async def transaction(
     body = {"statements": [{"sql": s, "params": p} for s, p in statements], **options}
     resp = await client.post("/v1/transaction", json=body)
     return resp.status, await resp.json()
+
+
+async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
+    """How many backends are running a statement whose text holds `mark`."""
+    cur = await admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
+        " AND pid <> pg_backend_pid()",
+        (f"%{mark}%",),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:

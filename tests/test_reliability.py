@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from support import GatewayClient, assert_error, query, settled_stats
+from support import GatewayClient, assert_error, query, running, settled_stats
 
 from gateway import Codec, Dispatcher, Job, Statement, Unavailable
 from gateway._settings import load_settings
@@ -29,18 +29,6 @@ from gateway.engine._pool import make_pool, session_options
 def marker() -> str:
     """A unique string to find one test's query in pg_stat_activity."""
     return "pgqg-" + uuid.uuid4().hex[:12]
-
-
-async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
-    """How many backends are running a statement whose text holds `mark`."""
-    cur = await admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
-        " AND pid <> pg_backend_pid()",
-        (f"%{mark}%",),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def gone_within(admin: psycopg.AsyncConnection[Any], mark: str, limit: float) -> float:

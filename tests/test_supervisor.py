@@ -22,7 +22,7 @@ import aiohttp
 import psutil
 import psycopg
 import pytest
-from support import REPO, Served, free_port
+from support import REPO, Served, free_port, running
 
 pytestmark = pytest.mark.slow
 
@@ -146,16 +146,7 @@ async def test_sigterm_drains_every_worker(
     requests = [asyncio.create_task(slow()) for _ in range(6)]
     async with await psycopg.AsyncConnection.connect(database_dsn, autocommit=True) as conn:
         deadline = time.monotonic() + WAIT_S
-        while True:  # every request runs in some worker before the signal
-            cur = await conn.execute(
-                "select count(*) from pg_stat_activity"
-                " where query like %s and pid <> pg_backend_pid()",
-                (f"%{tag}%",),
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            if row[0] == 6:
-                break
+        while await running(conn, tag) < 6:  # every request runs in some worker
             assert time.monotonic() < deadline, "the slow queries did not start"
             await asyncio.sleep(0.02)
     served.proc.send_signal(signal.SIGTERM)
@@ -196,25 +187,20 @@ async def test_a_worker_failing_at_start_stops_the_supervisor(
     assert "before it was ready" in served.output(), served.output()
 
 
-def test_workers_need_a_fixed_port(database_dsn: str) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--dsn",
-            database_dsn,
-            "--workers",
-            "2",
-            "--port",
-            "0",
-        ],
+def serve_workers(dsn: str, port: int) -> subprocess.CompletedProcess[str]:
+    """``pgqg serve --workers 2`` on `port`, for a run that ends at start."""
+    argv = ["serve", "--dsn", dsn, "--workers", "2", "--port", str(port)]
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *argv],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=WAIT_S,
     )
+
+
+def test_workers_need_a_fixed_port(database_dsn: str) -> None:
+    done = serve_workers(database_dsn, 0)
     assert done.returncode == 2
     assert "--workers needs a fixed --port" in done.stderr
 
@@ -224,23 +210,6 @@ def test_a_taken_port_is_one_line(database_dsn: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--dsn",
-                database_dsn,
-                "--workers",
-                "2",
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=WAIT_S,
-        )
+        done = serve_workers(database_dsn, port)
     assert done.returncode == 1
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr
