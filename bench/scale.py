@@ -48,6 +48,7 @@ from run import (
     _cpu_of,
     cpu_figures,
     machine,
+    pgqg_jobs,
     run_wrk,
     summarize,
 )
@@ -113,12 +114,19 @@ def round_trip_ms(dsn: str, n: int = 200) -> float:
 
 class ScaleBench(Bench):
     def measure_server(self, server: Server, connections: int, duration: float) -> dict[str, Any]:
+        # one process's jobs per round trip (with --workers, the one /v1/stats reached)
+        jobs0 = pgqg_jobs(server.url) if server.name == PGQG else None
         meter = ProcessTreeMeter(server.pid, self.postmaster_pid)
         before = meter.sample()
         result = run_wrk(
             server.url, connections=connections, duration=duration, scale=self.args.scale
         )
         result.update(cpu_figures(before, meter.sample(), result["requests"]))
+        if jobs0 is not None:
+            jobs1 = pgqg_jobs(server.url)
+            result["jobs"], result["round_trips"] = jobs1[0] - jobs0[0], jobs1[1] - jobs0[1]
+            trips = result["round_trips"]
+            result["jobs_per_round_trip"] = round(result["jobs"] / trips, 2) if trips else 0.0
         return result
 
     def rounds(self, servers: dict[str, Server]) -> dict[str, Any]:
@@ -165,6 +173,12 @@ class ScaleBench(Bench):
         a = self.args
         direct_ms = round_trip_ms(self.dsn)
         self.log(f"select 1 straight to PostgreSQL: {direct_ms:.3f} ms")
+        proxy = LatencyProxy(self.dsn, 0.0)
+        try:  # what the proxy itself costs a round trip, with nothing added
+            proxy_ms = round_trip_ms(proxy.dsn)
+        finally:
+            proxy.close()
+        self.log(f"select 1 through the proxy adding nothing: {proxy_ms:.3f} ms")
         out = []
         for rtt in a.rtt_ms:
             proxy = LatencyProxy(self.dsn, rtt)
@@ -182,7 +196,11 @@ class ScaleBench(Bench):
                 for name in list(self.servers):
                     self.stop(name)
                 proxy.close()
-            result.update(rtt_ms=rtt, added_ms_measured=round(via_ms - direct_ms, 3))
+            result.update(
+                rtt_ms=rtt,
+                added_ms_measured=round(via_ms - direct_ms, 3),
+                proxy_overhead_ms=round(proxy_ms - direct_ms, 3),
+            )
             out.append(result)
         return out
 
@@ -233,9 +251,14 @@ def report_latency(results: list[dict[str, Any]], args: argparse.Namespace) -> s
     }
     out = [f"pool size {args.pool_size} each, {args.connections} HTTP clients (wrk)", ""]
     for result in results:
-        measured = result["added_ms_measured"]
-        out.append(f"### +{result['rtt_ms']:g} ms round trip (measured +{measured:.2f} ms)")
+        measured, overhead = result["added_ms_measured"], result["proxy_overhead_ms"]
+        out.append(
+            f"### +{result['rtt_ms']:g} ms round trip (measured +{measured:.2f} ms,"
+            f" of which the proxy's own {overhead:.2f} ms)"
+        )
         out += ["", *table(result, labels), ""]
+        per_trip = result["summary"][PGQG].get("jobs_per_round_trip")
+        out += [f"pgqg ran {per_trip} jobs per round trip", ""]
         if result["rtt_ms"] == GOAL["rtt_ms"] and args.pool_size == 4:
             ratio = result["ratios"].get(GOAL["against"])
             met = ratio is not None and ratio >= GOAL["ratio"]
