@@ -213,3 +213,31 @@ def test_a_taken_port_is_one_line(database_dsn: str) -> None:
         done = serve_workers(database_dsn, port)
     assert done.returncode == 1
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr
+
+
+async def test_every_process_signalled_at_once_still_drains(
+    start: Callable[..., Served], http: aiohttp.ClientSession
+) -> None:
+    """systemd's default stop: SIGTERM to the supervisor and each worker at once; a
+    worker gets it twice (directly and forwarded) and stops after one drain."""
+    served = start()
+    await served.ready(http)
+    workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
+    for pid in [served.proc.pid, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    assert await served.exit_code(WAIT_S) == 0, served.output()
+
+
+async def test_workers_stopped_one_by_one_are_not_replaced(
+    start: Callable[..., Served], http: aiohttp.ClientSession
+) -> None:
+    served = start()
+    await served.ready(http)
+    workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
+    first, second = sorted(workers)
+    os.kill(first, signal.SIGTERM)  # it drains and exits 0: stopped on purpose
+    wait_for(lambda: workers_of(served) == {second}, "the first worker to stop")
+    await answering_pids(served, http, {second})
+    os.kill(second, signal.SIGTERM)
+    assert await served.exit_code(WAIT_S) == 0, served.output()
+    assert f"pgqg: worker {first} was stopped; not replaced" in served.output()

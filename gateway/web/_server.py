@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 from collections.abc import Callable
 
 from aiohttp import web
@@ -40,12 +41,31 @@ async def freeze_startup_objects(_app: web.Application) -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+async def stop_signals_once(_app: web.Application) -> None:
+    """Let only the first SIGTERM or SIGINT stop the server; ignore the ones after.
+
+    aiohttp raises `GracefulExit` at every one, and a second one during the drain
+    cuts the shutdown short (the process may then hang). A worker of several gets
+    two when every process is signalled (systemd's default stop, a ``kill`` of them
+    all) and its supervisor forwards the signal too.
+    """
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: None)
+        raise web.GracefulExit()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+
+
 def serve(
     settings: Settings,
     dsn: str,
     *,
     on_ready: Callable[[str], None] | None = None,
-    reuse_port: bool = False,
+    worker: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
@@ -56,7 +76,8 @@ def serve(
     grace period at most); the cleanup context stops the workers and closes
     the pool. Then this returns, and the process exits 0.
 
-    `reuse_port` binds with SO_REUSEPORT, for the workers of `gateway.web._supervisor`.
+    A `worker` of `gateway.web._supervisor` binds with SO_REUSEPORT and stops at
+    the first of several stop signals (`stop_signals_once`).
     """
     configure_logging(settings.log_level, settings.log_format)
     install_uvloop()
@@ -66,13 +87,15 @@ def serve(
         if on_ready is not None:
             on_ready(f"http://{settings.host}:{settings.port}")
 
+    if worker:
+        app.on_startup.append(stop_signals_once)  # after aiohttp installed its handlers
     app.on_startup.append(freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_startup.append(announce)
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
-        reuse_port=reuse_port or None,
+        reuse_port=worker or None,
         shutdown_timeout=settings.shutdown_grace_s,
         handler_cancellation=True,
         access_log=None,  # the gateway writes its own, with request ids (web/_observe.py)

@@ -9,7 +9,9 @@ itself serves nothing and opens no connection:
 * it prints the ready line once every worker is ready;
 * a worker that dies is started again, unless workers keep dying (more than
   `MAX_RESTARTS` within `RESTART_WINDOW_S`, or one dies before it ever got ready):
-  then it stops the others and `supervise` raises `WorkersKeepDying`;
+  then it stops the others and `supervise` raises `WorkersKeepDying`. A worker that
+  exits 0 was stopped on purpose (SIGTERM to it drains it, as to one process) and is
+  not replaced; when none is left, `supervise` returns;
 * SIGTERM, SIGINT or SIGHUP to the supervisor becomes one SIGTERM to each worker,
   which drains as a single process does (``shutdown_grace_s``); `supervise` returns
   once all have exited;
@@ -163,6 +165,10 @@ class _Supervisor:
             forget_process(self.metrics_dir, pid)
             if self.stopping:
                 continue
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                # it drained and stopped after a stop signal of its own: someone meant it
+                print(f"pgqg: worker {pid} was stopped; not replaced", file=sys.stderr, flush=True)
+                continue
             self._died(pid, status, ready=ready)
 
     def _died(self, pid: int, status: int, *, ready: bool) -> None:
@@ -239,7 +245,7 @@ class _Supervisor:
         def ready(_url: str) -> None:
             os.write(ready_w, f"{os.getpid()}\n".encode())
 
-        serve(self.settings, self.dsn, on_ready=ready, reuse_port=True)
+        serve(self.settings, self.dsn, on_ready=ready, worker=True)
 
 
 def _die_with(supervisor: int) -> None:
