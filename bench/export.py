@@ -55,21 +55,28 @@ def free_port() -> int:
 
 
 @contextmanager
-def database(dsn: str | None) -> Iterator[str]:
-    """The given DSN, or a throwaway embedded cluster's."""
+def database(dsn: str | None) -> Iterator[tuple[str, str]]:
+    """The given DSN, or a throwaway embedded cluster's: (for COPY, for the gateway,
+    which logs in as the embedded server's least-privileged role as pgqg serve does)."""
     if dsn:
-        yield dsn
+        yield dsn, dsn
         return
     with tempfile.TemporaryDirectory(prefix="pgqg-bench-") as tmp:
         os.chmod(tmp, 0o755)  # the server may run as another user when we are root
         with EmbeddedPostgres(Path(tmp) / "pg", fast=True) as pg:
-            yield pg.dsn
+            yield pg.dsn, pg.gateway_dsn
 
 
 @contextmanager
 def gateway(dsn: str, port: int) -> Iterator[psutil.Process]:
     """``python -m gateway serve`` in a child process, ready to answer."""
-    env = {**os.environ, "PGQG_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
+    # a --dsn may name a superuser, which pgqg serves raw SQL to only when allowed to
+    env = {
+        **os.environ,
+        "PGQG_LOG_LEVEL": "warning",
+        "PGQG_ALLOW_PRIVILEGED_ROLE": "true",
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--dsn", dsn, "--port", str(port)],
         env=env,
@@ -170,14 +177,14 @@ def best_of(repeat: int, run: Callable[[], int]) -> tuple[float, int]:
     return best
 
 
-def bench(dsn: str, rows: int, repeat: int) -> dict[str, Any]:
+def bench(dsn: str, serve_dsn: str, rows: int, repeat: int) -> dict[str, Any]:
     sql = QUERY.format(rows=rows)
     figures: dict[str, Any] = {"rows": rows, "query": sql, "repeat": repeat}
     for fmt in ("text", "csv"):
         elapsed, lines = best_of(repeat, lambda fmt=fmt: copy_export(dsn, sql, fmt))
         figures[f"copy_{fmt}"] = {"seconds": elapsed, "rows_per_s": rows / elapsed, "lines": lines}
     port = free_port()
-    with gateway(dsn, port) as process:
+    with gateway(serve_dsn, port) as process:
         gateway_export(port, "select 1", "ndjson")  # warm up: connections, imports
         figures["gateway_idle_rss_mb"] = process.memory_info().rss / MB
         for fmt in ("ndjson", "csv"):
@@ -222,8 +229,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    with database(args.dsn) as dsn:
-        figures = bench(dsn, args.rows, args.repeat)
+    with database(args.dsn) as (dsn, serve_dsn):
+        figures = bench(dsn, serve_dsn, args.rows, args.repeat)
     for key, extra in (("ndjson", 0), ("csv", 1), ("copy_text", 0), ("copy_csv", 1)):
         if figures[key]["lines"] != args.rows + extra:
             raise SystemExit(f"{key}: {figures[key]['lines']} lines, not {args.rows + extra}")

@@ -10,6 +10,10 @@
    size: pgqg (``python -m gateway serve``), pgqg again with ``PGQG_METRICS=false``
    (``pgqg-nometrics``: what ``/metrics`` costs) and the baselines of
    ``bench/baselines.py``. Each must answer a point select correctly before it is measured.
+   ``pgqg-jwt`` is pgqg with ``PGQG_JWT_SECRET``, every request carrying an HS256 token
+   that names a role (``pgqg_bench_reader``, made here, allowed to read pgbench's
+   tables): the token's cost, verification and the role and claims set in each job's
+   transaction.
 3. Warms each target up, then runs ``--rounds`` interleaved rounds: in each round every
    target in turn (the order rotates from round to round) gets
    ``wrk -t2 -c32 -d{duration}s`` with ``bench/wrk/point_select.lua`` (a random aid per
@@ -67,12 +71,18 @@ POINT_SELECT = "SELECT aid, abalance FROM pgbench_accounts WHERE aid = $1"
 PGQG = "pgqg"
 #: pgqg itself with PGQG_METRICS=false: what /metrics costs it, in the same run
 PGQG_NO_METRICS = "pgqg-nometrics"
+#: pgqg itself with PGQG_JWT_SECRET, each request with a token: what a token costs
+PGQG_JWT = "pgqg-jwt"
 PGBENCH = "pgbench -S"
+#: the role of pgqg-jwt's token, and the secret it is signed with (a run's own)
+BENCH_ROLE = "pgqg_bench_reader"
+JWT_SECRET = os.urandom(24).hex()
 #: the HTTP targets, in the order of the first round; bench/baselines.py's kinds
 BASELINES = ("connect", "psycopg_pool", "asyncpg", "asyncpg_noreset", "static")
 LABELS = {
     PGQG: "pgqg",
     PGQG_NO_METRICS: "pgqg, metrics off (PGQG_METRICS=false)",
+    PGQG_JWT: "pgqg, Bearer HS256 token (role and claims per job)",
     "connect": "connect per request (psycopg)",
     "psycopg_pool": "aiohttp + psycopg_pool",
     "asyncpg": "aiohttp + asyncpg pool",
@@ -84,6 +94,8 @@ LABELS = {
 TARGETS = {"psycopg_pool": 1.8, "asyncpg": 1.4, "connect": 50.0, "static": 0.5}
 #: issue 22's: metrics cost a point select less than 5 %
 TARGETS[PGQG_NO_METRICS] = 0.95
+#: issue 19's: a token costs less than this share of pgqg's req/s (pgqg-jwt's own line)
+TOKEN_COST_GOAL = 0.15
 CONCURRENCY_SWEEP = (1, 8, 32, 128, 512)
 POOL_SWEEP = (1, 2, 4, 8, 16)
 
@@ -108,10 +120,15 @@ def free_port() -> int:
         return port
 
 
-def http(url: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+def http(
+    url: str, body: dict[str, Any] | None = None, timeout: float = 5.0, token: str | None = None
+) -> Any:
     """GET (or POST `body` as JSON) and decode the JSON answer; HTTP errors raise."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -125,6 +142,8 @@ class Server:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    #: a bearer token every request carries (pgqg-jwt)
+    token: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -156,7 +175,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise BenchError(f"{self.name} exited at start; see {self.log_path}")
             try:
-                check_answer(self.name, self.url, aid=1)
+                check_answer(self.name, self.url, aid=1, token=self.token)
                 return
             except (OSError, ValueError, urllib.error.URLError) as exc:
                 last = exc
@@ -175,14 +194,14 @@ class Server:
             proc.wait(timeout=5)
 
 
-def check_answer(name: str, url: str, aid: int) -> None:
+def check_answer(name: str, url: str, aid: int, token: str | None = None) -> None:
     """A point select through `url` must answer the row of `aid`.
 
     Raises:
         ValueError: the answer has no such row (a server answering 200 with
             the wrong thing must not be measured).
     """
-    answer = http(f"{url}/v1/query", {"sql": POINT_SELECT, "params": [aid]})
+    answer = http(f"{url}/v1/query", {"sql": POINT_SELECT, "params": [aid]}, token=token)
     rows = answer.get("rows") if isinstance(answer, dict) else None
     if not rows or rows[0].get("aid") != aid or "abalance" not in rows[0]:
         raise ValueError(f"{name}: unexpected answer to a point select: {answer!r:.200}")
@@ -252,9 +271,18 @@ def cpu_figures(before: dict[str, float], after: dict[str, float], requests: int
 
 
 def run_wrk(
-    url: str, *, connections: int, duration: float, scale: int, threads: int = 2
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    scale: int,
+    threads: int = 2,
+    token: str | None = None,
+    script_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """One wrk run with the point-select script; counts, rate and latency percentiles."""
+    """One wrk run with the point-select script; counts, rate and latency percentiles;
+    with `token`, every request carries it; `script_args`, if given, replace what
+    follows the scale (the SQL, and "neon" for POST /sql: bench/neon.py)."""
     threads = max(1, min(threads, connections))
     argv = [
         "wrk",
@@ -268,6 +296,7 @@ def run_wrk(
         url,
         "--",
         str(scale),
+        *(script_args or (POINT_SELECT, *([token] if token else []))),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     match = re.search(r"^RESULT (\{.*\})$", done.stdout, re.MULTILINE)
@@ -388,6 +417,9 @@ def pgqg_jobs(url: str) -> tuple[int, int]:
 class Bench:
     args: argparse.Namespace
     dsn: str = ""
+    #: what pgqg and the baselines log in as: the embedded server's least-privileged
+    #: login role (as pgqg serve's), or --dsn's
+    serve_dsn: str = ""
     postmaster_pid: int | None = None
     servers: dict[str, Server] = field(default_factory=dict)
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pgqg-bench-")))
@@ -404,15 +436,20 @@ class Bench:
     def make_server(self, name: str, pool_size: int) -> Server:
         """pgqg or a baseline on a free port, with `pool_size` connections."""
         port = free_port()
-        common = ["--dsn", self.dsn, "--port", str(port), "--pool-size", str(pool_size)]
-        env = {}
+        common = ["--dsn", self.serve_dsn, "--port", str(port), "--pool-size", str(pool_size)]
+        env, token = {}, None
         if name.startswith(PGQG):
             argv = [sys.executable, "-m", "gateway", "serve", *common]
             env["PGQG_LOG_LEVEL"] = "warning"
+            # a --dsn may name a superuser, which pgqg serves raw SQL to only when allowed
+            env["PGQG_ALLOW_PRIVILEGED_ROLE"] = str(bool(self.args.dsn))
             if name == PGQG_NO_METRICS:
                 env["PGQG_METRICS"] = "false"
         else:
             argv = [sys.executable, str(BENCH_DIR / "baselines.py"), "--kind", name, *common]
+        if name == PGQG_JWT:
+            env["PGQG_JWT_SECRET"] = JWT_SECRET
+            token = bench_token()
         return Server(
             name=name,
             argv=argv,
@@ -420,6 +457,7 @@ class Bench:
             log_path=RESULTS_DIR / "logs" / f"{name}.log",
             # pgqg's own defaults otherwise (read-only raw SQL, max_batch 32, ...)
             env=env,
+            token=token,
         )
 
     def start(self, server: Server) -> Server:
@@ -451,7 +489,11 @@ class Bench:
         meter = CpuMeter(server.pid, self.postmaster_pid)
         before = meter.sample()
         result = run_wrk(
-            server.url, connections=connections, duration=duration, scale=self.args.scale
+            server.url,
+            connections=connections,
+            duration=duration,
+            scale=self.args.scale,
+            token=server.token,
         )
         result.update(cpu_figures(before, meter.sample(), result["requests"]))
         if is_pgqg:
@@ -466,7 +508,7 @@ class Bench:
     def setup_database(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if self.args.dsn:
-            self.dsn = self.args.dsn
+            self.dsn = self.serve_dsn = self.args.dsn
             info["database"] = "given by --dsn"
         else:
             data_dir = self.scratch / "pgdata"
@@ -474,14 +516,31 @@ class Bench:
             self._embedded = embedded
             self.log(f"starting an embedded PostgreSQL in {data_dir}")
             embedded.start()
-            self.dsn = embedded.dsn
+            self.dsn, self.serve_dsn = embedded.dsn, embedded.gateway_dsn
             self.postmaster_pid = embedded.pid
             info["database"] = "embedded PostgreSQL 16 (pgserver), fsync off, TCP + scram"
         if not self.args.skip_load:
             self.log(f"loading pgbench tables, scale {self.args.scale}")
             info["load_s"] = round(load_pgbench_tables(self.pg, self.args.scale), 1)
         info["server_version"] = self._server_version()
+        if PGQG_JWT in self.args.against:
+            self._bench_role()
         return info
+
+    def _bench_role(self) -> None:
+        """`BENCH_ROLE`: reads pgbench's tables; pgqg's login role may take it."""
+        import psycopg
+        from psycopg import sql
+        from psycopg.conninfo import conninfo_to_dict
+
+        login = sql.Identifier(str(conninfo_to_dict(self.serve_dsn)["user"]))
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [BENCH_ROLE])
+            role = sql.Identifier(BENCH_ROLE)
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(role))
+            conn.execute(sql.SQL("GRANT SELECT ON pgbench_accounts TO {}").format(role))
+            conn.execute(sql.SQL("GRANT {} TO {}").format(role, login))
 
     def _server_version(self) -> str:
         import psycopg
@@ -704,6 +763,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def bench_token() -> str:
+    """pgqg-jwt's token: `BENCH_ROLE`, a sub, valid for a day (one token, as one
+    signed-in user's browser sends: the gateway verifies it once, then knows it)."""
+    import jwt
+
+    now = int(time.time())
+    claims = {"role": BENCH_ROLE, "sub": "bench", "iat": now, "exp": now + 86400}
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -752,6 +821,15 @@ def report(results: dict[str, Any]) -> str:
         met = "yes" if got is not None and got >= want else "no"
         shown = f"{got:.4f}x" if got is not None else "-"
         lines.append(f"| {LABELS[name]} | >= {want:g}x | {shown} | {met} |")
+    if ratios.get(PGQG_JWT):
+        cost = 1 - 1 / ratios[PGQG_JWT]
+        met = "yes" if cost < TOKEN_COST_GOAL else "no"
+        lines += [
+            "",
+            f"A bearer token (HS256, verified once and then known; role and claims set in "
+            f"each job's transaction) costs {100 * cost:.1f} % of pgqg's req/s "
+            f"(goal: under {100 * TOKEN_COST_GOAL:.0f} %; met: {met}).",
+        ]
     for title, key in (("clients", "concurrency_sweep"), ("pool size", "pool_sweep")):
         rows = results.get(key) or []
         if not rows:
@@ -805,10 +883,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--against",
         type=_targets,
-        default=[*BASELINES, PGQG_NO_METRICS, PGBENCH],
+        default=[*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGBENCH],
         metavar="NAME,...",
         help="what pgqg is compared with (all): "
-        + ", ".join([*BASELINES, PGQG_NO_METRICS, "pgbench"]),
+        + ", ".join([*BASELINES, PGQG_NO_METRICS, PGQG_JWT, "pgbench"]),
     )
     p.add_argument("--profile", action="store_true", help="also py-spy pgqg under load")
     p.add_argument(
@@ -834,7 +912,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _targets(text: str) -> list[str]:
     """``--against``'s comma-separated names, in the baselines' order."""
-    known = (*BASELINES, PGQG_NO_METRICS, PGBENCH)
+    known = (*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGBENCH)
     wanted = {PGBENCH if n.strip() == "pgbench" else n.strip() for n in text.split(",")}
     if unknown := wanted.difference(known):  # an empty name is unknown too
         names = ", ".join(map(repr, sorted(unknown)))

@@ -17,13 +17,24 @@ uses the standard library only. It is also the package's build backend
 (``pyproject.toml``): setuptools', with the project's own dependencies added
 to the build environment, because mypyc type-checks the compiled modules
 against psycopg's, aiohttp's and the others' annotations.
+
+An editable install that finds next to the sources the extensions a build of
+these very sources left (`reusable_build`: the same package sources, Python
+and mypy, as `record_build` noted) keeps them instead of compiling again, and
+then needs no dependencies in its build environment: the README's second
+install command (``pip install -e '.[dev]'`` after ``pip install -e .``) takes
+seconds instead of minutes. Any edit to a source compiles afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
+import importlib.metadata
+import json
 import os
 import shutil
+import sys
 import sysconfig
 import tomllib
 from pathlib import Path
@@ -37,6 +48,7 @@ NATIVE_GROUP = "gateway._native"
 COMPILED_MODULES = (
     "web._routes",
     "web._requests",
+    "web._neon",
     "values._encoding",
     "catalog._catalog",
     "engine._jobs",
@@ -50,9 +62,14 @@ COMPILED_MODULES = (
     "engine._cancel",
     "engine._reader",
     "engine._housekeeping",
+    "engine._outcome",
     "engine._libpq",
     "values._results",
 )
+
+
+#: where a build notes what it compiled, for the next editable install to reuse
+BUILD_RECORD = Path(__file__).parents[1] / "build" / "pgqg-native.json"
 
 
 def can_compile() -> bool:
@@ -104,6 +121,66 @@ def built_extensions() -> list[Path]:
     return [path for path in found if path is not None]
 
 
+def build_key() -> str:
+    """A hash of all that compiled extensions are made from: every source of the
+    package (mypyc checks the compiled modules against the others), ``setup.py``,
+    the Python that builds them and mypy's version (mypyc is mypy's)."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    digest.update((package.parent / "setup.py").read_bytes() + b"\0")
+    digest.update(f"{sys.version}\0{sysconfig.get_config_var('EXT_SUFFIX')}\0".encode())
+    try:
+        digest.update(importlib.metadata.version("mypy").encode())
+    except importlib.metadata.PackageNotFoundError:
+        digest.update(b"no mypy")
+    return digest.hexdigest()
+
+
+def _extension_digests() -> dict[str, str]:
+    package = Path(__file__).parent
+    return {
+        path.relative_to(package).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in built_extensions()
+    }
+
+
+def record_build() -> None:
+    """Note, after a build, what it compiled from (`build_key`) and what it left."""
+    BUILD_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    record = {"key": build_key(), "extensions": _extension_digests()}
+    BUILD_RECORD.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def forget_build() -> None:
+    """The extensions are gone (or replaced): nothing is there to reuse."""
+    BUILD_RECORD.unlink(missing_ok=True)
+
+
+def reusable_build() -> bool:
+    """Whether every extension next to the sources is one a build of these very
+    sources left (`record_build`), so an editable install may keep them."""
+    try:
+        record = json.loads(BUILD_RECORD.read_text())
+    except (OSError, ValueError):
+        return False
+    extensions = _extension_digests()
+    return (
+        isinstance(record, dict)
+        and len(extensions) == len(COMPILED_MODULES) + 1  # and the shared library
+        and record.get("extensions") == extensions
+        and record.get("key") == build_key()
+    )
+
+
+def will_compile() -> bool:
+    """Whether a build here compiles (else it installs plain Python, or keeps a
+    reusable build); `PGQG_COMPILE` is read by the build only, never by the gateway."""
+    return os.environ.get("PGQG_COMPILE", "1") != "0" and can_compile() and not reusable_build()
+
+
 def source_paths() -> list[str]:
     """The compiled modules' sources, relative to the project (for mypycify)."""
     project = Path(__file__).parents[1]
@@ -137,7 +214,14 @@ def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) 
         return list(tomllib.load(file)["project"]["dependencies"])
 
 
-get_requires_for_build_editable = get_requires_for_build_sdist = get_requires_for_build_wheel
+def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:
+    """As `get_requires_for_build_wheel`, but nothing when this build will not
+    compile: a reusable build is kept (see the module), and plain Python needs
+    no type check."""
+    return get_requires_for_build_wheel(config_settings) if will_compile() else []
+
+
+get_requires_for_build_sdist = get_requires_for_build_wheel
 
 
 def __getattr__(name: str) -> Any:

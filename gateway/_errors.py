@@ -7,6 +7,8 @@ fields. `gateway.web._middleware` is the only place that turns one into a respon
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -14,6 +16,9 @@ class DiagnosticError(Exception):
     """An error with PostgreSQL's diagnostic fields, where it came from PostgreSQL.
 
     `position` is the 1-based character of the statement the error points at.
+    `diagnostics` holds the other fields PostgreSQL sent (severity, context,
+    schema_name, table_name, ...), named as psycopg's ``Diagnostic`` names them;
+    the v1 error body leaves them out, the Neon one (``POST /sql``) has them.
     """
 
     def __init__(
@@ -24,6 +29,7 @@ class DiagnosticError(Exception):
         detail: str | None = None,
         hint: str | None = None,
         position: int | None = None,
+        diagnostics: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -31,6 +37,7 @@ class DiagnosticError(Exception):
         self.detail = detail
         self.hint = hint
         self.position = position
+        self.diagnostics = diagnostics or {}
 
 
 class GatewayError(DiagnosticError):
@@ -43,6 +50,12 @@ class GatewayError(DiagnosticError):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     retry_after: ClassVar[int | None] = None
+
+    def headers(self) -> dict[str, str]:
+        """The response's headers besides the body's: ``Retry-After`` when set."""
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(self.retry_after)}
 
     def to_dict(self) -> dict[str, Any]:
         """The ``{"error": {...}}`` body of DESIGN §3."""
@@ -72,11 +85,50 @@ class RawSqlDisabled(GatewayError):
     code = "raw_sql_disabled"
 
 
+class Unauthorized(GatewayError):
+    """The request carries no bearer token, and this gateway has no anonymous role.
+
+    `challenge` is the ``WWW-Authenticate`` header of the answer (RFC 6750: no
+    error code when the request had no credentials at all).
+    """
+
+    status = 401
+    code = "unauthorized"
+
+    @property
+    def challenge(self) -> str:
+        return "Bearer"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": self.challenge}
+
+
+class InvalidToken(Unauthorized):
+    """The bearer token is malformed, expired, not yet valid, for another audience,
+    or its signature does not verify. The message is one of the gateway's own
+    fixed sentences: it never quotes the token."""
+
+    code = "invalid_token"
+
+    @property
+    def challenge(self) -> str:
+        description = self.message.replace("\\", "").replace('"', "'")
+        return f'Bearer error="invalid_token", error_description="{description}"'
+
+
 class Forbidden(GatewayError):
     """The request asks for something the configuration does not allow."""
 
     status = 403
     code = "forbidden"
+
+
+class ForbiddenRole(GatewayError):
+    """The request's role may not do this: the gateway's login role cannot SET it,
+    the named query is declared for other roles, or raw SQL is limited to others."""
+
+    status = 403
+    code = "forbidden_role"
 
 
 class NotFound(GatewayError):
@@ -92,8 +144,21 @@ class UnknownQuery(GatewayError):
 
 
 class MethodNotAllowed(GatewayError):
+    """The resource exists but not with this method; *allow* lists the methods it
+    takes, sent as the ``Allow`` header HTTP requires on a 405."""
+
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: Iterable[str] = (), **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.allow = ", ".join(allow)
+
+    def headers(self) -> dict[str, str]:
+        headers = super().headers()
+        if self.allow:
+            headers["Allow"] = self.allow
+        return headers
 
 
 class NotAcceptable(GatewayError):
@@ -115,6 +180,14 @@ class UnsupportedMediaType(GatewayError):
     code = "unsupported_media_type"
 
 
+class ResultTooLarge(GatewayError):
+    """A result has more rows than ``max_rows``, where the answer cannot say it was cut
+    (``POST /sql``: Neon's protocol has no ``truncated``)."""
+
+    status = 507
+    code = "result_too_large"
+
+
 class Overloaded(GatewayError):
     """The dispatcher queue is full, or a job waited in it too long."""
 
@@ -129,6 +202,17 @@ class Unavailable(GatewayError):
     status = 503
     code = "unavailable"
     retry_after = 2
+
+
+class OutcomeUnknown(GatewayError):
+    """The connection was lost after a write's COMMIT (or autocommit statement) was
+    sent and before PostgreSQL acknowledged it: it may or may not have taken effect.
+
+    No ``Retry-After``: unlike `Unavailable`, retrying blindly may apply it twice.
+    """
+
+    status = 502
+    code = "outcome_unknown"
 
 
 class Timeout(GatewayError):
@@ -219,13 +303,49 @@ def query_error(
     detail: str | None = None,
     hint: str | None = None,
     position: int | None = None,
+    diagnostics: dict[str, str] | None = None,
 ) -> QueryError:
-    """Build the `QueryError` for a PostgreSQL error, its status from the SQLSTATE."""
+    """Build the `QueryError` for a PostgreSQL error, its status from the SQLSTATE.
+
+    The message is PostgreSQL's, in the client's words where it speaks the
+    protocol's (`client_message`).
+    """
     return QueryError(
-        message,
+        client_message(message, sqlstate),
         status=status_for_sqlstate(sqlstate),
         sqlstate=sqlstate,
         detail=detail,
         hint=hint,
         position=position,
+        diagnostics=diagnostics,
     )
+
+
+# PostgreSQL's words (postgres.c) when a Bind carries the wrong number of values
+_BIND_COUNT = re.compile(
+    r'bind message supplies (?P<given>\d+) parameters?, but prepared statement ".*" requires'
+    r" (?P<needed>\d+)"
+)
+
+
+def client_message(message: str, sqlstate: str | None) -> str:
+    """PostgreSQL's error *message* as the client should read it.
+
+    The wire protocol's wording of a wrong parameter count (SQLSTATE 08P01,
+    "bind message supplies 1 parameters, but prepared statement "" requires
+    2") becomes `parameter_count_message`'s; every other message is kept.
+    """
+    if sqlstate == "08P01" and (match := _BIND_COUNT.fullmatch(message)):
+        return parameter_count_message(int(match["needed"]), int(match["given"]))
+    return message
+
+
+def parameter_count_message(needed: int, given: int) -> str:
+    """``the statement has 2 parameters ($1, $2); 1 given``: said the same on every path."""
+    if not needed:
+        return f"the statement has no parameters; {given} given"
+    numbers = [f"${n}" for n in range(1, needed + 1)]
+    if needed > 4:
+        numbers = [*numbers[:2], "…", numbers[-1]]
+    plural = "s" if needed != 1 else ""
+    return f"the statement has {needed} parameter{plural} ({', '.join(numbers)}); {given} given"

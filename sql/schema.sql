@@ -25,7 +25,9 @@ CREATE TABLE review (
     rating     int         NOT NULL CHECK (rating BETWEEN 1 AND 5),
     body       text        NOT NULL,
     reviewer   text        NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- a draft (false) is seen by its reviewer only: see the policy below
+    published  boolean     NOT NULL DEFAULT true
 );
 
 -- Foreign keys are not indexed by PostgreSQL itself; joins and per-book lists need these.
@@ -38,3 +40,44 @@ CREATE INDEX book_title_fts_idx ON book USING gin (to_tsvector('english', title)
 CREATE INDEX book_title_prefix_idx ON book (lower(title) text_pattern_ops);
 
 CREATE INDEX book_tags_idx ON book USING gin (tags);
+
+-- Roles for requests that carry a token (docs/identity.md): a gateway with
+-- PGQG_JWT_SECRET runs each request as the role its token names. Readers read the
+-- shop; reviewers also write reviews. Roles belong to the whole server, not to this
+-- database: each is made only where it is missing. The gateway's login role must be
+-- a member of both to take them on (GRANT bookshop_reader, bookshop_reviewer TO it);
+-- the embedded server's (pgqg serve without a database) is made one here.
+DO $$
+DECLARE
+    name text;
+BEGIN
+    FOREACH name IN ARRAY ARRAY['bookshop_reader', 'bookshop_reviewer'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = name) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', name);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- made meanwhile by a load of the demo into another database
+            END;
+        END IF;
+        IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'pgqg_authenticator') THEN
+            EXECUTE format('GRANT %I TO pgqg_authenticator', name);
+        END IF;
+    END LOOP;
+END
+$$;
+
+GRANT USAGE ON SCHEMA public TO bookshop_reader, bookshop_reviewer;
+GRANT SELECT ON author, book, review TO bookshop_reader, bookshop_reviewer;
+GRANT INSERT, UPDATE, DELETE ON review TO bookshop_reviewer;
+
+-- Row-level security, one policy for every role: a review is seen once published,
+-- and by its own reviewer (a bookshop_reviewer whose token's sub is its reviewer)
+-- while it is a draft. The same test stops anyone from writing a draft in another
+-- reviewer's name. Without a token the sub is unset (NULL, or '' once a request on
+-- the connection had one), so only published reviews are seen: every seeded one.
+-- The table's owner, and superusers, are not subject to it.
+ALTER TABLE review ENABLE ROW LEVEL SECURITY;
+CREATE POLICY review_published_or_own ON review
+    USING (published
+           OR (pg_has_role('bookshop_reviewer', 'MEMBER')
+               AND reviewer = nullif(current_setting('request.jwt.claim.sub', true), '')));

@@ -11,7 +11,10 @@ The test database (DESIGN §7): tests run against a real PostgreSQL, never a moc
    in a temporary directory, started for the session and stopped at its end.
 
 So the suite passes on a machine with nothing but Python, and no database test is
-skipped for want of a database. `embedded_factory` makes extra embedded clusters that
+skipped for want of a database. `database_dsn` is a superuser, for setting up and
+checking; the gateways under test log in as a least-privileged role
+(``pgqg_test_authenticator``, sessions as ``pgqg_test_anon``), as users' do: see
+`gateway_login` and `support.as_gateway`. `embedded_factory` makes extra embedded clusters that
 a test owns (restart and crash tests); they are all stopped at the test's teardown.
 
 Embedded clusters live under `embedded_root`, a session directory outside pytest's
@@ -37,14 +40,26 @@ import psycopg
 import psycopg.conninfo
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from support import GatewayClient, wait_until_ready
+from faultproxy import FaultProxy
+from support import (
+    GatewayClient,
+    GatewayLogin,
+    as_gateway,
+    server_of,
+    use_gateway_login,
+    wait_until_ready,
+)
 
 from gateway import Codec, create_app, load_settings
 from gateway._build import stale_build
 from gateway._settings import DEFAULT_SQL_DIR as SQL_DIR
 from gateway.embedded._postgres import EmbeddedPostgres
+from gateway.embedded._roles import create_gateway_roles, role_exists, set_password
 from gateway.engine._pipeline import Session
 from gateway.engine._pool import session_options
+
+#: fixtures of a headless Chromium (tests/browser.py), for the tests that ask for one
+pytest_plugins = ("browser",)
 
 DSN_ENV = "PGQG_TEST_DSN"
 CONTAINER_IMAGE = "postgres:16-alpine"
@@ -125,11 +140,46 @@ def embedded_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+TEST_LOGIN = "pgqg_test_authenticator"
+TEST_REQUEST_ROLE = "pgqg_test_anon"
+
+
+def gateway_login(dsn: str) -> GatewayLogin:
+    """Make (or refresh) the tests' login role on the server of `dsn` (a superuser's).
+
+    Authenticator style, as docs/security.md has it; its request role may read and
+    write every table of every database (``pg_read_all_data``, ``pg_write_all_data``,
+    PostgreSQL 14 and later), as the tests make tables everywhere, and nothing more.
+    """
+    password = uuid.uuid4().hex
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.info.server_version < 140000:
+            raise RuntimeError("the tests' gateway login role needs PostgreSQL 14 or later")
+        if role_exists(conn, TEST_LOGIN):
+            set_password(conn, TEST_LOGIN, password)
+        else:
+            create_gateway_roles(
+                conn, password=password, login=TEST_LOGIN, request_role=TEST_REQUEST_ROLE
+            )
+        conn.execute(f"GRANT pg_read_all_data, pg_write_all_data TO {TEST_REQUEST_ROLE}")
+    return GatewayLogin(*server_of(dsn), TEST_LOGIN, password)
+
+
 @pytest.fixture(scope="session")
 def database_dsn(embedded_root: Path) -> Iterator[str]:
-    """A libpq URI of a real PostgreSQL for the whole session (superuser on it)."""
+    """A libpq URI of a real PostgreSQL for the whole session (superuser on it).
+
+    The tests' gateway login role is made on it first (`gateway_login`).
+    """
     with find_database(embedded_root) as dsn:
+        use_gateway_login(gateway_login(dsn))
         yield dsn
+
+
+@pytest.fixture(scope="session")
+def gateway_dsn(database_dsn: str) -> str:
+    """`database_dsn` as the gateways under test log in: least-privileged."""
+    return as_gateway(database_dsn)
 
 
 @pytest.fixture
@@ -182,6 +232,24 @@ def embedded_factory(embedded_dir: Path) -> Iterator[EmbeddedFactory]:
         raise failures[0]
 
 
+ProxyFactory = Callable[[int], Awaitable[FaultProxy]]
+
+
+@pytest.fixture
+async def fault_proxy() -> AsyncIterator[ProxyFactory]:
+    """Fault-injecting TCP proxies (tests/faultproxy.py) to a local port; all closed after."""
+    made: list[FaultProxy] = []
+
+    async def make(upstream_port: int) -> FaultProxy:
+        proxy = await FaultProxy(upstream_port).start()
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in reversed(made):
+        await proxy.close()
+
+
 # --------------------------------------------------------------------------------------
 # Application and client fixtures follow below.
 
@@ -217,18 +285,25 @@ ClientFactory = Callable[..., Awaitable[GatewayClient]]
 async def gateway_factory(database_dsn: str) -> AsyncIterator[ClientFactory]:
     """Start gateways on the test database with settings overrides; all closed after.
 
-    Each waits until ``/readyz`` answers 200 unless ``wait_ready=False``.
+    Each logs in as the tests' least-privileged role (`support.as_gateway`), unless
+    ``privileged=True``: then with `dsn` as given. Each waits until ``/readyz`` answers
+    200 unless ``wait_ready=False``.
     """
     clients: list[GatewayClient] = []
 
     async def start(
-        *, wait_ready: bool = True, dsn: str | None = None, **overrides: Any
+        *,
+        wait_ready: bool = True,
+        dsn: str | None = None,
+        privileged: bool = False,
+        **overrides: Any,
     ) -> GatewayClient:
         overrides.setdefault("pool_size", 4)
-        settings = load_settings(dsn=dsn or database_dsn, **overrides)
+        dsn = dsn or database_dsn
+        settings = load_settings(dsn=dsn if privileged else as_gateway(dsn), **overrides)
         client = TestClient(TestServer(create_app(settings)))
+        clients.append(client)  # closed after, also when its start fails
         await client.start_server()
-        clients.append(client)
         if wait_ready:
             await wait_until_ready(client)
         return client
@@ -273,11 +348,12 @@ async def demo_client(gateway_factory: ClientFactory, demo_dsn: str) -> GatewayC
 
 
 @pytest.fixture
-async def session(database_dsn: str) -> AsyncIterator[Session]:
-    """A pipelined `Session` on a direct connection with the gateway's session options."""
-    settings = load_settings(dsn=database_dsn)
+async def session(gateway_dsn: str) -> AsyncIterator[Session]:
+    """A pipelined `Session` on a direct connection with the gateway's session options,
+    logged in as the gateways under test are."""
+    settings = load_settings(dsn=gateway_dsn)
     conn = await psycopg.AsyncConnection.connect(
-        database_dsn, autocommit=True, options=session_options(settings)
+        gateway_dsn, autocommit=True, options=session_options(settings)
     )
     sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
     try:

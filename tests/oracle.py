@@ -5,7 +5,8 @@ with the gateway's session options) for a value's own text output and type, and
 applies the rule — int2/int4/float4/float8 as JSON numbers with exactly
 PostgreSQL's digits, bool as true/false, json/jsonb as the JSON value itself,
 arrays as nested JSON arrays (their elements taken apart by PostgreSQL with
-``unnest`` and ``array_dims``), anything else as its text output.
+``unnest`` and ``array_dims``) unless a lower bound is not 1 (a JSON array
+has none: then the array's text output), anything else as its text output.
 
 JSON is compared with numbers kept as their text (`Num`) and objects as ordered
 pairs (`Obj`), so ``0.10`` differs from ``0.1`` and key order counts.
@@ -91,7 +92,7 @@ class Oracle:
         if info.base:
             return self._expected(expr, text, info.base)
         if info.element:
-            return self._array(expr)
+            return self._array(expr, text)
         if info.name in _NUMBERS:
             return text if text in _NON_FINITE else Num(text)
         if info.name == "bool":
@@ -100,21 +101,24 @@ class Oracle:
             return exact_json(text)
         return text
 
-    def _array(self, expr: str) -> list[Any]:
-        """The array `expr` taken apart by PostgreSQL: each element's own output, and the shape."""
+    def _array(self, expr: str, text: str) -> list[Any] | str:
+        """The array `expr` taken apart by PostgreSQL: each element's own output, and the
+        shape; its `text` output when one of its lower bounds is not 1."""
+        dims = self._exec(f"SELECT pg_catalog.array_dims(({expr}))").get_value(0, 0)
+        bounds = re.findall(r"\[(-?\d+):(-?\d+)\]", dims.decode()) if dims is not None else []
+        if any(int(lo) != 1 for lo, _ in bounds):
+            return text
         # unnest in the select list keeps a composite element whole
         elements_of = f"(SELECT pg_catalog.unnest(({expr})) AS u) AS s"
         res = self._exec(f"SELECT s.u FROM {elements_of}")
         elements = []
         for i in range(res.ntuples):
             raw = res.get_value(i, 0)
-            text = raw.decode() if raw is not None else None
+            element_text = raw.decode() if raw is not None else None
             element = f"(SELECT s.u FROM {elements_of} OFFSET {i} LIMIT 1)"
-            elements.append(self._expected(element, text, res.ftype(0)))
-        dims = self._exec(f"SELECT pg_catalog.array_dims(({expr}))").get_value(0, 0)
-        if dims is None:
+            elements.append(self._expected(element, element_text, res.ftype(0)))
+        if not bounds:
             return []
-        bounds = re.findall(r"\[(-?\d+):(-?\d+)\]", dims.decode())
         return _reshape(elements, [int(hi) - int(lo) + 1 for lo, hi in bounds])
 
     def _type(self, oid: int) -> _Type:

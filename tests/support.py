@@ -10,20 +10,77 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import psycopg
+import psycopg.conninfo
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.catalog import NamedQuery, parse_queries
 
 GatewayClient = TestClient[Request, Application]
 
 START_TIMEOUT_S = 20.0
 REPO = Path(__file__).resolve().parent.parent
+
+
+# --- the role the tests' gateways log in as ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayLogin:
+    """The tests' least-privileged login role on the test server (conftest makes it)."""
+
+    host: str
+    port: str
+    user: str
+    password: str
+
+
+_gateway_login: GatewayLogin | None = None
+
+
+def server_of(dsn: str) -> tuple[str, str]:
+    """The host and port `dsn` names (as written; the port 5432 when it names none)."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    return str(info.get("host") or ""), str(info.get("port") or "5432")
+
+
+def use_gateway_login(login: GatewayLogin) -> None:
+    """Called once a session by conftest, when the login role exists."""
+    global _gateway_login
+    _gateway_login = login
+
+
+def as_gateway(dsn: str) -> str:
+    """`dsn` logged in as the tests' least-privileged role, as a user's gateway would,
+    when it names the session's test server (any database on it); other DSNs as given."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    login = _gateway_login
+    host, port = server_of(dsn)
+    if login is None or (host, port) != (login.host, login.port):
+        return dsn
+    user = urllib.parse.quote(login.user, safe="")
+    password = urllib.parse.quote(login.password, safe="")
+    where = f"[{host}]" if ":" in host else urllib.parse.quote(host, safe="")
+    # without a dbname libpq takes the user's name: the original user's, here
+    dbname = urllib.parse.quote(str(info.get("dbname") or info.get("user") or ""), safe="")
+    rest = {
+        k: str(v)
+        for k, v in info.items()
+        if k not in ("host", "port", "user", "password", "dbname")
+    }
+    query = f"?{urllib.parse.urlencode(rest)}" if rest else ""
+    return f"postgresql://{user}:{password}@{where}:{port}/{dbname}{query}"
 
 
 async def wait_until_ready(client: GatewayClient, timeout: float = 20.0) -> None:
@@ -71,6 +128,22 @@ async def transaction(
     return resp.status, await resp.json()
 
 
+def parse_one(text: str) -> NamedQuery:
+    """The one named query of a file's *text* (read as ``q.sql``)."""
+    (named,) = parse_queries(text, "q.sql")
+    return named
+
+
+def query_with(params: str, sql: str) -> NamedQuery:
+    """A query ``q`` declaring *params* (the text after ``-- params:``) for *sql*."""
+    return parse_one(f"-- name: q\n-- params: {params}\n{sql}\n")
+
+
+def marker() -> str:
+    """A unique string to find one test's query in pg_stat_activity."""
+    return "pgqg-" + uuid.uuid4().hex[:12]
+
+
 async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
     """How many backends are running a statement whose text holds `mark`."""
     cur = await admin.execute(
@@ -83,6 +156,41 @@ async def running(admin: psycopg.AsyncConnection[Any], mark: str) -> int:
     return int(row[0])
 
 
+#: how long a cancelled query may take to go, at the most: generous, for a loaded
+#: machine (the queries cancelled in tests would otherwise run for minutes)
+GONE_S = 30.0
+
+
+async def gone_within(
+    admin: psycopg.AsyncConnection[Any], mark: str, limit: float = GONE_S
+) -> float:
+    """Seconds until no backend runs `mark`'s statement; fails after `limit`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while await running(admin, mark):
+        assert loop.time() - started < limit, f"{mark} still running after {limit} s"
+        await asyncio.sleep(0.02)
+    return loop.time() - started
+
+
+#: the tests' token secret (PGQG_JWT_SECRET): 32 bytes and more
+JWT_SECRET = "pgqg-tests-only-secret-0123456789abcdef"
+
+
+def sign(claims: dict[str, Any], *, lifetime_s: float = 300, **kwargs: Any) -> str:
+    """A token of `claims` (``exp`` `lifetime_s` from now unless given), HS256 with
+    `JWT_SECRET` unless `kwargs` (PyJWT's: key, algorithm, headers) say otherwise."""
+    payload = {"exp": int(time.time() + lifetime_s), **claims}
+    kwargs.setdefault("key", JWT_SECRET)
+    kwargs.setdefault("algorithm", "HS256")
+    return jwt.encode(payload, **kwargs)
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header that carries `token`."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:
     """The body has DESIGN §3's error shape with this code (and SQLSTATE)."""
     error = body["error"]
@@ -91,6 +199,18 @@ def assert_error(body: Any, code: str, sqlstate: str | None = None) -> None:
     assert isinstance(error["message"], str) and error["message"]
     if sqlstate is not None:
         assert error["sqlstate"] == sqlstate, error
+
+
+def as_made_before_login_roles(pg: Any) -> None:
+    """Make the running `EmbeddedPostgres` look like a data directory made before the
+    gateway had a login role of its own: no such roles, no password file for them."""
+    from gateway.embedded._datadir import GATEWAY_PASSWORD_FILE
+    from gateway.embedded._roles import LOGIN_ROLE, REQUEST_ROLE
+
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {LOGIN_ROLE}, {REQUEST_ROLE}")
+        conn.execute(f"DROP ROLE {LOGIN_ROLE}, {REQUEST_ROLE}")
+    (pg.data_dir / GATEWAY_PASSWORD_FILE).unlink()
 
 
 # --- a gateway in a process of its own (``pgqg serve``) ---------------------------------
@@ -106,13 +226,21 @@ def free_port() -> int:
 class Served:
     """A ``pgqg serve`` subprocess on a free port; `env` adds ``PGQG_*`` settings.
 
-    Its output goes to a temporary file (a pipe nobody reads could fill and
-    block it), shown by `output` once it exited.
+    It logs in as the tests' least-privileged role (`as_gateway`), unless `privileged`:
+    then with `dsn` as given. Its output goes to a temporary file (a pipe nobody reads
+    could fill and block it), shown by `output` once it exited.
     """
 
-    def __init__(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        privileged: bool = False,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        dsn = dsn if privileged else as_gateway(dsn)
         cmd = [sys.executable, "-m", "gateway", "serve", "--dsn", dsn, "--port", str(self.port)]
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
@@ -170,6 +298,7 @@ class Served:
 # --- /metrics, parsed by prometheus-client ------------------------------------------------
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
 
 async def scrape(client: GatewayClient) -> Samples:
     """Every sample of ``/metrics``, parsed by prometheus-client, by (name, labels)."""

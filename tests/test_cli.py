@@ -8,6 +8,8 @@ this test's event loop, and the command runs in a worker thread (it blocks on HT
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import socket
 import uuid
@@ -15,16 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import psycopg
 import psycopg.conninfo
 import pytest
 from click.testing import CliRunner, Result
-from conftest import ClientFactory
+from conftest import TEST_REQUEST_ROLE, ClientFactory
+from support import JWT_SECRET
 
 import gateway.cli._commands
 from gateway import load_settings
 from gateway.cli._commands import _announce, main
 from gateway.cli._demo import demo_state
+from gateway.web._auth import Authenticator
 
 #: settings the machine may have that would change where commands go
 CLEAN_ENV: dict[str, str | None] = {"PGQG_DSN": None, "DATABASE_URL": None}
@@ -133,6 +138,24 @@ def test_query_error_prints_postgres_message_detail_and_hint(database_dsn: str) 
         "DETAIL:  id 99 is not in the shop",
         "HINT:  try id 7",
     ]
+
+
+@pytest.mark.parametrize(
+    ("sql", "params", "message"),
+    [
+        ("select $1::int + $2::int", ["1"], "the statement has 2 parameters ($1, $2); 1 given"),
+        ("select $1::int", ["1", "2"], "the statement has 1 parameter ($1); 2 given"),
+        ("select $1::int", [], "the statement has 1 parameter ($1); 0 given"),
+        ("select 1", ["1"], "the statement has no parameters; 1 given"),
+    ],
+)
+async def test_a_wrong_parameter_count_reads_the_same_directly_and_through_a_gateway(
+    database_dsn: str, rw_gateway: str, sql: str, params: list[str], message: str
+) -> None:
+    expected = f"ERROR:  {message} (SQLSTATE 08P01)\n"
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, *params)
+    gateway = await pgqg_async("query", "--url", rw_gateway, sql, *params)
+    assert (direct.exit_code, direct.stderr) == (gateway.exit_code, gateway.stderr) == (1, expected)
 
 
 def test_query_takes_one_statement(database_dsn: str) -> None:
@@ -260,6 +283,44 @@ async def test_query_through_the_gateway_with_parameters(rw_gateway: str) -> Non
     assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+async def test_query_through_the_gateway_streams_every_row(
+    gateway_factory: ClientFactory, database_dsn: str, fmt: str
+) -> None:
+    # more rows than the gateway's max_rows: its JSON answer would stop there
+    url = str((await gateway_factory(max_rows=100)).make_url("")).rstrip("/")
+    sql = "select g, repeat('x', g % 7) AS pad, E'a\\nb' AS nl from generate_series(1, 2500) g"
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", fmt)
+    gateway = await pgqg_async("query", "--url", url, sql, "--format", fmt)
+    assert direct.exit_code == gateway.exit_code == 0, (direct.output, gateway.output)
+    assert raw(gateway) == raw(direct)
+    assert gateway.stderr == ""
+    lines = raw(gateway).count("\n")
+    assert lines == (1 + 2500 * 2 if fmt == "csv" else 2500)  # a header; a LF in every row
+
+
+async def test_a_lone_backslash_dot_is_quoted_as_copy_does(
+    database_dsn: str, rw_gateway: str
+) -> None:
+    sql = "select '\\.' AS x"  # COPY's end-of-data marker, alone on its line
+    direct = await pgqg_async("query", "--dsn", database_dsn, sql, "--format", "csv")
+    gateway = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "csv")
+    assert raw(direct) == raw(gateway) == 'x\r\n"\\."\r\n'
+
+
+async def test_query_through_the_gateway_a_stream_that_fails_midway(rw_gateway: str) -> None:
+    sql = "select g, 1 / (g - 4000) AS x from generate_series(1, 5000) g"
+    ndjson = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "ndjson")
+    assert ndjson.exit_code == 1
+    assert ndjson.stderr == "ERROR:  division by zero (SQLSTATE 22012)\n"
+    rows = [json.loads(line) for line in ndjson.stdout.splitlines()]
+    assert rows and rows == [{"g": g, "x": -1 if g > 3000 else 0} for g in range(1, len(rows) + 1)]
+    csv = await pgqg_async("query", "--url", rw_gateway, sql, "--format", "csv")
+    assert csv.exit_code == 1
+    assert "cut its answer short" in csv.stderr
+    assert raw(csv).startswith("g,x\r\n1,0\r\n")
+
+
 async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: str) -> None:
     result = await pgqg_async("query", "--url", rw_gateway, "select 1/0")
     assert result.exit_code == 1
@@ -276,6 +337,11 @@ async def test_query_gateway_errors(gateway_factory: ClientFactory, rw_gateway: 
     )
     assert result.exit_code == 1
     assert "SQLSTATE 25006" in result.stderr  # read-only, enforced by PostgreSQL
+    assert result.stderr.splitlines() == [
+        "ERROR:  cannot execute CREATE TABLE in a read-only transaction: raw SQL is read-only"
+        " on this gateway (SQLSTATE 25006)",
+        "HINT:  writes need PGQG_RAW_SQL=read-write (pgqg serve --raw-sql read-write)",
+    ]
 
 
 def test_query_unreachable_gateway() -> None:
@@ -289,6 +355,100 @@ async def test_query_defaults_to_the_local_gateway(gateway_factory: ClientFactor
     env = {"PGQG_HOST": "127.0.0.1", "PGQG_PORT": str(client.port)}
     result = await pgqg_async("query", "select 42 AS x", "--format", "csv", env=env)
     assert (result.exit_code, raw(result)) == (0, "x\r\n42\r\n")
+
+
+# --- values that print alike in every format, directly and through a gateway -----------------
+
+
+async def outputs(dsn: str, url: str, sql: str, *params: str) -> dict[tuple[str, str], str]:
+    """``pgqg query`` output by (target, format), each run checked to succeed."""
+    printed = {}
+    for target, where in (("--dsn", dsn), ("--url", url)):
+        for fmt in ("json", "ndjson", "csv", "table"):
+            result = await pgqg_async("query", target, where, sql, *params, "--format", fmt)
+            assert result.exit_code == 0, (target, fmt, result.output)
+            printed[target, fmt] = raw(result)
+    return printed
+
+
+def one_line(printed: str) -> Any:
+    """The one NDJSON row of `printed`, which is one line whatever its values hold."""
+    assert printed.endswith("\n") and printed.count("\n") == 1 and "\r" not in printed, printed
+    return json.loads(printed)
+
+
+async def test_json_with_line_breaks_is_one_ndjson_line(database_dsn: str, rw_gateway: str) -> None:
+    sql = (
+        "select (select json_agg(t) from (values (1, 'a'), (2, 'b')) t) AS agg,"
+        " row_to_json(row(1, 'x'), true) AS pretty, E'[1,\\r\\n2]'::json AS crlf"
+    )
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {
+        "agg": [{"column1": 1, "column2": "a"}, {"column1": 2, "column2": "b"}],
+        "pretty": {"f1": 1, "f2": "x"},
+        "crlf": [1, 2],
+    }
+    for target in ("--dsn", "--url"):
+        assert one_line(printed[target, "ndjson"]) == row
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+    # directly, CSV cells are PostgreSQL's text, line breaks and all
+    agg, pretty, crlf = (scalar(database_dsn, f"select {c}::text from ({sql}) s") for c in row)
+    assert printed["--dsn", "csv"] == (
+        f'agg,pretty,crlf\r\n"{agg.replace(chr(34), 2 * chr(34))}",'
+        f'"{pretty.replace(chr(34), 2 * chr(34))}","{crlf}"\r\n'
+    )
+    # through a gateway, json is rebuilt from the JSON answer: the same values
+    header, cells = printed["--url", "csv"].split("\r\n", 1)
+    assert header == "agg,pretty,crlf"
+    assert [json.loads(c) for c in next(csv.reader(io.StringIO(cells)))] == list(row.values())
+
+
+async def test_negative_zero_parameter(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select $1::float8 AS f, $1::text AS t, array[$1::float8] AS fs"
+    printed = await outputs(database_dsn, rw_gateway, sql, "-0")
+    for target in ("--dsn", "--url"):
+        assert '"rows":[{"f":-0,"t":"-0","fs":[-0]}]' in printed[target, "json"]
+        assert printed[target, "ndjson"] == '{"f":-0,"t":"-0","fs":[-0]}\n'
+        assert printed[target, "csv"] == "f,t,fs\r\n-0,-0,{-0}\r\n"
+        assert printed[target, "table"].splitlines()[2].split() == ["-0", "-0", "{-0}"]
+
+
+async def test_box_array_parameter(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select $1::box[] AS b"
+    printed = await outputs(database_dsn, rw_gateway, sql, "{(1,1),(0,0);(3,3),(2,2)}")
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [
+            {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}
+        ]
+        assert one_line(printed[target, "ndjson"]) == {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}
+        assert printed[target, "csv"] == 'b\r\n"{(1,1),(0,0);(3,3),(2,2)}"\r\n'
+        assert "{(1,1),(0,0);(3,3),(2,2)}" in printed[target, "table"]
+
+
+async def test_array_with_lower_bounds_is_its_text(database_dsn: str, rw_gateway: str) -> None:
+    sql = "select '[2:3]={1,2}'::int[] AS a, '[0:0][1:1]={{x}}'::text[] AS t, '{1,2}'::int[] AS b"
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {"a": "[2:3]={1,2}", "t": "[0:0][1:1]={{x}}", "b": [1, 2]}
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+        assert one_line(printed[target, "ndjson"]) == row
+        assert printed[target, "csv"] == 'a,t,b\r\n"[2:3]={1,2}",[0:0][1:1]={{x}},"{1,2}"\r\n'
+        assert "[2:3]={1,2}" in printed[target, "table"]
+
+
+async def test_json_null_and_sql_null(database_dsn: str, rw_gateway: str) -> None:
+    """Both are null in JSON and NDJSON; ``IS NULL`` tells them apart in every output, and
+    CSV (PostgreSQL's text, directly or streamed by a gateway) shows json's ``null``
+    beside NULL's empty field, as does a direct query's table."""
+    sql = "select 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
+    printed = await outputs(database_dsn, rw_gateway, sql)
+    row = {"j": None, "n": None, "j_is_null": False}
+    for target in ("--dsn", "--url"):
+        assert json.loads(printed[target, "json"])["rows"] == [row]
+        assert one_line(printed[target, "ndjson"]) == row
+    for target in ("--dsn", "--url"):
+        assert printed[target, "csv"] == "j,n,j_is_null\r\nnull,,f\r\n"
+    assert printed["--dsn", "table"].splitlines()[2].split() == ["null", "NULL", "f"]
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -411,6 +571,9 @@ def test_run_an_empty_file(tmp_path: Path, database_dsn: str) -> None:
 async def test_run_through_the_gateway(
     gateway_factory: ClientFactory, fresh_db: str, tmp_path: Path
 ) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        # what migrations through the gateway need of its least-privileged role
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {TEST_REQUEST_ROLE}")
     client = await gateway_factory(raw_sql="read-write", dsn=fresh_db)
     url = str(client.make_url(""))
     path = tmp_path / "script.sql"
@@ -471,9 +634,48 @@ def test_db_init_needs_a_database() -> None:
 def test_help_lists_every_command() -> None:
     result = pgqg("--help")
     assert result.exit_code == 0
-    for command in ("serve", "query", "run", "db"):
+    for command in ("serve", "query", "run", "db", "token"):
         assert f"  {command} " in result.stdout
     assert "init" in pgqg("db", "--help").stdout
+
+
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    toml = tmp_path / "pgqg.toml"
+    toml.write_text("port = \n")
+    result = pgqg("serve", "--config", str(toml))
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"Error: {toml}: not valid TOML: Invalid value (at line 1, column 8)\n"
+    toml.write_text("pool-size = 2\n")
+    result = pgqg("serve", "--config", str(toml))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: invalid settings: unknown setting 'pool-size' in {toml} (did you mean"
+        " 'pool_size'?)"
+    )
+
+
+def test_a_bad_named_query_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "queries").mkdir()
+    bad = tmp_path / "queries" / "bad.sql"
+    bad.write_text("-- name: q\n-- params: a int\nSELECT 1\n")
+    # refused before anything starts: no embedded server, no port
+    result = pgqg("serve", "--port", "0", env={"PGQG_SQL_DIR": str(tmp_path)})
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"Error: bad named-query file {bad}:2: parameter 'a' is declared but not used by 'q'\n"
+    )
+
+
+def test_an_unknown_pgqg_variable_is_warned_of_once(database_dsn: str) -> None:
+    result = pgqg(
+        "query", "--dsn", database_dsn, "select 1 AS x", "--format", "csv",
+        env={"PGQG_POOLSIZE": "3"},
+    )  # fmt: skip
+    assert (result.exit_code, raw(result)) == (0, "x\r\n1\r\n")
+    assert result.stderr == (
+        "pgqg: warning: PGQG_POOLSIZE is not a setting and is ignored; did you mean"
+        " PGQG_POOL_SIZE?\n"
+    )
 
 
 def test_serve_fails_at_once_on_a_taken_port(database_dsn: str, tmp_path: Path) -> None:
@@ -500,3 +702,41 @@ def test_serve_says_when_the_request_path_is_not_compiled(
     out = capsys.readouterr().out
     assert "pgqg is serving on http://127.0.0.1:8123" in out
     assert ("plain Python" in out) is not compiled
+
+
+@pytest.mark.parametrize("console", [True, False])
+def test_serve_names_the_console(console: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    _announce(load_settings(port=8123, console=console), demo=False)("http://127.0.0.1:8123")
+    out = capsys.readouterr().out
+    assert ("query console: http://127.0.0.1:8123/" in out) is console
+
+
+# --- token -----------------------------------------------------------------------------------
+
+
+def test_token_signs_with_the_gateway_secret() -> None:
+    env = {"PGQG_JWT_SECRET": JWT_SECRET, "PGQG_JWT_AUDIENCE": "shop"}
+    result = pgqg("token", "--role", "bookshop_reader", "--sub", "ana", "--claim", "k=v", env=env)
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="shop")
+    assert claims["role"] == "bookshop_reader"
+    assert (claims["sub"], claims["k"], claims["aud"]) == ("ana", "v", "shop")
+    assert claims["exp"] - claims["iat"] == 3600
+    # where the gateway reads the role, and what it makes of the token
+    env["PGQG_JWT_ROLE_CLAIM"] = "app_metadata.role"
+    nested = pgqg("token", "--role", "r", "--ttl-s", "60", env=env).stdout.strip()
+    claims = jwt.decode(nested, JWT_SECRET, algorithms=["HS256"], audience="shop")
+    assert claims["app_metadata"] == {"role": "r"} and "role" not in claims
+    settings = load_settings(jwt_secret=JWT_SECRET, jwt_audience="shop")
+    identity = Authenticator(settings).identify("Bearer " + token)
+    assert identity is not None and identity.role == "bookshop_reader"
+
+
+def test_token_needs_a_secret(tmp_path: Path) -> None:
+    result = pgqg("token", "--role", "r", env={"PGQG_JWT_SECRET": None})
+    assert result.exit_code == 2
+    assert "PGQG_JWT_SECRET, which is not set" in result.stderr
+    bad = pgqg("token", "--role", "r", "--claim", "novalue", env={"PGQG_JWT_SECRET": JWT_SECRET})
+    assert bad.exit_code == 2
+    assert "'novalue' is not NAME=VALUE" in bad.stderr

@@ -1,26 +1,37 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine: every
 ``PGQG_*`` variable they set is a real setting with a valid value, every command they
-run is a ``pgqg`` command that parses, and the services start in the right order."""
+run is a ``pgqg`` command that parses, the services start in the right order, and the
+gateway's least-privileged login role (made by the postgres service's init script) is
+one the gateway serves raw SQL as, tried on an embedded cluster set up as the image
+sets up its database."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import psycopg.conninfo
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import ClientFactory, EmbeddedFactory
+from support import as_made_before_login_roles, query
 
-from gateway._settings import Settings, load_settings
+from gateway._settings import DEFAULT_SQL_DIR, Settings, load_settings
 from gateway.cli._commands import main
+from gateway.cli._demo import load_demo
+from gateway.embedded._roles import roles_sql
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 BUILT = {name: svc for name, svc in SERVICES.items() if svc.get("build")}
+#: run by the postgres image when it creates the database: the gateway's login role
+INIT_SQL = REPO / "docker" / "postgres-initdb" / "10-pgqg-roles.sql"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -98,17 +109,83 @@ def test_compose_commands_exist(name: str) -> None:
 
 
 def test_compose_dsn_matches_the_postgres_service() -> None:
+    # the demo is loaded by the database's owner; the gateway logs in as the
+    # least-privileged role the init script makes
     pg_env = environment(SERVICES["postgres"])
+    owner = (pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"])
     for name, service in BUILT.items():
         dsn = environment(service)["PGQG_DSN"]
         info = psycopg.conninfo.conninfo_to_dict(dsn)
         assert info["host"] == "postgres", name
-        assert (info["user"], info["password"], info["dbname"]) == (
-            pg_env["POSTGRES_USER"],
-            pg_env["POSTGRES_PASSWORD"],
-            pg_env["POSTGRES_DB"],
-        ), name
+        assert info["dbname"] == pg_env["POSTGRES_DB"], name
+        login = (info["user"], info["password"])
+        assert login == (owner if name == "demo" else gateway_login()), name
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy", name
+
+
+def gateway_login() -> tuple[str, str]:
+    """The login role and password the init script makes."""
+    found = re.search(r"CREATE ROLE (\w+) LOGIN[^;]* PASSWORD '([^']*)'", INIT_SQL.read_text())
+    assert found, f"{INIT_SQL} makes no login role"
+    return found.group(1), found.group(2)
+
+
+def sql_words(text: str) -> list[str]:
+    """SQL's words, without comments, the quotes around names, or layout."""
+    return " ".join(line.split("--", 1)[0] for line in text.splitlines()).replace('"', "").split()
+
+
+def test_the_init_script_makes_the_roles_the_embedded_server_makes() -> None:
+    password = gateway_login()[1]
+    assert sql_words(INIT_SQL.read_text()) == sql_words(roles_sql(password=password).as_string())
+
+
+def test_the_docs_give_the_init_scripts_sql() -> None:
+    page = (REPO / "docs" / "security.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```sql\n")[1:]]
+    roles = [b for b in blocks if b.startswith("CREATE ROLE")]
+    assert [sql_words(b) for b in roles] == [sql_words(INIT_SQL.read_text())]
+
+
+def test_the_init_script_is_run_when_the_database_is_created() -> None:
+    volumes = SERVICES["postgres"]["volumes"]
+    assert f"./{INIT_SQL.parent.relative_to(REPO)}:/docker-entrypoint-initdb.d:ro" in volumes
+
+
+async def test_the_init_script_makes_a_role_the_gateway_serves_raw_sql_as(
+    embedded_factory: EmbeddedFactory, gateway_factory: ClientFactory
+) -> None:
+    # as the postgres image does it: POSTGRES_USER, a superuser, owns POSTGRES_DB and
+    # runs the script there; the demo service then loads the demo as that user
+    pg_env = environment(SERVICES["postgres"])
+    owner, password, dbname = (
+        pg_env[k] for k in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")
+    )
+    pg = embedded_factory()
+    as_made_before_login_roles(pg)  # the embedded server's own roles have these names
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {owner} LOGIN SUPERUSER PASSWORD '{password}'")
+        conn.execute(f"CREATE DATABASE {dbname} OWNER {owner}")
+    owner_dsn = psycopg.conninfo.make_conninfo(pg.dsn, user=owner, password=password, dbname=dbname)
+    with psycopg.connect(owner_dsn, autocommit=True) as conn:
+        conn.execute(INIT_SQL.read_bytes())
+    load_demo(owner_dsn, DEFAULT_SQL_DIR)
+
+    user, secret = gateway_login()
+    gateway_dsn = psycopg.conninfo.make_conninfo(owner_dsn, user=user, password=secret)
+    client = await gateway_factory(dsn=gateway_dsn)  # the start-up check lets it serve
+    resp = await client.get("/v1/queries/book_by_id", params={"id": "7"})
+    assert resp.status == 200
+    assert (await resp.json())["rows"][0]["id"] == 7
+    status, body = await query(client, "select pg_read_file('/etc/hostname')")
+    assert (status, body["error"]["sqlstate"]) == (403, "42501")
+    status, body = await query(client, "select count(*) AS n from pgqg.demo")
+    assert (status, body["error"]["sqlstate"]) == (403, "42501")  # the owner's bookkeeping
+    rw = await gateway_factory(dsn=gateway_dsn, raw_sql="read-write")
+    status, body = await query(rw, "update book set price = price where id = 7")
+    assert (status, body["row_count"]) == (200, 1)
+    status, body = await query(rw, "drop table review")
+    assert (status, body["error"]["sqlstate"]) == (403, "42501")
 
 
 def test_compose_port_is_the_gateways() -> None:

@@ -17,8 +17,9 @@ stands for any text within a line, and a line of ``…`` alone for any number of
 Lines are compared without trailing spaces (CSV's CRLF included).
 
 The examples are written for a reader next to the quick start's gateway: ``DSN`` is its
-database, the gateway is at ``localhost:8080`` and ``pgqg`` is on the PATH (the venv is
-also at ``.venv``). Here the gateway is a ``pgqg serve`` subprocess on the test database,
+database (as its superuser; ``GATEWAY_DSN`` as the role its requests log in as), the
+gateway is at ``localhost:8080`` and ``pgqg`` is on the PATH (the venv is also at
+``.venv``). Here the gateway is a ``pgqg serve`` subprocess on the test database,
 ``DSN`` is a database of this module's own with the demo loaded, each block runs in a
 fresh directory, and every port the docs use (`DOC_PORTS`) is mapped to a free one.
 Needs bash and curl, as the docs do. Running the examples is `slow` (a Python start-up per
@@ -47,7 +48,8 @@ import psutil
 import psycopg
 import psycopg.conninfo
 import pytest
-from support import REPO, Served, free_port
+from conftest import TEST_LOGIN
+from support import REPO, Served, as_gateway, free_port
 
 from gateway._settings import DEFAULT_SQL_DIR as SQL_DIR
 
@@ -271,6 +273,8 @@ def docs_dsn(database_dsn: str) -> Iterator[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for file in ("schema.sql", "seed.sql"):
             conn.execute((SQL_DIR / file).read_text())
+        # what schema.sql does for the embedded server's login role (docs/identity.md)
+        conn.execute(f"GRANT bookshop_reader, bookshop_reviewer TO {TEST_LOGIN}")
     try:
         yield dsn
     finally:
@@ -293,6 +297,7 @@ def _environment(dsn: str, gateway_port: str, *, serves: bool) -> dict[str, str]
     env.pop("DATABASE_URL", None)
     env.update(
         DSN=dsn,
+        GATEWAY_DSN=as_gateway(dsn),  # a least-privileged role, as pgqg serve prints it
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",  # stdout and stderr interleaved as written
         PYTHONIOENCODING="utf-8",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg.pq import Format
 from support import GatewayClient, query
 
-from gateway import BadRequest, loads_exact, param_to_text
-from gateway.values._encoding import JSONNumber, _loads_decoded
+from gateway import BadRequest, Codec, loads_exact, param_to_text
+from gateway.values._encoding import JSONNumber, NegativeZero, _loads_decoded, list_params
 
 
 @pytest.mark.parametrize(
@@ -163,3 +165,48 @@ def test_param_to_text() -> None:
     assert param_to_text([1, None, "NULL", 'q"b\\', [2]]) == b'{"1",NULL,"NULL","q\\"b\\\\",{"2"}}'
     with pytest.raises(BadRequest):
         param_to_text("nul\x00")
+
+
+def test_negative_zero_keeps_its_sign() -> None:
+    body = loads_exact(b'{"a": -0, "b": [-0, 0, -0.0], "c": {"d": -0}}')
+    assert isinstance(body["a"], NegativeZero) and body["a"] == 0
+    assert type(body["b"][1]) is int and isinstance(body["b"][2], JSONNumber)
+    assert param_to_text(body["a"]) == b"-0"
+    assert param_to_text(body["b"]) == b'{"-0","0","-0.0"}'
+    assert param_to_text(body["c"]) == b'{"d":-0}'
+    # compact bodies too (orjson reads -0 as 0: they take the exact decoder)
+    assert isinstance(loads_exact(b'{"params":[-0]}')["params"][0], NegativeZero)
+
+
+def test_array_literals_take_the_delimiter() -> None:
+    boxes = ["(1,1),(0,0)", None, "(3,3),(2,2)"]
+    assert param_to_text(boxes, ";") == b'{"(1,1),(0,0)";NULL;"(3,3),(2,2)"}'
+    assert param_to_text([boxes[:1], boxes[2:]], ";") == b'{{"(1,1),(0,0)"};{"(3,3),(2,2)"}}'
+    # only lists with a delimiter in their literal need their type's
+    assert list_params([1, [], [1], [[1]], "x"]) is None
+    assert list_params([[1, 2], 3, [[1], [2]], [[1, 2]]]) == {
+        0: [1, 2],
+        2: [[1], [2]],
+        3: [[1, 2]],
+    }
+
+
+def test_json_line_breaks_become_spaces() -> None:
+    codec = Codec()
+
+    def embedded(oid: int, text: bytes) -> bytes:
+        loader = codec.adapters.get_loader(oid, Format.TEXT)
+        assert loader is not None
+        return orjson.dumps([loader(oid).load(text)])
+
+    assert embedded(114, b'\r\n{"a":\n[1,\r2]}\n') == b'[  {"a": [1, 2]} ]'
+    assert embedded(114, b'{"a\\nb": "\\r"}') == b'[{"a\\nb": "\\r"}]'  # escapes stay
+    assert embedded(3802, b'{"a": "\\n"}') == b'[{"a": "\\n"}]'
+
+
+def test_a_type_asked_for_but_not_found_is_learnt_as_text() -> None:
+    # a type dropped between its result and the lookup: text, not looked up again
+    codec = Codec()
+    codec.learn_asked([], [987654])
+    assert codec.is_known(987654)
+    assert codec.type_name(987654) == "987654"

@@ -7,6 +7,7 @@ import pytest
 from gateway import (
     BadRequest,
     GatewayError,
+    OutcomeUnknown,
     Overloaded,
     QueryError,
     Timeout,
@@ -46,6 +47,7 @@ def test_every_error_is_a_gateway_error_with_the_design_shape() -> None:
         (BadRequest, 400, "bad_request"),
         (Overloaded, 503, "overloaded"),
         (Unavailable, 503, "unavailable"),
+        (OutcomeUnknown, 502, "outcome_unknown"),
         (Timeout, 504, "timeout"),
     ]:
         err = cls("msg")
@@ -62,6 +64,7 @@ def test_every_error_is_a_gateway_error_with_the_design_shape() -> None:
             }
         }
     assert Overloaded.retry_after and Unavailable.retry_after
+    assert OutcomeUnknown.retry_after is None  # retrying blindly may write twice
 
 
 def test_query_error_carries_postgres_fields() -> None:
@@ -78,3 +81,31 @@ def test_query_error_carries_postgres_fields() -> None:
         "position": 3,
     }
     assert query_error("x", sqlstate="22012").retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("needed", "given", "message"),
+    [
+        (2, 1, "the statement has 2 parameters ($1, $2); 1 given"),
+        (1, 2, "the statement has 1 parameter ($1); 2 given"),
+        (0, 1, "the statement has no parameters; 1 given"),
+        (7, 0, "the statement has 7 parameters ($1, $2, …, $7); 0 given"),
+    ],
+)
+def test_a_wrong_parameter_count_is_said_in_the_clients_words(
+    needed: int, given: int, message: str
+) -> None:
+    protocol = (
+        f'bind message supplies {given} parameters, but prepared statement "" requires {needed}'
+    )
+    error = query_error(protocol, sqlstate="08P01")
+    assert (error.message, error.status, error.sqlstate) == (message, 400, "08P01")
+
+
+def test_other_protocol_errors_keep_postgres_words() -> None:
+    assert query_error("invalid message format", sqlstate="08P01").message == (
+        "invalid message format"
+    )
+    # the same words under another SQLSTATE are not the Bind's count
+    bind = 'bind message supplies 1 parameters, but prepared statement "" requires 2'
+    assert query_error(bind, sqlstate="XX000").message == bind

@@ -448,7 +448,7 @@ async def test_the_database_restarting_under_a_stream(
     embedded_factory: Any, gateway_factory: Any
 ) -> None:
     pg = embedded_factory()
-    client = await gateway_factory(dsn=pg.dsn, listen_channels=OPEN, listen_heartbeat_s=0.3)
+    client = await gateway_factory(dsn=pg.gateway_dsn, listen_channels=OPEN, listen_heartbeat_s=0.3)
     name = channel()
     stream = await open_stream(client, name)
     await asyncio.to_thread(pg.kill)

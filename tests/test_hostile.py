@@ -17,7 +17,14 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from support import GatewayClient, assert_error, query, settled_stats, wait_until_ready
+from support import (
+    GatewayClient,
+    as_gateway,
+    assert_error,
+    query,
+    settled_stats,
+    wait_until_ready,
+)
 
 from gateway import create_app, load_settings
 
@@ -277,7 +284,7 @@ async def target(demo_dsn: str, demo_counts: dict[str, int]) -> AsyncIterator[Ga
     """One gateway for the whole barrage (a fresh one per case costs 0.1 s each);
     the demo tables are counted before it starts."""
     settings = load_settings(
-        dsn=demo_dsn, raw_sql="read-write", max_body_bytes=MAX_BODY, pool_size=2
+        dsn=as_gateway(demo_dsn), raw_sql="read-write", max_body_bytes=MAX_BODY, pool_size=2
     )
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()

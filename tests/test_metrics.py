@@ -212,10 +212,10 @@ async def test_deadline_expiries_queued_and_running(gateway_factory: ClientFacto
 
 
 async def test_a_client_that_goes_away_is_a_cancellation(
-    database_dsn: str, admin: psycopg.AsyncConnection[Any]
+    gateway_dsn: str, admin: psycopg.AsyncConnection[Any]
 ) -> None:
     # as `pgqg serve` runs it: a handler is cancelled when its client disconnects
-    settings = load_settings(dsn=database_dsn, pool_size=2)
+    settings = load_settings(dsn=gateway_dsn, pool_size=2)
     client = TestClient(TestServer(create_app(settings), handler_cancellation=True))
     await client.start_server()
     try:

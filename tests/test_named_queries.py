@@ -60,6 +60,7 @@ async def test_insert_through_post_only(demo_client: GatewayClient, demo_dsn: st
         "/v1/queries/add_review", params={k: str(v) for k, v in params.items()}
     )
     assert resp.status == 405
+    assert resp.headers["Allow"] == "POST"  # HTTP requires it on a 405
     resp = await demo_client.post("/v1/queries/add_review", json={"params": params})
     assert resp.status == 200, await resp.text()
     body = await resp.json()

@@ -135,7 +135,9 @@ async def test_a_failed_query_and_a_stream_carry_it_too(client: GatewayClient) -
 
 async def test_a_queued_query_shows_its_wait(gateway_factory: ClientFactory) -> None:
     client = await gateway_factory(pool_size=1)
-    first = asyncio.create_task(query(client, "select pg_sleep(0.5)"))
+    # long enough that the second request still waits after the poll below, on a
+    # loaded machine too
+    first = asyncio.create_task(query(client, "select pg_sleep(2)"))
     async with asyncio.timeout(20):
         while (await (await client.get("/v1/stats")).json())["running"] != 1:
             await asyncio.sleep(0.01)

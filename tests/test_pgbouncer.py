@@ -32,7 +32,7 @@ from conftest import ClientFactory
 from support import GatewayClient, free_port, get_stats, query, transaction
 
 from gateway import load_settings
-from gateway.embedded._postgres import _run_as
+from gateway.embedded._install import server_user
 from gateway.engine._pool import connect_kwargs, session_options
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def start_bouncer(pgbouncer_bin: str, bouncer_role: str) -> Iterator[BouncerFact
     """Start PgBouncer in front of the role's database with extra ``[pgbouncer]`` settings;
     returns a DSN through it. Every one started is stopped after the test."""
     started: list[tuple[subprocess.Popen[str], Path]] = []
-    run_as = _run_as()  # PgBouncer refuses to run as root, as PostgreSQL does
+    run_as = server_user()  # PgBouncer refuses to run as root, as PostgreSQL does
 
     def start(**extra: str) -> str:
         info = psycopg.conninfo.conninfo_to_dict(bouncer_role)

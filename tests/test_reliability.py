@@ -16,7 +16,17 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from support import GatewayClient, assert_error, query, running, settled_stats
+from support import (
+    GONE_S,
+    GatewayClient,
+    assert_error,
+    get_stats,
+    gone_within,
+    marker,
+    query,
+    running,
+    settled_stats,
+)
 
 from gateway import Codec, Dispatcher, Job, Statement, Unavailable
 from gateway._settings import load_settings
@@ -24,21 +34,6 @@ from gateway.engine._pipeline import Session
 from gateway.engine._pool import make_pool, session_options
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def marker() -> str:
-    """A unique string to find one test's query in pg_stat_activity."""
-    return "pgqg-" + uuid.uuid4().hex[:12]
-
-
-async def gone_within(admin: psycopg.AsyncConnection[Any], mark: str, limit: float) -> float:
-    """Seconds until no backend runs `mark`'s statement; fails after `limit`."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while await running(admin, mark):
-        assert loop.time() - started < limit, f"{mark} still running after {limit} s"
-        await asyncio.sleep(0.02)
-    return loop.time() - started
 
 
 async def no_leaks(client: GatewayClient, pool_size: int, timeout: float = 5.0) -> None:
@@ -77,24 +72,28 @@ def started(session: Session, *jobs: Job) -> list[Job]:
     return list(jobs)
 
 
+async def started_running(admin: psycopg.AsyncConnection[Any], mark: str) -> None:
+    """Until a backend runs `mark`'s statement (bounded generously)."""
+    async with asyncio.timeout(GONE_S):
+        while not await running(admin, mark):
+            await asyncio.sleep(0.02)
+
+
 async def test_every_abandoned_job_of_a_batch_is_cancelled(session: Session, admin: Any) -> None:
     first, second, third = marker(), marker(), marker()
     jobs = started(
-        session, sleep_job(10, first), sleep_job(10, second), sleep_job(10, third),
+        session, sleep_job(600, first), sleep_job(600, second), sleep_job(600, third),
         sleep_job(0, "ok"),
     )  # fmt: skip
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
     batch = asyncio.ensure_future(session.run(jobs))
-    await asyncio.sleep(0.2)
+    await started_running(admin, first)
     jobs[0].abandon()  # the head, running
     jobs[1].abandon()  # not at the head yet: cancelled once it starts
-    await gone_within(admin, first, 1.0)
-    await asyncio.sleep(0.3)
+    await gone_within(admin, first)
+    await started_running(admin, third)
     jobs[2].abandon()  # became the head after the first two were cancelled
-    await gone_within(admin, third, 1.0)
-    await asyncio.wait_for(batch, 2)
-    assert loop.time() - t0 < 2
+    await gone_within(admin, third)
+    await asyncio.wait_for(batch, GONE_S)  # ten minutes per statement, had one run on
     assert not await running(admin, second)
     assert [j.future.cancelled() for j in jobs[:3]] == [True, True, True]
     assert jobs[3].future.result()[0].rows == [{"pg_sleep": "", "mark": "ok"}]
@@ -104,31 +103,39 @@ async def test_a_job_abandoned_behind_a_slow_one_never_runs_long(
     session: Session, admin: Any
 ) -> None:
     mark = marker()
-    slow, victim = started(session, sleep_job(0.5), sleep_job(10, mark))
+    slow, victim = started(session, sleep_job(0.5), sleep_job(600, mark))
     batch = asyncio.ensure_future(session.run([slow, victim]))
     await asyncio.sleep(0.1)
     victim.abandon()
-    await asyncio.wait_for(batch, 1.5)
+    await asyncio.wait_for(batch, GONE_S)  # the victim would sleep ten minutes
     assert slow.future.result()[0].rows[0]["mark"] == ""
     assert victim.future.cancelled()
     assert not await running(admin, mark)
 
 
 async def test_a_job_after_a_cleanup_hit_by_a_late_cancel_runs_again(
-    database_dsn: str,
+    gateway_dsn: str,
 ) -> None:
     # A cancel meant for a job whose statement just ended lands on that job's
     # cleanup ROLLBACK, leaving its transaction aborted (25P02 for the next
-    # BEGIN). Simulated: the session starts inside an aborted transaction.
-    settings = load_settings(dsn=database_dsn)
+    # BEGIN). Simulated: once the session has learnt its roles (as it does when
+    # its lease begins), it is left inside an aborted transaction.
+    settings = load_settings(dsn=gateway_dsn)
     conn = await psycopg.AsyncConnection.connect(
-        database_dsn, autocommit=True, options=session_options(settings)
+        gateway_dsn, autocommit=True, options=session_options(settings)
     )
     try:
-        await conn.execute("BEGIN")
-        with pytest.raises(psycopg.errors.DivisionByZero):
-            await conn.execute("SELECT 1/0")
         sess = Session(conn, Codec(), statement_timeout_ms=settings.statement_timeout_ms)
+        await sess.roles()
+        for sql in (b"BEGIN", b"SELECT 1/0"):
+            conn.pgconn.send_query_params(sql, None)
+        conn.pgconn.pipeline_sync()
+        await sess.wire.flush()
+        assert [(await sess.wire.result()).status for _ in range(2)][
+            1
+        ] == psycopg.pq.ExecStatus.FATAL_ERROR
+        await sess.wire.sync()
+        assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
         jobs = started(sess, sleep_job(0, "first"), sleep_job(0, "second"))
         await sess.run(jobs)
         assert [j.future.result()[0].rows[0]["mark"] for j in jobs] == ["first", "second"]
@@ -147,12 +154,13 @@ async def test_a_deadline_answers_504_and_cancels_the_query(
     mark = marker()
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    status, body = await query(client, f"select pg_sleep(10), '{mark}'", timeout_ms=300)
+    # without the deadline, a 200 ten minutes later
+    status, body = await query(client, f"select pg_sleep(600), '{mark}'", timeout_ms=300)
     answered = loop.time() - t0
     assert status == 504
     assert_error(body, "timeout")
-    assert 0.29 < answered < 0.6
-    gone = await gone_within(admin, mark, 1.0)
+    assert answered > 0.29  # not before its deadline
+    gone = await gone_within(admin, mark)
     print(f"504 after {answered:.3f} s; the query gone {gone:.3f} s later")
     await no_leaks(client, 4)
 
@@ -162,11 +170,11 @@ async def test_the_statement_timeout_caps_the_deadline(gateway_factory: Any, adm
     mark = marker()
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    status, body = await query(client, f"select pg_sleep(10), '{mark}'", timeout_ms=60_000)
-    assert status == 504
+    status, body = await query(client, f"select pg_sleep(600), '{mark}'", timeout_ms=60_000)
+    assert status == 504  # the request's own deadline is a minute away
     assert_error(body, "timeout")
-    assert loop.time() - t0 < 0.8
-    await gone_within(admin, mark, 1.0)
+    assert loop.time() - t0 < 60
+    await gone_within(admin, mark)
 
 
 async def test_a_deadline_counts_the_queue_wait(gateway_factory: Any, admin: Any) -> None:
@@ -174,16 +182,16 @@ async def test_a_deadline_counts_the_queue_wait(gateway_factory: Any, admin: Any
     # (queued, or pipelined behind the first); it never runs long after its 504
     client = await gateway_factory(pool_size=1)
     mark = marker()
-    loop = asyncio.get_running_loop()
-    blocker = asyncio.ensure_future(query(client, "select pg_sleep(0.8)", timeout_ms=5000))
-    await asyncio.sleep(0.05)
-    t0 = loop.time()
-    status, body = await query(client, f"select pg_sleep(10), '{mark}'", timeout_ms=300)
+    blocker = asyncio.ensure_future(query(client, "select pg_sleep(3)", timeout_ms=60_000))
+    async with asyncio.timeout(GONE_S):
+        while not (await get_stats(client))["running"]:
+            await asyncio.sleep(0.01)
+    status, body = await query(client, f"select pg_sleep(600), '{mark}'", timeout_ms=300)
     assert status == 504
     assert_error(body, "timeout")
-    assert loop.time() - t0 < 0.6
+    assert not blocker.done()  # the deadline passed while it waited behind the blocker
     assert (await blocker)[0] == 200
-    await gone_within(admin, mark, 1.0)
+    await gone_within(admin, mark)
     await no_leaks(client, 1)
 
 
@@ -204,8 +212,8 @@ async def test_a_client_that_hangs_up_cancels_its_running_query(
     client: GatewayClient, admin: Any
 ) -> None:
     mark = marker()
-    await hang_up_after(client, 0.3, {"sql": f"select pg_sleep(10), '{mark}'"})
-    took = await gone_within(admin, mark, 1.0)
+    await hang_up_after(client, 0.3, {"sql": f"select pg_sleep(600), '{mark}'"})
+    took = await gone_within(admin, mark)
     print(f"the query gone {took:.3f} s after the client hung up")
     await no_leaks(client, 4)
 
@@ -214,9 +222,20 @@ async def test_a_client_that_hangs_up_while_queued_writes_nothing(
     gateway_factory: Any, admin: Any, table: str
 ) -> None:
     client = await gateway_factory(pool_size=1, raw_sql="read-write")
-    blocker = asyncio.ensure_future(query(client, "select pg_sleep(0.6)"))
-    await asyncio.sleep(0.1)
-    await hang_up_after(client, 0.2, {"sql": f"insert into {table} values (1, 'x')"})
+    blocker = asyncio.ensure_future(query(client, "select pg_sleep(2)"))
+    async with asyncio.timeout(GONE_S):
+        while not (await get_stats(client))["running"]:
+            await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as http:
+        body = {"sql": f"insert into {table} values (1, 'x')"}
+        request = asyncio.ensure_future(http.post(client.make_url("/v1/query"), json=body))
+        async with asyncio.timeout(GONE_S):  # queued behind the blocker
+            while not (await get_stats(client))["queue"]["depth"]:
+                await asyncio.sleep(0.01)
+        assert not blocker.done()
+        request.cancel()  # the client hangs up while its insert waits
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
     assert (await blocker)[0] == 200
     await no_leaks(client, 1)
     cur = await admin.execute(f"select count(*) from {table}")
@@ -232,24 +251,26 @@ async def test_30_slow_queries_on_2_connections_and_a_queue_of_4(gateway_factory
 
     async def one(i: int) -> tuple[int, float, Any]:
         await asyncio.sleep(i * 0.005)  # arrivals spread over 150 ms
-        t0 = loop.time()
-        resp = await client.post("/v1/query", json={"sql": "select pg_sleep(0.5)"})
-        return resp.status, loop.time() - t0, (resp.headers.get("Retry-After"), await resp.json())
+        sql = "select pg_sleep(1.5), pg_backend_pid() AS pid"
+        resp = await client.post("/v1/query", json={"sql": sql})
+        return resp.status, loop.time(), (resp.headers.get("Retry-After"), await resp.json())
 
     t0 = loop.time()
     answers = await asyncio.gather(*(one(i) for i in range(30)))
-    total = loop.time() - t0
-    slowest_refusal = max(took for status, took, _ in answers if status != 200)
-    print(f"6 accepted, all done in {total:.2f} s; slowest 503: {slowest_refusal * 1000:.1f} ms")
     ok = [a for a in answers if a[0] == 200]
     refused = [a for a in answers if a[0] != 200]
+    first_done = min(at for _, at, _ in ok)
+    print(
+        f"6 accepted, all done in {loop.time() - t0:.2f} s;"
+        f" last 503 after {max(at for _, at, _ in refused) - t0:.3f} s"
+    )
     assert len(ok) == 6  # 2 running + 4 waiting
-    for status, took, (retry_after, body) in refused:
+    for status, at, (retry_after, body) in refused:
         assert status == 503 and retry_after == "1"
         assert_error(body, "overloaded")
-        assert took < 0.1
-    # the six accepted share both connections: three rounds of 0.5 s, not six
-    assert total < 2.0
+        assert at < first_done  # at once: not once a connection came free
+    # the six accepted share both connections
+    assert len({body["rows"][0]["pid"] for _, _, (_, body) in ok}) == 2
     await no_leaks(client, 2)
 
 
@@ -270,8 +291,8 @@ async def poll_ready(client: GatewayClient, limit: float) -> float:
 async def test_a_gateway_started_before_its_database(
     embedded_factory: Any, gateway_factory: Any
 ) -> None:
-    pg = embedded_factory()  # started once to make the cluster and its password
-    dsn = pg.dsn
+    pg = embedded_factory()  # started once to make the cluster and its passwords
+    dsn = pg.gateway_dsn
     await asyncio.to_thread(pg.stop)
     client = await gateway_factory(dsn=dsn, wait_ready=False, connect_timeout_ms=1000)
     loop = asyncio.get_running_loop()
@@ -364,7 +385,7 @@ async def test_a_database_killed_and_restarted_under_load(
     async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:
         await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     client = await gateway_factory(
-        dsn=pg.dsn, pool_size=4, raw_sql="read-write", connect_timeout_ms=1000
+        dsn=pg.gateway_dsn, pool_size=4, raw_sql="read-write", connect_timeout_ms=1000
     )
     loop = asyncio.get_running_loop()
     load = Load(client, table)
@@ -396,11 +417,13 @@ async def test_a_database_killed_and_restarted_under_load(
     assert load.in_flight_at(crash) and max(load.in_flight_at(crash)) < 1.0
     assert load.in_flight_at(stop) and max(load.in_flight_at(stop)) < 1.0
     assert max(answered - sent for sent, answered, _, _ in load.answers) < 2.0
-    assert {status for _, _, status, _ in load.answers} == {200, 503}
+    # a write in flight at the crash may have committed: 502 outcome_unknown (issue 18)
+    assert {200, 503} <= {status for _, _, status, _ in load.answers} <= {200, 502, 503}
     assert {code for _, _, status, code in load.answers if status == 503} <= {
         "unavailable",
         "query_error",  # 57P01 admin_shutdown, on the clean stop
     }
+    assert {code for _, _, status, code in load.answers if status == 502} <= {"outcome_unknown"}
     assert load.ok_after(up + ready_after_crash) and load.ok_after(up_again + ready_after_restart)
     # a write answered 200 is there; one that failed may or may not be (an unknown outcome)
     async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:
@@ -415,17 +438,20 @@ async def test_queued_jobs_fail_fast_when_every_connection_is_lost(
     embedded_factory: Any, gateway_factory: Any
 ) -> None:
     pg = embedded_factory()
-    client = await gateway_factory(dsn=pg.dsn, pool_size=2, connect_timeout_ms=1000)
+    # waiting for a connection would take a minute: failing fast is what is tested
+    client = await gateway_factory(dsn=pg.gateway_dsn, pool_size=2, connect_timeout_ms=60_000)
     loop = asyncio.get_running_loop()
-    running = [asyncio.ensure_future(query(client, "select pg_sleep(10)")) for _ in range(2)]
-    await asyncio.sleep(0.3)
+    running = [asyncio.ensure_future(query(client, "select pg_sleep(600)")) for _ in range(2)]
+    async with asyncio.timeout(GONE_S):
+        while (await get_stats(client))["running"] < 2:
+            await asyncio.sleep(0.01)
     queued = [asyncio.ensure_future(query(client, "select 1")) for _ in range(4)]
-    await asyncio.sleep(0.1)
-    stats = await (await client.get("/v1/stats")).json()
-    assert stats["queue"]["depth"] == 4
+    async with asyncio.timeout(GONE_S):
+        while (await get_stats(client))["queue"]["depth"] < 4:
+            await asyncio.sleep(0.01)
     await asyncio.to_thread(pg.kill)
     killed = loop.time()
-    async with asyncio.timeout(1.0):
+    async with asyncio.timeout(GONE_S):
         answers = await asyncio.gather(*running, *queued)
     print(f"all six answered {loop.time() - killed:.3f} s after the kill")
     for status, body in answers:
@@ -440,10 +466,10 @@ async def test_queued_jobs_fail_fast_when_every_connection_is_lost(
 
 
 async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
-    database_dsn: str, admin: Any
+    gateway_dsn: str, admin: Any
 ) -> None:
-    settings = load_settings(dsn=database_dsn, pool_size=2)
-    pool = make_pool(settings, database_dsn)
+    settings = load_settings(dsn=gateway_dsn, pool_size=2)
+    pool = make_pool(settings, gateway_dsn)
     await pool.open(wait=True)
     dispatcher = Dispatcher(pool, Codec(), settings)
     dispatcher.start()
@@ -451,13 +477,11 @@ async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
         quick, slow = marker(), marker()
         runs = [
             asyncio.ensure_future(dispatcher.run(sleep_job(0.3, quick))),
-            asyncio.ensure_future(dispatcher.run(sleep_job(30, slow))),
+            asyncio.ensure_future(dispatcher.run(sleep_job(600, slow))),
         ]
-        await asyncio.sleep(0.1)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        await dispatcher.close(grace=0.6)
-        assert loop.time() - t0 < 1.0
+        await started_running(admin, slow)
+        async with asyncio.timeout(GONE_S):  # the grace, then the cancel: not ten minutes
+            await dispatcher.close(grace=2.0)
         assert (await runs[0])[0].rows[0]["mark"] == quick  # finished within the grace
         with pytest.raises(Unavailable):
             await runs[1]  # still running after it: answered, and cancelled
@@ -469,12 +493,12 @@ async def test_close_lets_jobs_finish_within_the_grace_then_cancels_the_rest(
         await pool.close()
 
 
-async def test_close_stops_a_worker_whose_cancellation_was_lost(database_dsn: str) -> None:
+async def test_close_stops_a_worker_whose_cancellation_was_lost(gateway_dsn: str) -> None:
     # On Python 3.11, asyncio.wait_for (psycopg_pool waits for a connection with
     # it) drops a cancellation that arrives as the connection is handed over:
     # seen as `pgqg serve` hanging on SIGINT once in a few dozen runs.
-    settings = load_settings(dsn=database_dsn, pool_size=1)
-    pool = make_pool(settings, database_dsn)
+    settings = load_settings(dsn=gateway_dsn, pool_size=1)
+    pool = make_pool(settings, gateway_dsn)
     await pool.open(wait=True)
     dispatcher = Dispatcher(pool, Codec(), settings)
     dispatcher.start()
@@ -487,7 +511,7 @@ async def test_close_stops_a_worker_whose_cancellation_was_lost(database_dsn: st
     dispatcher._tasks.append(asyncio.ensure_future(stubborn()))
     await asyncio.sleep(0.05)  # it waits in its first sleep
     try:
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(GONE_S):  # an hour, had the lost cancellation won
             await dispatcher.close()
     finally:
         await pool.close()

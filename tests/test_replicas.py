@@ -20,13 +20,18 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import ClientFactory
-from support import GatewayClient, get_stats, query, transaction
+from support import JWT_SECRET, GatewayClient, bearer, get_stats, query, sign, transaction
 
-from gateway.embedded._postgres import EmbeddedPostgres, _run_as, postgres_bin_dir
+from gateway.embedded._install import server_user
+from gateway.embedded._postgres import EmbeddedPostgres, postgres_bin_dir
+from gateway.web._privileges import PrivilegedRoleError
 
 pytestmark = pytest.mark.slow
 
 WAIT_S = 60.0
+#: the embedded clusters' login role (least privileged), and a role a token names
+LOGIN = "pgqg_authenticator"
+READER = "pgqg_replica_reader"
 QUERIES = """\
 -- name: where_am_i
 SELECT pg_is_in_recovery() AS replica;
@@ -49,7 +54,7 @@ def pair(embedded_root: Path) -> Iterator[Pair]:
     primary = EmbeddedPostgres(embedded_root / "replicas-primary", fast=True)
     primary.start()
     replica_dir = embedded_root / "replicas-standby"
-    run_as = _run_as()
+    run_as = server_user()
     replica_dir.mkdir(mode=0o700)
     run_as.chown(replica_dir)  # pg_basebackup runs as the server's user
     try:
@@ -78,7 +83,10 @@ def pair(embedded_root: Path) -> Iterator[Pair]:
         replica.start()
         try:
             with psycopg.connect(primary.dsn, autocommit=True) as conn:
-                conn.execute("CREATE TABLE seen (n int PRIMARY KEY)")
+                conn.execute("CREATE TABLE seen (n int PRIMARY KEY)")  # pgqg_anon may use it
+                # a role a token may name, which the login role may take on
+                conn.execute(f"CREATE ROLE {READER} NOLOGIN")
+                conn.execute(f"GRANT {READER} TO {LOGIN}")
             yield Pair(primary, replica)
         finally:
             replica.stop()
@@ -118,15 +126,24 @@ async def on_replica(client: GatewayClient) -> bool:
 
 @pytest.fixture
 async def routed(pair: Pair, gateway_factory: ClientFactory, tmp_path: Path) -> GatewayClient:
-    """A read-write gateway on the primary with the replica; the replica healthy."""
+    """A read-write gateway on the primary with the replica, both through the
+    least-privileged login role; the replica healthy."""
+    return await routed_gateway(gateway_factory, pair, tmp_path)
+
+
+async def routed_gateway(
+    gateway_factory: ClientFactory, pair: Pair, tmp_path: Path, **overrides: Any
+) -> GatewayClient:
+    """A gateway as `routed`'s, with `overrides`, once the replica is healthy."""
     (tmp_path / "queries").mkdir()
     (tmp_path / "queries" / "q.sql").write_text(QUERIES)
     client = await gateway_factory(
-        dsn=pair.primary.dsn,
-        replica_dsns=(pair.replica.dsn,),
+        dsn=pair.primary.gateway_dsn,
+        replica_dsns=(pair.replica.gateway_dsn,),
         replica_max_lag_ms=1000,
         raw_sql="read-write",
         sql_dir=tmp_path,
+        **overrides,
     )
     await until_replica(client, healthy=True)
     return client
@@ -214,3 +231,33 @@ async def test_without_replicas_there_is_one_target(client: GatewayClient) -> No
         ("primary", "primary", True)
     ]
     assert stats["pid"] == os.getpid()
+
+
+async def test_a_token_s_role_applies_on_the_replica_as_on_the_primary(
+    pair: Pair, gateway_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The replica's pool logs in as the same login role and takes on each request's
+    role in its transaction, as the primary's does."""
+    client = await routed_gateway(gateway_factory, pair, tmp_path, jwt_secret=JWT_SECRET)
+    who = "select current_user as who, pg_is_in_recovery() as replica"
+    token = bearer(sign({"role": READER}))
+    for read_only, replica in ((True, True), (False, False)):
+        resp = await client.post(
+            "/v1/query", json={"sql": who, "read_only": read_only}, headers=token
+        )
+        body = await resp.json()
+        assert (resp.status, body["rows"]) == (200, [{"who": READER, "replica": replica}]), body
+    resp = await client.post(
+        "/v1/query", json={"sql": who, "read_only": True}, headers=bearer(sign({"role": "nobody"}))
+    )
+    assert resp.status == 403, await resp.text()  # refused on the replica as on the primary
+
+
+async def test_a_privileged_replica_login_is_refused_with_raw_sql_on(
+    pair: Pair, gateway_factory: ClientFactory
+) -> None:
+    """The least-privilege check at start-up reads every replica's login role too."""
+    with pytest.raises(PrivilegedRoleError, match="is a superuser"):
+        await gateway_factory(
+            dsn=pair.primary.gateway_dsn, replica_dsns=(pair.replica.dsn,), raw_sql="read-only"
+        )

@@ -232,14 +232,72 @@ async def test_transaction_isolation_and_validation(rw_client: GatewayClient) ->
 
 
 async def test_transaction_read_only_mode(client: GatewayClient, table: str) -> None:
-    status, body = await transaction(client, (f"insert into {table} values (1, 'a')", []))
+    # read-only is the default on a read-only gateway: reads need no read_only: true
+    status, body = await transaction(client, (f"select count(*)::int AS n from {table}", []))
+    assert status == 200, body
+    assert body["results"][0]["rows"] == [{"n": 0}]
+    for read_only in ({}, {"read_only": True}, {"read_only": None}):
+        status, body = await transaction(
+            client, (f"insert into {table} values (1, 'a')", []), **read_only
+        )
+        assert status == 403
+        assert_error(body, "query_error", "25006")
+        assert body["error"]["message"].endswith(": raw SQL is read-only on this gateway")
+        assert "PGQG_RAW_SQL=read-write" in body["error"]["hint"]
+    status, body = await transaction(client, ("select 1", []), read_only=False)
     assert status == 403
     assert_error(body, "forbidden")
-    status, body = await transaction(
-        client, (f"insert into {table} values (1, 'a')", []), read_only=True
-    )
+    assert "PGQG_RAW_SQL=read-write" in body["error"]["message"]
+
+
+async def test_a_write_on_a_read_only_gateway_names_the_setting(
+    client: GatewayClient, table: str
+) -> None:
+    status, body = await query(client, f"insert into {table} values (1, 'a')")
     assert status == 403
     assert_error(body, "query_error", "25006")
+    assert body["error"]["message"] == (
+        "cannot execute INSERT in a read-only transaction: raw SQL is read-only on this gateway"
+    )
+    assert body["error"]["hint"] == (
+        "writes need PGQG_RAW_SQL=read-write (pgqg serve --raw-sql read-write)"
+    )
+    # streamed, the error comes before the first row: the same answer
+    resp = await client.post(
+        "/v1/query?format=csv", json={"sql": f"insert into {table} values (1, 'a') returning id"}
+    )
+    assert resp.status == 403
+    assert (await resp.json())["error"] == body["error"]
+
+
+async def test_a_write_refused_by_a_read_only_transaction_on_a_read_write_gateway(
+    rw_client: GatewayClient, table: str
+) -> None:
+    # the client chose read-only: nothing about the gateway's mode to say
+    status, body = await transaction(
+        rw_client, (f"insert into {table} values (1, 'a')", []), read_only=True
+    )
+    assert status == 403
+    assert body["error"]["message"] == "cannot execute INSERT in a read-only transaction"
+    assert body["error"]["hint"] is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "params", "message"),
+    [
+        ("select $1::int + $2::int", [1], "the statement has 2 parameters ($1, $2); 1 given"),
+        ("select $1::int", [1, 2], "the statement has 1 parameter ($1); 2 given"),
+        ("select $1::int", [], "the statement has 1 parameter ($1); 0 given"),
+        ("select 1", [1], "the statement has no parameters; 1 given"),
+    ],
+)
+async def test_a_wrong_parameter_count_says_how_many(
+    client: GatewayClient, sql: str, params: list[int], message: str
+) -> None:
+    status, body = await query(client, sql, *params)
+    assert status == 400
+    assert_error(body, "query_error", "08P01")
+    assert body["error"]["message"] == message
 
 
 async def test_healthz_readyz_stats_openapi(client: GatewayClient) -> None:

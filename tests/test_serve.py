@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import pytest
+from support import as_made_before_login_roles
 
-from gateway.embedded._postgres import server_processes
+from gateway._settings import DEFAULT_SQL_DIR
+from gateway.cli._demo import load_demo
+from gateway.embedded._postgres import EmbeddedPostgres, server_processes
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 90.0  # initdb and the seed on a busy two-core machine
@@ -75,8 +79,12 @@ class Served:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
 
     def wait_ready(self) -> float:
         """Poll /readyz (bounded); returns the seconds it took."""
@@ -146,6 +154,12 @@ def test_serve_embedded_demo_then_sigterm_then_again(home: Path, data_dir: Path)
         assert body["rows"][0]["id"] == 1 and body["rows"][0]["title"]
         status, body = first.post("/v1/query", {"sql": "select count(*) AS n from review"})
         assert (status, body["rows"]) == (200, [{"n": "3600"}])
+        # requests run as the least-privileged role, not as the superuser
+        sql = "select current_user, (select rolsuper from pg_roles where rolname = current_user)"
+        status, body = first.post("/v1/query", {"sql": sql, "shape": "arrays"})
+        assert (status, body["rows"]) == (200, [["pgqg_anon", False]])
+        status, body = first.post("/v1/query", {"sql": "select pg_read_file('/etc/hostname')"})
+        assert (status, body["error"]["sqlstate"]) == (403, "42501"), body
         assert first.terminate() == 0, first.output
     finally:
         first.kill()
@@ -156,6 +170,8 @@ def test_serve_embedded_demo_then_sigterm_then_again(home: Path, data_dir: Path)
     assert "loaded the demo bookshop" in out
     assert f"pgqg is serving on http://127.0.0.1:{port}" in out
     assert "psql 'postgresql://postgres:" in out
+    assert "requests run as the role pgqg_anon, not a superuser" in out
+    assert "upgraded" not in out
 
     # a second start on the same data: the data is reused, the seed is not applied again
     second = Served(env, home / "second.log")
@@ -163,8 +179,9 @@ def test_serve_embedded_demo_then_sigterm_then_again(home: Path, data_dir: Path)
         warm = second.wait_ready()
         status, body = second.post("/v1/query", {"sql": "select count(*) AS n from review"})
         assert (status, body["rows"]) == (200, [{"n": "3600"}])
-        status, body = second.post("/v1/query", {"sql": "select count(*) AS n from pgqg.demo"})
-        assert body["rows"] == [{"n": "1"}]
+        superuser = second.output.split("psql '", 1)[1].split("'", 1)[0]
+        with psycopg.connect(superuser) as conn:  # pgqg.demo is not the requests' business
+            assert conn.execute("select count(*) from pgqg.demo").fetchone() == (1,)
         assert second.terminate() == 0, second.output
     finally:
         second.kill()
@@ -188,3 +205,45 @@ def test_sigterm_while_starting_leaves_nothing_running(home: Path, data_dir: Pat
         served.kill()
     assert status == 0, served.output
     assert_nothing_left(served, data_dir)
+
+
+@pytest.mark.slow
+def test_serve_upgrades_an_older_data_directory_in_place(home: Path, data_dir: Path) -> None:
+    with EmbeddedPostgres(data_dir) as pg:  # what an older pgqg serve left: the demo
+        load_demo(pg.dsn, DEFAULT_SQL_DIR)
+        as_made_before_login_roles(pg)
+    served = Served(clean_env(home, data_dir, free_port()), home / "serve.log")
+    try:
+        served.wait_ready()
+        sql = "select current_user AS who, count(*) AS n from review"
+        status, body = served.post("/v1/query", {"sql": sql})
+        assert (status, body["rows"]) == (200, [{"who": "pgqg_anon", "n": "3600"}])
+        assert served.terminate() == 0, served.output
+    finally:
+        served.kill()
+    assert_nothing_left(served, data_dir)
+    out = served.output
+    assert "PostgreSQL started in" in out
+    assert "upgraded the data directory in place: requests now run as the role pgqg_anon" in out
+    assert "the demo bookshop is already loaded" in out
+
+
+def test_a_second_serve_on_a_data_dir_in_use_says_to_use_another(
+    home: Path, data_dir: Path, embedded_factory: Any
+) -> None:
+    running = embedded_factory(data_dir)  # the first gateway's server, as far as we know
+    second = Served(clean_env(home, data_dir, free_port()), home / "second.log")
+    try:
+        status = second.proc.wait(timeout=READY_TIMEOUT_S)
+    finally:
+        second.kill()
+    assert status == 1, second.output
+    assert second.output.splitlines()[-1] == (
+        f"pgqg: another PostgreSQL server already runs on {data_dir} (another pgqg serve?):"
+        " give this gateway its own data directory with --data-dir (PGQG_DATA_DIR), or stop"
+        " the other gateway first"
+    )
+    assert "kill" not in second.output and "pg_ctl" not in second.output
+    assert running.is_running()  # left alone, and serving
+    with psycopg.connect(running.dsn) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

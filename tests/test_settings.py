@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway import ConfigError, load_settings
-from gateway._settings import describe_settings
+from gateway._settings import ConfigFileError, describe_settings, unknown_variables
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +50,58 @@ def test_errors_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         load_settings(toml)
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_a_toml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    toml = tmp_path / "pgqg.toml"
+    toml.write_text("pool_size = 2\nport = \n")
+    with pytest.raises(ConfigFileError) as caught:
+        load_settings(toml)
+    assert str(caught.value) == f"{toml}: not valid TOML: Invalid value (at line 2, column 8)"
+    toml.write_bytes(b"port = '\xff'\n")
+    with pytest.raises(ConfigFileError, match=f"^{toml}: not valid TOML: "):
+        load_settings(toml)
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("pool-size", "pool_size"),
+        ("poolsize", "pool_size"),
+        ("statement_timeout", "statement_timeout_ms"),
+    ],
+)
+def test_an_unknown_toml_key_names_the_setting_it_probably_meant(
+    tmp_path: Path, key: str, meant: str
+) -> None:
+    toml = tmp_path / "pgqg.toml"
+    toml.write_text(f"{key} = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(toml)
+    assert str(caught.value) == (
+        f"invalid settings: unknown setting {key!r} in {toml} (did you mean {meant!r}?)"
+    )
+    toml.write_text("colour = 'blue'\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'colour' in .*pgqg\.toml$"):
+        load_settings(toml)
+
+
+def test_unknown_pgqg_variables_are_named_with_the_closest_setting() -> None:
+    environ = {
+        "PGQG_POOLSIZE": "3",  # a typo
+        "PGQG_LOG_LVL": "debug",
+        "PGQG_FROBNICATE": "1",  # nothing close
+        "PGQG_POOL_SIZE": "3",  # settings, in any case, are fine
+        "pgqg_port": "1",
+        "PGQG_COMPILE": "0",  # read by the build and the tests, not settings
+        "PGQG_TEST_DSN": "postgresql://",
+        "HOME": "/root",
+    }
+    assert unknown_variables(environ) == [
+        "PGQG_FROBNICATE is not a setting and is ignored",
+        "PGQG_LOG_LVL is not a setting and is ignored; did you mean PGQG_LOG_LEVEL?",
+        "PGQG_POOLSIZE is not a setting and is ignored; did you mean PGQG_POOL_SIZE?",
+    ]
 
 
 def test_every_setting_has_a_help_line() -> None:

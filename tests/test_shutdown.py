@@ -22,6 +22,9 @@ from support import Served, assert_error
 
 pytestmark = pytest.mark.slow
 
+#: generous bounds for a loaded machine: waits end on a condition, not on a clock
+WAIT_S = 30.0
+
 
 @pytest.fixture
 def own_database(database_dsn: str) -> Iterator[tuple[str, str]]:
@@ -70,7 +73,7 @@ async def backends(database_dsn: str, datname: str, mark: str = "") -> list[tupl
 async def no_backends_left(database_dsn: str, datname: str) -> None:
     """The gateway's connections are gone (a closed connection's backend exits
     a moment after the client's Terminate message)."""
-    async with asyncio.timeout(1.0):
+    async with asyncio.timeout(WAIT_S):
         while left := await backends(database_dsn, datname):
             print("left:", left)
             await asyncio.sleep(0.02)
@@ -79,6 +82,20 @@ async def no_backends_left(database_dsn: str, datname: str) -> None:
 async def post_query(http: aiohttp.ClientSession, url: str, sql: str) -> tuple[int, Any]:
     async with http.post(url + "/v1/query", json={"sql": sql}) as resp:
         return resp.status, await resp.json()
+
+
+async def running(database_dsn: str, datname: str, mark: str) -> None:
+    """Until a backend on `datname` runs the statement holding `mark`."""
+    async with asyncio.timeout(WAIT_S):
+        while not [s for s, _ in await backends(database_dsn, datname, mark) if s == "active"]:
+            await asyncio.sleep(0.02)
+
+
+async def until_refused(url: str) -> None:
+    """Until nothing accepts a new connection at `url` any more."""
+    async with asyncio.timeout(WAIT_S):
+        while not await refuses_connections(url):
+            await asyncio.sleep(0.02)
 
 
 async def refuses_connections(url: str) -> bool:
@@ -94,22 +111,23 @@ async def refuses_connections(url: str) -> bool:
 async def test_sigterm_lets_a_running_query_finish(
     serve: Any, http: aiohttp.ClientSession, database_dsn: str, own_database: tuple[str, str]
 ) -> None:
-    gateway = serve("--shutdown-grace-s", "5")
+    # a grace far longer than the query: the gateway exits when it is done, not after it
+    gateway = serve("--shutdown-grace-s", "300")
     await gateway.ready(http)
+    mark = "pgqg-" + uuid.uuid4().hex[:8]
     loop = asyncio.get_running_loop()
-    request = asyncio.ensure_future(post_query(http, gateway.url, "select pg_sleep(1) AS slept"))
-    await asyncio.sleep(0.3)
+    sql = f"select pg_sleep(1) AS slept, '{mark}' AS mark"
+    request = asyncio.ensure_future(post_query(http, gateway.url, sql))
+    await running(database_dsn, own_database[0], mark)
     gateway.proc.send_signal(signal.SIGTERM)
     signalled = loop.time()
-    await asyncio.sleep(0.1)
-    assert await refuses_connections(gateway.url)
+    await until_refused(gateway.url)
     status, body = await request
     assert status == 200, body
-    assert body["rows"] == [{"slept": ""}]
-    assert await gateway.exit_code(5) == 0, gateway.output()
+    assert body["rows"] == [{"slept": "", "mark": mark}]
+    assert await gateway.exit_code(WAIT_S) == 0, gateway.output()
     took = loop.time() - signalled
-    print(f"exited {took:.2f} s after SIGTERM (the query had 0.7 s to go)")
-    assert took < 2.0
+    print(f"exited {took:.2f} s after SIGTERM (the query had under 1 s to go)")
     await no_backends_left(database_dsn, own_database[0])
 
 
@@ -120,31 +138,28 @@ async def test_sigterm_cancels_a_query_still_running_after_the_grace(
     await gateway.ready(http)
     mark = "pgqg-" + uuid.uuid4().hex[:8]
     loop = asyncio.get_running_loop()
-    request = asyncio.ensure_future(post_query(http, gateway.url, f"select pg_sleep(30), '{mark}'"))
-    await asyncio.sleep(0.3)
-    assert await backends(database_dsn, own_database[0], mark)
+    sql = f"select pg_sleep(600), '{mark}'"  # ten minutes, had it not been cancelled
+    request = asyncio.ensure_future(post_query(http, gateway.url, sql))
+    await running(database_dsn, own_database[0], mark)
     gateway.proc.send_signal(signal.SIGTERM)
     signalled = loop.time()
     status, body = await request
     answered = loop.time() - signalled
     assert status == 503
     assert_error(body, "unavailable")
-    assert 0.9 < answered < 1.5
-    assert await gateway.exit_code(5) == 0, gateway.output()
+    assert answered > 0.9  # not before the grace ran out
+    assert await gateway.exit_code(WAIT_S) == 0, gateway.output()
     took = loop.time() - signalled
     print(f"answered 503 {answered:.2f} s and exited {took:.2f} s after SIGTERM (grace 1 s)")
-    assert took < 2.5
     await no_backends_left(database_dsn, own_database[0])
 
 
 async def test_sigint_on_an_idle_gateway_exits_0_at_once(
     serve: Any, http: aiohttp.ClientSession, database_dsn: str, own_database: tuple[str, str]
 ) -> None:
-    gateway = serve()
+    # at once: not after a grace of five minutes, though nothing is in flight
+    gateway = serve("--shutdown-grace-s", "300")
     await gateway.ready(http)
-    loop = asyncio.get_running_loop()
     gateway.proc.send_signal(signal.SIGINT)
-    signalled = loop.time()
-    assert await gateway.exit_code(5) == 0, gateway.output()
-    assert loop.time() - signalled < 1.0
+    assert await gateway.exit_code(WAIT_S) == 0, gateway.output()
     await no_backends_left(database_dsn, own_database[0])

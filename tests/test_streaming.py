@@ -253,10 +253,9 @@ async def test_read_only_is_enforced_in_streams(client: GatewayClient, table: st
 
 
 async def test_a_slow_first_row_times_out(client: GatewayClient) -> None:
-    started = time.perf_counter()
-    resp = await stream(client, "select pg_sleep(5)", fmt="ndjson", timeout_ms=300)
+    # without the timeout, the answer would be a 200 ten minutes later
+    resp = await stream(client, "select pg_sleep(600)", fmt="ndjson", timeout_ms=300)
     assert resp.status == 504
-    assert time.perf_counter() - started < 3
     status, body = await query(client, "select 1 AS one")
     assert status == 200 and body["rows"] == [{"one": 1}]
 
@@ -297,16 +296,16 @@ async def test_streams_have_no_row_limit_by_default(gateway_factory: Any) -> Non
 
 async def test_stream_max_rows_cuts_streams(gateway_factory: Any) -> None:
     client = await gateway_factory(stream_max_rows=1500, pool_size=1)
-    sql = "select generate_series(1, 100000000) AS g"
-    started = time.perf_counter()
+    sql = "select generate_series(1, 2000000000) AS g"
     resp = await stream(client, sql, fmt="ndjson")
     assert [row["g"] for row in ndjson_rows(await read_all(resp))] == list(range(1, 1501))
     resp = await stream(client, sql, fmt="csv", max_rows=5000)  # capped by the setting
     assert len((await read_all(resp)).splitlines()) == 1501
     resp = await stream(client, sql, fmt="csv", max_rows=3)
     assert (await read_all(resp)).splitlines() == [b"g", b"1", b"2", b"3"]
-    assert time.perf_counter() - started < 10  # the rest was cancelled, not computed
-    status, _ = await query(client, "select 1")
+    # the rest was cancelled, not computed: a stream has no statement timeout, and
+    # had one kept the only connection, this would answer 504 after its deadline
+    status, _ = await query(client, "select 1", timeout_ms=30_000)
     assert status == 200
 
 
@@ -350,11 +349,11 @@ async def test_a_client_that_goes_away_frees_the_connection(
     assert resp.status == 200
     assert await resp.content.read(1000)
     resp.close()  # the client goes away mid-stream
-    started = time.perf_counter()
-    status, body = await query(client, "select 1 AS one", timeout_ms=2000)
+    # the stream has no statement timeout: had it kept the only connection, this
+    # would wait out its own deadline and answer 504
+    status, body = await query(client, "select 1 AS one", timeout_ms=30_000)
     assert status == 200 and body["rows"] == [{"one": 1}]
-    assert time.perf_counter() - started < 1.5
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(30):
         while await backend_running(admin, marker):
             await asyncio.sleep(0.05)
 
@@ -369,7 +368,7 @@ async def test_a_cancelled_read_write_stream_leaves_nothing_behind(
     assert resp.status == 200
     assert b"77MB" in await resp.content.read(1000)
     resp.close()
-    status, after = await query(client, "show work_mem", timeout_ms=2000)
+    status, after = await query(client, "show work_mem", timeout_ms=30_000)
     assert status == 200 and after["rows"] == before["rows"]
 
 
@@ -381,13 +380,16 @@ async def test_a_client_that_stops_reading_is_cut_after_the_timeout(
     sql = f"select generate_series(1, 1000000000) AS g, repeat('{marker}', 100) AS m"
     resp = await stream(client, sql, fmt="csv", timeout_ms=300)
     assert resp.status == 200
-    await asyncio.sleep(1.5)  # read nothing: buffers fill, the gateway waits, then gives up
-    assert not await backend_running(admin, marker)
-    status, _ = await query(client, "select 1", timeout_ms=2000)
-    assert status == 200
-    # the gateway dropped the HTTP connection too, though the client never read again
     assert client.server.runner is not None and client.server.runner.server is not None
-    assert len(client.server.runner.server.connections) == 1  # the one "select 1" used
+    server = client.server.runner.server
+    # read nothing: buffers fill, the gateway waits 0.3 s, then gives up: the query
+    # is cancelled and the HTTP connection dropped, though the client never reads again
+    async with asyncio.timeout(60):
+        while server.connections or await backend_running(admin, marker):
+            await asyncio.sleep(0.05)
+    status, _ = await query(client, "select 1", timeout_ms=30_000)
+    assert status == 200
+    assert len(server.connections) == 1  # the one "select 1" used
     assert marker.encode() in await read_cut(resp)  # what was under way, then the cut
 
 

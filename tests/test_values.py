@@ -185,6 +185,7 @@ CREATE DOMAIN {s}.intarr AS int[];
 CREATE DOMAIN {s}.doc AS jsonb;
 CREATE DOMAIN {s}.amount AS numeric(12, 2);
 CREATE DOMAIN {s}.dbox AS box;
+CREATE DOMAIN {s}.boxes AS box[];
 CREATE DOMAIN {s}.dmood AS {s}.mood;
 CREATE TYPE {s}.pair AS (a int, b text, c {s}.mood[]);
 CREATE TYPE {s}.frange AS RANGE (subtype = float8);
@@ -212,8 +213,8 @@ USER_CASES = [
 
 
 @pytest.fixture(scope="module")
-def value_settings(database_dsn: str) -> Settings:
-    return load_settings(dsn=database_dsn, pool_size=2, raw_sql="read-write")
+def value_settings(gateway_dsn: str) -> Settings:
+    return load_settings(dsn=gateway_dsn, pool_size=2, raw_sql="read-write")
 
 
 @pytest.fixture(scope="module")
@@ -254,15 +255,23 @@ async def user_types(gateway: GatewayClient, database_dsn: str) -> AsyncIterator
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+async def post_query(
+    client: GatewayClient, sql: str, params_json: str = "[]", *, fmt: str = "json", **options: str
+) -> bytes:
+    """POST /v1/query answered in `fmt`, parameters as raw JSON text; the body of the 200."""
+    extra = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in options.items())
+    body = f'{{"sql": {json.dumps(sql)}, "params": {params_json}{extra}}}'
+    resp = await client.post(
+        f"/v1/query?format={fmt}", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    data = await resp.read()
+    assert resp.status == 200, data
+    return data
+
+
 async def gateway_answer(client: GatewayClient, sql: str, params_json: str = "[]") -> Any:
     """POST /v1/query with the parameters as raw JSON text; the body parsed exactly."""
-    body = f'{{"sql": {exact_dumps(sql)}, "params": {params_json}}}'
-    resp = await client.post(
-        "/v1/query", data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    answer = exact_json(await resp.text())
-    assert resp.status == 200, plain(answer)
-    return answer
+    return exact_json(await post_query(client, sql, params_json))
 
 
 async def value_json(client: GatewayClient, expr: str) -> Any:
@@ -491,6 +500,265 @@ async def test_nul_in_a_parameter_is_refused(gateway: GatewayClient) -> None:
         assert (await resp.json())["error"]["code"] == "bad_request"
 
 
+# --- every output format -----------------------------------------------------------------
+# A value comes out the same in the JSON answer (both shapes) and in NDJSON (both shapes,
+# one row per line, always), and as PostgreSQL's own text in CSV: byte for byte what
+# ``COPY … (FORMAT csv, HEADER)`` writes. A case is the gateway's expression, its
+# parameters as raw JSON, and (when it has parameters) the same value written without
+# them, which the oracle and COPY are asked about.
+
+FORMAT_CASES: list[tuple[str, str, str | None]] = [
+    # json text with line breaks (PostgreSQL's own functions write them): an NDJSON
+    # row stays one line, and the value stays the same JSON value
+    ("(SELECT json_agg(t) FROM (VALUES (1, 'a'), (2, 'b')) t)", "[]", None),
+    ("row_to_json(row(1, 'x'), true)", "[]", None),
+    ("array_to_json(array[1, 2], true)", "[]", None),
+    ("E'[1,\\r\\n2]'::json", "[]", None),
+    ('E\'\\r\\n{"a\\\\nb":\\n"c\\\\r\\\\n"}\\n\'::json', "[]", None),
+    ("array[E'{\"a\":\\n1}'::json, E'\\r\\n[\"s\\\\n\"]\\n'::json, null]", "[]", None),
+    ("$1::json", '["[1,\\r\\n2]"]', "E'[1,\\r\\n2]'::json"),
+    # -0 keeps its sign wherever a parameter holds it (-0.0 did already)
+    ("$1::float8", "[-0]", "'-0'::float8"),
+    ("$1::float8", "[-0.0]", "'-0.0'::float8"),
+    ("$1::float4", "[-0]", "'-0'::float4"),
+    ("$1::text", "[-0]", "'-0'::text"),
+    ("$1::int", "[-0]", "'-0'::int"),
+    ("$1::numeric", "[-0]", "'-0'::numeric"),
+    ("$1::float8[]", "[[-0, 0, -0.0, null]]", "'{-0,0,-0.0,NULL}'::float8[]"),
+    ("$1::json", '[{"a": -0, "b": [-0, 0]}]', '\'{"a":-0,"b":[-0,0]}\'::json'),
+    ("$1::jsonb", '[{"a": -0}]', "'{\"a\": -0}'::jsonb"),  # jsonb's numeric has no -0
+    # a list parameter takes its element type's delimiter: ';' for box
+    ("$1::box[]", '[["(1,1),(0,0)", "(3,3),(2,2)"]]', "'{(1,1),(0,0);(3,3),(2,2)}'::box[]"),
+    (
+        "$1::box[]",
+        '[[["(1,1),(0,0)", null], [null, "(3,3),(2,2)"]]]',
+        "'{{(1,1),(0,0);NULL};{NULL;(3,3),(2,2)}}'::box[]",
+    ),
+    ("$1::box[]", '[["(1,1),(0,0)"]]', "'{(1,1),(0,0)}'::box[]"),
+    ("$1::box[]", "[[]]", "'{}'::box[]"),
+    (
+        "row($1::box[], $2::text[], $3::int[])",
+        '[["(1,1),(0,0)", "(3,3),(2,2)"], ["a;b", "c,d"], [[1, 2], [3, 4]]]',
+        "row('{(1,1),(0,0);(3,3),(2,2)}'::box[], '{\"a;b\",\"c,d\"}'::text[],"
+        " '{{1,2},{3,4}}'::int[])",
+    ),
+    (
+        "(SELECT array_agg(b ORDER BY area(b)) FROM unnest($1::box[]) b)",
+        '[["(2,2),(0,0)", "(1,1),(0,0)"]]',
+        "'{(1,1),(0,0);(2,2),(0,0)}'::box[]",
+    ),
+    # an array whose lower bounds are not all 1 is its text: a JSON array has none
+    ("'[2:3]={1,2}'::int[]", "[]", None),
+    ("'[0:1][1:2]={{1,2},{3,4}}'::int[]", "[]", None),
+    ("'[1:2][0:0]={{a},{\"b c\"}}'::text[]", "[]", None),
+    ("'[-1:0]={\"a b\",NULL}'::text[]", "[]", None),
+    ("array['[2:3]={1,2}'::int[]]", "[]", None),
+    ('\'[0:1]={"(1,1),(0,0)";"(2,2),(1,1)"}\'::box[]', "[]", None),
+    ('\'[0:0]={"{\\"a\\": 1}"}\'::jsonb[]', "[]", None),
+    ("array_fill(7, array[2, 1], array[0, 1])", "[]", None),
+    ("'[1:2]={1,2}'::int[]", "[]", None),  # lower bound 1: an array
+    # json null and SQL NULL are both null in JSON; CSV tells them apart
+    ("'null'::json", "[]", None),
+    ("'null'::jsonb", "[]", None),
+    ("NULL::json", "[]", None),
+    ("array['null'::json, NULL]", "[]", None),
+]
+
+USER_FORMAT_CASES: list[tuple[str, str, str | None]] = [
+    (
+        "$1::{s}.dbox[]",
+        '[["(1,1),(0,0)", "(3,3),(2,2)"]]',
+        "'{(1,1),(0,0);(3,3),(2,2)}'::{s}.dbox[]",
+    ),
+    (
+        "$1::{s}.boxes",
+        '[["(1,1),(0,0)", "(3,3),(2,2)", null]]',
+        "'{(1,1),(0,0);(3,3),(2,2);NULL}'::{s}.boxes",
+    ),
+    ("$1::{s}.intarr", "[[1, 2]]", "'{1,2}'::{s}.intarr"),
+    ("'[0:1]={4,5}'::{s}.intarr", "[]", None),
+    ('\'{"[0:1]={4,5}","{6}",NULL}\'::{s}.intarr[]', "[]", None),
+]
+
+
+def ndjson_lines(body: bytes) -> list[Any]:
+    """NDJSON rows as a reader that splits on line feeds gets them, parsed exactly."""
+    assert body.endswith(b"\n") and b"\r" not in body, body
+    return [exact_json(line) for line in body[:-1].split(b"\n")]
+
+
+async def every_format(client: GatewayClient, sql: str, params_json: str) -> dict[str, Any]:
+    """Column ``v`` of the one row of `sql` as each JSON format has it, and the CSV body."""
+    objects = await gateway_answer(client, sql, params_json)
+    arrays = exact_json(await post_query(client, sql, params_json, shape="arrays"))
+    (ndjson_object,) = ndjson_lines(await post_query(client, sql, params_json, fmt="ndjson"))
+    (ndjson_array,) = ndjson_lines(
+        await post_query(client, sql, params_json, fmt="ndjson", shape="arrays")
+    )
+    return {
+        "json objects": objects.get("rows")[0].get("v"),
+        "json arrays": arrays.get("rows")[0][0],
+        "ndjson objects": ndjson_object.get("v"),
+        "ndjson arrays": ndjson_array[0],
+        "csv": await post_query(client, sql, params_json, fmt="csv"),
+    }
+
+
+def copy_csv(direct: psycopg.Connection[Any], sql: str) -> bytes:
+    """What PostgreSQL's ``COPY (sql) TO STDOUT (FORMAT csv, HEADER)`` writes."""
+    data = bytearray()
+    with direct.cursor().copy(f"COPY ({sql}) TO STDOUT (FORMAT csv, HEADER)") as copy:
+        for chunk in copy:
+            data += chunk
+    return bytes(data)
+
+
+async def check_every_format(
+    client: GatewayClient, oracle: Oracle, direct: psycopg.Connection[Any], case: tuple[str, ...]
+) -> None:
+    expr, params_json, same_as = case
+    literal = same_as or expr
+    got = await every_format(client, f"SELECT {expr} AS v", params_json)
+    assert got.pop("csv") == copy_csv(direct, f"SELECT {literal} AS v")
+    assert got == dict.fromkeys(got, oracle.expected(literal))
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f"{c[0]} {c[1]}" for c in FORMAT_CASES])
+async def test_value_in_every_format(
+    gateway: GatewayClient,
+    oracle: Oracle,
+    direct: psycopg.Connection[Any],
+    case: tuple[str, str, str | None],
+) -> None:
+    await check_every_format(gateway, oracle, direct, case)
+
+
+@pytest.mark.parametrize("case", USER_FORMAT_CASES, ids=[c[0] for c in USER_FORMAT_CASES])
+async def test_user_type_value_in_every_format(
+    gateway: GatewayClient,
+    oracle: Oracle,
+    direct: psycopg.Connection[Any],
+    user_types: str,
+    case: tuple[str, str, str | None],
+) -> None:
+    expr, params_json, same_as = case
+    await check_every_format(
+        gateway,
+        oracle,
+        direct,
+        (
+            expr.replace("{s}", user_types),
+            params_json,
+            (same_as or expr).replace("{s}", user_types),
+        ),
+    )
+
+
+async def test_rows_with_line_breaks_are_one_line_each(gateway: GatewayClient) -> None:
+    sql = (
+        "SELECT i, row_to_json(t, true) AS pretty, json_agg(t) OVER () AS agg"
+        " FROM (VALUES (1, 'a'), (2, E'b\\nc')) AS t(i, s)"
+    )
+    rows = (await gateway_answer(gateway, sql)).get("rows")
+    assert len(rows) == 2
+    assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == rows
+    arrays = ndjson_lines(await post_query(gateway, sql, fmt="ndjson", shape="arrays"))
+    assert [Obj(zip(("i", "pretty", "agg"), line, strict=True)) for line in arrays] == rows
+
+
+async def test_json_null_and_sql_null(
+    gateway: GatewayClient, direct: psycopg.Connection[Any]
+) -> None:
+    """Both are null in the JSON formats; CSV, or ``IS NULL`` in the SQL, tells them apart."""
+    sql = "SELECT 'null'::json AS j, NULL::json AS n, 'null'::json IS NULL AS j_is_null"
+    row = (await gateway_answer(gateway, sql)).get("rows")[0]
+    assert row == Obj((("j", None), ("n", None), ("j_is_null", False)))
+    assert ndjson_lines(await post_query(gateway, sql, fmt="ndjson")) == [row]
+    csv = await post_query(gateway, sql, fmt="csv")
+    assert csv == b"j,n,j_is_null\nnull,,f\n" == copy_csv(direct, sql)
+
+
+async def test_list_parameters_in_a_transaction(
+    gateway: GatewayClient, direct: psycopg.Connection[Any]
+) -> None:
+    """Each statement's lists take their own types' delimiters. A statement that cannot
+    be described before its transaction runs (its table is made by an earlier
+    statement) keeps ``,``, which every built-in type but box takes."""
+    name = f"lists_{uuid.uuid4().hex[:8]}"
+    direct.execute(f"CREATE TABLE {name} (b box[], i int[])")
+    try:
+        statements = [
+            (
+                f"INSERT INTO {name} VALUES ($1, $2) RETURNING b, i",
+                [["(1,1),(0,0)", "(3,3),(2,2)"], [1, 2]],
+            ),
+            ("SELECT $1::box[] AS b, $2::int[] AS i", [["(2,2),(1,1)", "(4,4),(3,3)"], [3, 4]]),
+            (f"CREATE TEMP TABLE {name}_t (i int[], t text[])", []),
+            (f"INSERT INTO {name}_t VALUES ($1, $2) RETURNING i, t", [[5, 6], ["a;b", "c,d"]]),
+        ]
+        resp = await gateway.post(
+            "/v1/transaction",
+            json={"statements": [{"sql": sql, "params": params} for sql, params in statements]},
+        )
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert [result["rows"] for result in body["results"]] == [
+            [{"b": ["(1,1),(0,0)", "(3,3),(2,2)"], "i": [1, 2]}],
+            [{"b": ["(2,2),(1,1)", "(4,4),(3,3)"], "i": [3, 4]}],
+            [],
+            [{"i": [5, 6], "t": ["a;b", "c,d"]}],
+        ]
+    finally:
+        direct.execute(f"DROP TABLE {name}")
+
+
+NAMED_QUERIES = """\
+-- name: signed
+-- params: f float8, fs float8[], j json, t text
+SELECT :f AS f, :fs AS fs, :j AS j, :t AS t;
+
+-- name: boxes
+-- params: b box[]
+SELECT :b AS b, pg_catalog.array_length(:b, 1) AS n;
+"""
+
+
+async def test_named_query_parameters(
+    gateway_factory: Any, tmp_path: Path, direct: psycopg.Connection[Any]
+) -> None:
+    """-0 and box[] lists reach a named query as they reach raw SQL: from a JSON body or a
+    query string, buffered or streamed."""
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "values.sql").write_text(NAMED_QUERIES)
+    client = await gateway_factory(sql_dir=tmp_path, pool_size=1)
+    signed = [{"f": Num("-0"), "fs": [Num("-0"), Num("1")], "j": {"a": Num("-0")}, "t": "-0"}]
+    resp = await client.post(
+        "/v1/queries/signed",
+        data=b'{"params": {"f": -0, "fs": [-0, 1], "j": {"a": -0}, "t": "-0"}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert plain(exact_json(await resp.read()).get("rows")) == signed
+    query = {"f": "-0", "fs": "[-0, 1]", "j": '{"a": -0}', "t": "-0"}
+    resp = await client.get("/v1/queries/signed", params=query)
+    assert plain(exact_json(await resp.read()).get("rows")) == signed
+
+    boxes = [{"b": ["(1,1),(0,0)", "(3,3),(2,2)"], "n": Num("2")}]
+    for fmt in ("json", "ndjson"):
+        resp = await client.post(
+            f"/v1/queries/boxes?format={fmt}",
+            json={"params": {"b": ["(1,1),(0,0)", "(3,3),(2,2)"]}},
+        )
+        data = await resp.read()
+        assert resp.status == 200, data
+        rows = exact_json(data).get("rows") if fmt == "json" else ndjson_lines(data)
+        assert plain(rows) == boxes
+    resp = await client.get(
+        "/v1/queries/boxes", params={"b": '["(1,1),(0,0)", "(3,3),(2,2)"]', "format": "csv"}
+    )
+    expected = "SELECT '{(1,1),(0,0);(3,3),(2,2)}'::box[] AS b, 2 AS n"
+    assert await resp.read() == copy_csv(direct, expected)
+
+
 # --- round trips through a table (hypothesis) ---------------------------------------------
 
 ROUND_TRIP = hsettings(
@@ -586,3 +854,87 @@ async def test_float8_round_trip(
 @given(value=st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))))
 async def test_text_round_trip(gateway: GatewayClient, round_trip_table: str, value: str) -> None:
     assert await round_trip(gateway, round_trip_table, "t", exact_dumps(value)) == (value,) * 2
+
+
+# --- NDJSON rows are lines (hypothesis) ---------------------------------------------------
+
+#: whitespace JSON allows between tokens, line breaks included
+_WHITESPACE = st.text(st.sampled_from(" \t\n\r"), max_size=3)
+#: how a character may be written inside a JSON string, besides \uXXXX
+_STRING_FORMS = {
+    '"': ['\\"'],
+    "\\": ["\\\\"],
+    "/": ["/", "\\/"],
+    "\b": ["\\b"],
+    "\f": ["\\f"],
+    "\n": ["\\n"],
+    "\r": ["\\r"],
+    "\t": ["\\t"],
+}
+_JSON_NUMBERS = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,25})(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?", fullmatch=True
+)
+
+
+def _unicode_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04X}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+@st.composite
+def json_strings(draw: st.DrawFn) -> str:
+    """A JSON string, each character written as itself or escaped, at random (controls
+    always escaped, as JSON requires)."""
+    text = draw(st.text(st.characters(exclude_categories=("Cs",)), max_size=8))
+    written = []
+    for char in text:
+        forms = _STRING_FORMS.get(char, [] if ord(char) < 0x20 else [char])
+        written.append(draw(st.sampled_from([*forms, _unicode_escape(char)])))
+    return '"' + "".join(written) + '"'
+
+
+def _containers(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Arrays and objects of `inner` JSON texts, with whitespace around every token."""
+    value = st.tuples(_WHITESPACE, inner, _WHITESPACE).map("".join)
+    member = st.tuples(_WHITESPACE, json_strings(), _WHITESPACE, st.just(":"), value).map("".join)
+    arrays = st.tuples(st.lists(value, max_size=4), _WHITESPACE).map(
+        lambda parts: "[" + ",".join(parts[0]) + parts[1] + "]"
+    )
+    objects = st.tuples(st.lists(member, max_size=4), _WHITESPACE).map(
+        lambda parts: "{" + ",".join(parts[0]) + parts[1] + "}"
+    )
+    return arrays | objects
+
+
+#: JSON documents with random whitespace (line breaks too) and escapes
+JSON_DOCUMENTS = st.tuples(
+    _WHITESPACE,
+    st.recursive(
+        st.sampled_from(["null", "true", "false"]) | _JSON_NUMBERS | json_strings(),
+        _containers,
+        max_leaves=10,
+    ),
+    _WHITESPACE,
+).map("".join)
+
+
+@ROUND_TRIP
+@given(documents=st.lists(JSON_DOCUMENTS, min_size=1, max_size=4))
+async def test_ndjson_rows_are_lines(gateway: GatewayClient, documents: list[str]) -> None:
+    """json documents stored as written, streamed: split on line feeds, each line is
+    its row, and its value is the document's."""
+    sql = (
+        "SELECT d.i, d.doc::json AS j FROM unnest($1::text[]) WITH ORDINALITY AS d(doc, i)"
+        " ORDER BY d.i"
+    )
+    params = json.dumps([documents])
+    expected = [exact_json(doc) for doc in documents]
+    objects = ndjson_lines(await post_query(gateway, sql, params, fmt="ndjson"))
+    assert [row.get("j") for row in objects] == expected
+    arrays = ndjson_lines(await post_query(gateway, sql, params, fmt="ndjson", shape="arrays"))
+    assert [row[1] for row in arrays] == expected
+    answer = (await gateway_answer(gateway, sql, params)).get("rows")
+    assert [row.get("j") for row in answer] == expected

@@ -3,7 +3,8 @@
 Imports ``gateway.values`` and ``gateway._errors``; never the engine, HTTP or the CLI.
 """
 
-from ._catalog import Catalog, CatalogError, NamedQuery, Param, parse_queries
+from ._catalog import Catalog, CatalogError, NamedQuery, Param
+from ._parser import parse_queries
 from ._sqlfile import SqlFileError, SqlStatement, split_statements
 
 __all__ = [

@@ -1,24 +1,10 @@
-"""The catalog of named queries: ``sql/queries/*.sql`` parsed, checked and bound.
+"""The catalog of named queries: their declared types, binding, and lookup by name.
 
-A file holds one or more queries in the format aiosql users know::
-
-    -- name: book_by_id
-    -- One book by its id, with its author.
-    -- params: id int
-    SELECT b.id, b.title FROM book b WHERE b.id = :id;
-
-Each ``:name`` becomes ``($n::type)``, n being the parameter's position in the
-``-- params:`` line. The parentheses keep the cast attached to the parameter
-where a bare ``$n::type`` would not parse as meant: ``:ids[1]`` would otherwise
-read as a cast to ``int[][1]``, and ``FETCH FIRST $1::int ROWS`` is a syntax
-error. Tokens are found with PostgreSQL's own scanner (``pglast.parser.scan``),
-so string literals, quoted identifiers, comments, dollar-quoted bodies and
-``::`` casts are never mistaken for parameters.
-
-Everything wrong in a file is a `CatalogError` at load time, naming file and
-line, so a bad query stops the gateway from starting rather than failing a
-request later. `NamedQuery.bind` checks a request's values against the
-declared types and raises `BadRequest`.
+`NamedQuery.bind` checks a request's values against a query's declared types
+and raises `BadRequest`; `Catalog` holds the queries a directory's files
+declare (read by `gateway.catalog._parser`, which says what a file holds and
+how ``:name`` parameters become ``($n::type)``). A malformed file is a
+`CatalogError` at load time, naming file and line.
 """
 
 from __future__ import annotations
@@ -31,33 +17,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
-from pathlib import Path, PurePath
-from typing import NoReturn
+from pathlib import Path
 
 from pglast import ast
-from pglast.parser import ParseError, Token, parse_sql, scan
+from pglast.parser import ParseError, parse_sql
 from pglast.stream import RawStream
 
 from .._errors import BadRequest, UnknownQuery
-from ..values._encoding import JSONNumber
+from ..values._encoding import JSONNumber, NegativeZero, json_int
 
-__all__ = ["Catalog", "CatalogError", "NamedQuery", "Param", "parse_queries"]
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_NAME_LINE = re.compile(r"--\s*name\s*:\s*(?P<name>.*?)\s*")
-_PARAMS_LINE = re.compile(r"--\s*params\s*:(?P<decl>.*)")
-
-# aiosql's operation suffixes. Only "!" and "<!" mean the query writes; "^" and
-# "$" (one row, one value) only shape aiosql's Python result, so they are
-# accepted and dropped. "*!" (executemany) and "#" (script) have no meaning
-# for one statement with one set of parameters.
-_WRITE_SUFFIXES = ("<!", "!")
-_READ_SUFFIXES = ("^", "$")
-_UNSUPPORTED_SUFFIXES = ("*!", "#")
-
-_COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
-_COLON, _SEMICOLON, _COMMA = "ASCII_58", "ASCII_59", "ASCII_44"
-_OPENERS, _CLOSERS = frozenset({"ASCII_40", "ASCII_91"}), frozenset({"ASCII_41", "ASCII_93"})
+__all__ = ["Catalog", "CatalogError", "NamedQuery", "Param", "integral_number"]
 
 
 class CatalogError(Exception):
@@ -188,6 +157,26 @@ class _Misfit(Exception):
     """A value does not fit its parameter's type; the binder words the error."""
 
 
+#: an integral number written with a fraction or exponent (``1000.0``, ``1e3``) is an
+#: integer for JSON Schema; past this many digits it is no integer anyone means
+_INTEGRAL_DIGITS = 100
+
+
+def integral_number(value: object) -> int | None:
+    """The integer a JSON number with a fraction or exponent spells (``1000.0``,
+    ``1e3``), as JSON Schema's "integer" takes it; None when it is no integer
+    (``1.5``), or one of more than 100 digits."""
+    if not isinstance(value, JSONNumber):
+        return None
+    try:
+        number = Decimal(value)
+    except ArithmeticError:
+        return None
+    if not number.is_finite() or number.adjusted() >= _INTEGRAL_DIGITS:
+        return None
+    return int(number) if number == number.to_integral_value() else None
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -210,7 +199,9 @@ def _fits(kind: _Kind, value: object) -> bool:
     """Whether a JSON scalar (not null) fits *kind*."""
     if kind is _Kind.INTEGER:
         # a digit string too: int8 goes out as a string and must come back in as one
-        if isinstance(value, str) and not isinstance(value, JSONNumber):
+        if isinstance(value, JSONNumber):
+            return integral_number(value) is not None  # 1000.0 is an integer too
+        if isinstance(value, str):
             return _INTEGER_TEXT.fullmatch(value) is not None
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is _Kind.NUMBER:
@@ -241,7 +232,7 @@ def _json_text(value: object) -> str:
     json/jsonb parameters go out as this text: the caller cannot tell that a
     str or a list is meant as a JSON value rather than as text or an array.
     """
-    if isinstance(value, JSONNumber):
+    if isinstance(value, JSONNumber | NegativeZero):  # json.dumps would write -0 as 0
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise _Misfit("a finite number")
@@ -264,6 +255,8 @@ def _from_json(info: _TypeInfo, value: object) -> object:
         _check_array(info.kind, value)
     elif not _fits(info.kind, value):
         raise _Misfit(f"{info.kind.value}, not {_json_type(value)}")
+    if info.kind is _Kind.INTEGER:
+        return _integers(value)
     if info.kind is not _Kind.JSON:
         return value
     if info.is_array:
@@ -272,13 +265,24 @@ def _from_json(info: _TypeInfo, value: object) -> object:
     return _json_text(value)
 
 
+def _integers(value: object) -> object:
+    """*value* (or its nested elements) with each ``1000.0`` as the integer 1000:
+    PostgreSQL's integer input refuses the fraction."""
+    if isinstance(value, list):
+        return [_integers(item) for item in value]
+    integral = integral_number(value)
+    return value if integral is None else integral
+
+
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
 def _parse_json_text(text: str) -> object:
     try:
-        return json.loads(text, parse_float=JSONNumber, parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_float=JSONNumber, parse_int=json_int, parse_constant=_reject_constant
+        )
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise _Misfit("valid JSON text") from exc
 
@@ -316,6 +320,62 @@ class Param:
     name: str
     type: str
 
+    def json_schema(self, *, in_query_string: bool = False) -> dict[str, object]:
+        """The JSON Schema of the values `NamedQuery.bind` takes for this parameter:
+        from a JSON body (null, SQL NULL, included), or `in_query_string` as text."""
+        info = _type_info(self.type)
+        if in_query_string:
+            schema = _text_schema(info)
+        elif info.is_array:
+            element = _nullable(_SCHEMA_BY_KIND[info.kind])
+            items = element if info.kind is _Kind.JSON else {"anyOf": [element, _ARRAY]}
+            schema = _nullable({**_ARRAY, "items": items})
+        else:
+            schema = _nullable(_SCHEMA_BY_KIND[info.kind])
+        return {**schema, "description": f"PostgreSQL {self.type}"}
+
+
+_ARRAY: dict[str, object] = {"type": "array"}
+_INTEGER_PATTERN = "^[+-]?[0-9]+$"
+#: `_NUMERIC_TEXT` and `_BOOLEAN_TEXT` for JSON Schema, whose patterns take no flags
+_NUMERIC_PATTERN = (
+    r"^(?:[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+    "|[+-]?[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn])$"
+)
+_BOOLEAN_PATTERN = (
+    "^(?:[Tt](?:[Rr][Uu][Ee])?|[Ff](?:[Aa][Ll][Ss][Ee])?|[Yy][Ee][Ss]|[Nn][Oo]|[01])$"
+)
+_SCHEMA_BY_KIND: dict[_Kind, dict[str, object]] = {
+    # JSON Schema's integers include 1000.0, which `integral_number` takes too
+    _Kind.INTEGER: {"type": ["integer", "string"], "pattern": _INTEGER_PATTERN},
+    _Kind.NUMBER: {"type": ["number", "string"], "pattern": _NUMERIC_PATTERN},
+    _Kind.BOOLEAN: {"type": "boolean"},
+    _Kind.JSON: {},
+    _Kind.TEXT: {"type": "string"},
+}
+
+
+def _nullable(schema: dict[str, object]) -> dict[str, object]:
+    """*schema*, or null (any type is NULL in SQL)."""
+    kind = schema.get("type")
+    if kind is None:
+        return schema  # any JSON value already
+    kinds = kind if isinstance(kind, list) else [kind]
+    return {**schema, "type": [*kinds, "null"]}
+
+
+def _text_schema(info: _TypeInfo) -> dict[str, object]:
+    """What a query-string value of this type must spell (`_from_text`)."""
+    if info.is_array or info.kind is _Kind.JSON:
+        return {"type": "string", "contentMediaType": "application/json"}
+    if info.kind is _Kind.INTEGER:
+        return {"type": "integer"}
+    if info.kind is _Kind.NUMBER:
+        return {"type": "string", "pattern": _NUMERIC_PATTERN}
+    if info.kind is _Kind.BOOLEAN:
+        return {"type": "string", "pattern": _BOOLEAN_PATTERN}
+    return {"type": "string"}
+
 
 @dataclass(frozen=True, slots=True)
 class NamedQuery:
@@ -327,6 +387,8 @@ class NamedQuery:
     sql: str
     read_only: bool
     source: str  # "file.sql:12", the line of its "-- name:" comment
+    #: the only roles that may run it ("-- roles:"); None: any role
+    roles: tuple[str, ...] | None = None
 
     def bind(
         self, values: Mapping[str, object], *, from_query_string: bool = False
@@ -386,6 +448,7 @@ class NamedQuery:
             "doc": self.doc,
             "params": [{"name": param.name, "type": param.type} for param in self.params],
             "read_only": self.read_only,
+            "roles": None if self.roles is None else list(self.roles),
             "sql": self.sql,
         }
 
@@ -425,6 +488,10 @@ class Catalog:
             return cls()
         if not directory.is_dir():
             raise CatalogError(str(directory), "not a directory")
+        # The parser builds this module's types, so it is imported here, not at the
+        # top; it runs at start-up only and is not compiled.
+        from ._parser import parse_queries
+
         queries: list[NamedQuery] = []
         for path in sorted(p for p in directory.glob("*.sql") if p.is_file()):
             try:
@@ -449,278 +516,3 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self._queries)
-
-
-# --------------------------------------------------------------------------
-# Parsing a file
-
-
-def parse_queries(text: str, path: str = "<string>") -> list[NamedQuery]:
-    """The named queries in *text*, the contents of the file *path*.
-
-    Raises CatalogError (``path:line: problem``) for anything malformed: SQL
-    before the first ``-- name:``, a bad name or suffix, a bad ``-- params:``
-    line, an undeclared or unused parameter, ``$n`` placeholders, more than
-    one statement, or SQL PostgreSQL's parser refuses.
-    """
-    return _FileParser(text, path).queries()
-
-
-@dataclass(frozen=True, slots=True)
-class _Usage:
-    """A ``:name`` in the SQL: the colon and the name token after it."""
-
-    colon: Token
-    name_token: Token
-    name: str
-
-
-class _FileParser:
-    """One file's tokens, and the positions needed to word errors."""
-
-    def __init__(self, text: str, path: str) -> None:
-        self.text = text
-        self.path = path
-        self.filename = PurePath(path).name
-        self.tokens = self._scan(text)
-
-    def queries(self) -> list[NamedQuery]:
-        starts = [i for i, token in enumerate(self.tokens) if self._is_name_line(token)]
-        first = starts[0] if starts else len(self.tokens)
-        stray = next((t for t in self.tokens[:first] if t.name not in _COMMENTS), None)
-        if stray is not None:
-            self._fail(stray.start, "SQL before the first '-- name:' line")
-        ends = [*starts[1:], len(self.tokens)]
-        return [
-            self._query(self.tokens[s], self.tokens[s + 1 : e])
-            for s, e in zip(starts, ends, strict=True)
-        ]
-
-    # -- helpers on positions
-
-    def _scan(self, text: str) -> list[Token]:
-        try:
-            return list(scan(text))
-        except ParseError as exc:
-            self._fail_parse(exc, text, 1)
-
-    def _text(self, token: Token) -> str:
-        return self.text[token.start : token.end + 1]
-
-    def _line(self, pos: int) -> int:
-        return self.text.count("\n", 0, pos) + 1
-
-    def _fail(self, pos: int, problem: str) -> NoReturn:
-        raise CatalogError(f"{self.path}:{self._line(pos)}", problem)
-
-    def _fail_parse(self, exc: ParseError, text: str, first_line: int) -> NoReturn:
-        """Raise *exc* from scanning or parsing *text*, which starts at *first_line*."""
-        message, *rest = exc.args
-        line = first_line
-        if rest and isinstance(rest[0], int):
-            line += text.count("\n", 0, _error_index(text, rest[0]))
-        raise CatalogError(f"{self.path}:{line}", str(message))
-
-    def _is_name_line(self, token: Token) -> bool:
-        if token.name != "SQL_COMMENT" or not _NAME_LINE.fullmatch(self._text(token)):
-            return False
-        line_start = self.text.rfind("\n", 0, token.start) + 1
-        return not self.text[line_start : token.start].strip()
-
-    # -- one query
-
-    def _query(self, name_token: Token, tokens: list[Token]) -> NamedQuery:
-        name, read_only = self._name(name_token)
-        header_end = next((i for i, t in enumerate(tokens) if t.name != "SQL_COMMENT"), len(tokens))
-        doc, params = self._header(tokens[:header_end])
-        body = self._body(name, name_token, tokens[header_end:])
-        usages = self._usages(body)
-        self._check_usages(name, params, usages)
-        sql = self._rewrite(body, params, usages)
-        self._check_parses(sql, body[0].start)
-        return NamedQuery(
-            name=name,
-            doc=doc,
-            params=tuple(param for param, _ in params),
-            sql=sql,
-            read_only=read_only,
-            source=f"{self.filename}:{self._line(name_token.start)}",
-        )
-
-    def _name(self, token: Token) -> tuple[str, bool]:
-        match = _NAME_LINE.fullmatch(self._text(token))
-        assert match is not None  # _is_name_line matched it
-        name, read_only = match["name"], True
-        if name.endswith(_UNSUPPORTED_SUFFIXES):
-            self._fail(token.start, f"{name!r}: aiosql's '*!' and '#' suffixes are not supported")
-        for suffix in _WRITE_SUFFIXES + _READ_SUFFIXES:
-            if name.endswith(suffix):
-                name, read_only = name.removesuffix(suffix), suffix not in _WRITE_SUFFIXES
-                break
-        if not _NAME.fullmatch(name):
-            self._fail(token.start, f"invalid query name {match['name']!r}")
-        return name, read_only
-
-    def _header(self, comments: list[Token]) -> tuple[str, list[tuple[Param, Token]]]:
-        """The doc text and the declared parameters, each with its params line."""
-        doc: list[str] = []
-        params: list[tuple[Param, Token]] | None = None
-        for comment in comments:
-            text = self._text(comment)
-            match = _PARAMS_LINE.fullmatch(text)
-            if match is None:
-                line = text.removeprefix("--")
-                doc.append(line.removeprefix(" ").rstrip())
-            elif params is not None:
-                self._fail(comment.start, "a second '-- params:' line")
-            else:
-                offset = comment.start + match.start("decl")
-                params = [(p, comment) for p in self._params(match["decl"], offset)]
-        return "\n".join(doc).strip("\n"), params or []
-
-    def _params(self, decl: str, offset: int) -> list[Param]:
-        try:
-            tokens = list(scan(decl))
-        except ParseError as exc:
-            self._fail_parse(exc, decl, self._line(offset))
-        params: list[Param] = []
-        for group in _split_top_level_commas(tokens):
-            param = self._param(decl, offset, group)
-            if any(p.name == param.name for p in params):
-                self._fail(offset, f"parameter {param.name!r} declared twice")
-            params.append(param)
-        return params
-
-    def _param(self, decl: str, offset: int, group: list[Token]) -> Param:
-        if len(group) < 2:
-            item = decl[group[0].start : group[-1].end + 1] if group else ""
-            self._fail(offset, f"expected 'name type' in '-- params:', got {item!r}")
-        if any(t.name in _COMMENTS for t in group):
-            self._fail(offset, "a comment inside '-- params:'")
-        name = decl[group[0].start : group[0].end + 1]
-        type_text = decl[group[1].start : group[-1].end + 1]
-        if not _NAME.fullmatch(name):
-            self._fail(offset, f"invalid parameter name {name!r}")
-        try:
-            _type_info(type_text)
-        except ValueError as exc:
-            self._fail(offset, f"parameter {name!r}: {exc}")
-        return Param(name, type_text)
-
-    def _body(self, name: str, name_token: Token, tokens: list[Token]) -> list[Token]:
-        """The statement's tokens: trailing comments and one final ';' dropped."""
-        end = len(tokens)
-        while end and tokens[end - 1].name in _COMMENTS:
-            end -= 1
-        if end and tokens[end - 1].name == _SEMICOLON:
-            end -= 1
-        body = tokens[:end]
-        if not body:
-            self._fail(name_token.start, f"query {name!r} has no SQL")
-        for token in body:
-            if token.name == _SEMICOLON:
-                self._fail(token.start, f"query {name!r} has more than one statement")
-            if token.name == "PARAM":
-                self._fail(token.start, f"use :name parameters, not {self._text(token)}")
-        return body
-
-    def _usages(self, body: list[Token]) -> list[_Usage]:
-        """Every ``:name``: a ':' token with a bare word right after it.
-
-        PostgreSQL's scanner gives ``:name`` as ':' then an IDENT or a keyword
-        (``:limit``), and ``::`` as one TYPECAST token. A ':' right after a word
-        is an array slice (``a[lo:hi]``) as in aiosql, not a parameter.
-        """
-        usages = []
-        for i, colon in enumerate(body[:-1]):
-            after = body[i + 1]
-            if colon.name != _COLON or after.start != colon.end + 1:
-                continue
-            before = body[i - 1] if i else None
-            if before is not None and before.end + 1 == colon.start:
-                last = self.text[before.end]
-                if last.isalnum() or last == "_":
-                    continue
-            word = self._text(after)
-            if _NAME.fullmatch(word):
-                usages.append(_Usage(colon, after, word))
-        return usages
-
-    def _check_usages(
-        self, name: str, params: list[tuple[Param, Token]], usages: list[_Usage]
-    ) -> None:
-        declared = {param.name for param, _ in params}
-        for usage in usages:
-            if usage.name not in declared:
-                self._fail(usage.colon.start, f":{usage.name} is not declared in '-- params:'")
-        used = {usage.name for usage in usages}
-        for param, line in params:
-            if param.name not in used:
-                self._fail(
-                    line.start, f"parameter {param.name!r} is declared but not used by {name!r}"
-                )
-
-    def _rewrite(
-        self, body: list[Token], params: list[tuple[Param, Token]], usages: list[_Usage]
-    ) -> str:
-        number = {param.name: n for n, (param, _) in enumerate(params, start=1)}
-        cast = {param.name: _type_info(param.type).cast for param, _ in params}
-        pieces, pos = [], body[0].start
-        for usage in usages:
-            pieces.append(self.text[pos : usage.colon.start])
-            pieces.append(f"(${number[usage.name]}::{cast[usage.name]})")
-            pos = usage.name_token.end + 1
-        pieces.append(self.text[pos : body[-1].end + 1])
-        return "".join(pieces)
-
-    def _check_parses(self, sql: str, start: int) -> None:
-        # A replacement holds no newline, so lines of *sql* are lines of the file.
-        try:
-            parse_sql(sql)
-        except ParseError as exc:
-            self._fail_parse(exc, sql, self._line(start))
-
-
-def _pglast_recounts_positions() -> bool:
-    """Whether pglast's error positions need correcting.
-
-    PostgreSQL reports an error position in characters; pglast 8 converts it
-    again as if it were a byte offset, which is only right for ASCII text.
-    Probe once rather than trust a version number.
-    """
-    try:
-        scan("'\u00e9' 'x")  # an unterminated string at character 4
-    except ParseError as exc:
-        return bool(exc.args[1:] and exc.args[1] != 4)
-    return False
-
-
-_RECOUNTED = _pglast_recounts_positions()
-
-
-def _error_index(text: str, reported: int) -> int:
-    """The character index in *text* of an error position pglast reported."""
-    if _RECOUNTED:
-        # *reported* is the character that holds byte number <true index>, so
-        # the true index is that character's first byte: exact, or a few
-        # characters short when the character there is not ASCII.
-        return min(len(text[:reported].encode("utf-8")), len(text))
-    return reported
-
-
-def _split_top_level_commas(tokens: list[Token]) -> list[list[Token]]:
-    """Tokens split at commas outside parentheses: ``numeric(10,2)`` stays whole."""
-    groups: list[list[Token]] = [[]]
-    depth = 0
-    for token in tokens:
-        if token.name in _OPENERS:
-            depth += 1
-        elif token.name in _CLOSERS:
-            depth -= 1
-        elif token.name == _COMMA and depth == 0:
-            groups.append([])
-            continue
-        groups[-1].append(token)
-    if groups == [[]]:
-        return []  # "-- params:" with nothing after it declares none
-    return groups

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pglast.parser import ParseError, Token, scan
 
-from ._catalog import _error_index
+from ._parser import _error_index
 
 __all__ = ["SqlFileError", "SqlStatement", "split_statements"]
 

@@ -1,4 +1,4 @@
-"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top.
+"""The ``pgqg`` command line (DESIGN §6): serve, query, run, db init, top, token.
 
 click parses the command line; rich draws tables and progress bars; statements of a
 file are split by `gateway.catalog._sqlfile` on PostgreSQL's own scanner. Every setting comes
@@ -11,12 +11,13 @@ not be reached, 2 for a usage error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -27,14 +28,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .._build import compiled_modules
-from .._settings import ConfigError, Settings, load_settings
+from .._settings import (
+    ConfigError,
+    ConfigFileError,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
+from ..catalog import Catalog, CatalogError
 from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
+from ..web._auth import Authenticator
+from ..web._privileges import PrivilegedRoleError
 from ..web._server import serve
 from ..web._supervisor import WorkersKeepDying, supervise
 from ._client import GatewayRefused, GatewayUnreachable
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
 from ._targets import DirectTarget, GatewayTarget, StatementFailed, Target, TargetUnavailable
+from ._token import NoSecret, make_token
 from ._top import run_top
 
 _CONFIG = click.option(
@@ -62,16 +73,29 @@ def main() -> None:
     pgqg run migrations.sql --dsn postgresql://...
     pgqg db init --dsn postgresql://...
     pgqg top --url http://127.0.0.1:8080
+    pgqg token --role bookshop_reader --sub ana
     """
+    for warning in unknown_variables():
+        click.echo(f"pgqg: warning: {warning}", err=True)
 
 
 # --- settings, targets, errors ---------------------------------------------------------
 
 
+class _BadFile(click.ClickException):
+    """A file the command reads is malformed: one line naming file and line, exit 2
+    (a usage error, as click exits for a bad flag)."""
+
+    exit_code = 2
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
-    """Load the settings; a bad value is a usage error naming the setting."""
+    """Load the settings; a bad value is a usage error naming the setting, a bad
+    ``--config`` file one line naming the file."""
     try:
         return load_settings(config, **overrides)
+    except ConfigFileError as exc:
+        raise _BadFile(str(exc)) from None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -213,6 +237,8 @@ def _announce(
                 f"  {settings.workers} worker processes,"
                 f" {settings.pool_size} database connections each"
             )
+        if settings.console:
+            click.echo(f"  query console: {url}/")
         if not compiled_modules():
             click.echo("  the request path is plain Python, not compiled (see docs/performance.md)")
         if demo:
@@ -242,6 +268,13 @@ def _announce(
     help="Raw SQL over HTTP (PGQG_RAW_SQL).",
 )
 @click.option(
+    "--allow-privileged-role",
+    is_flag=True,
+    default=None,
+    help="Serve raw SQL even as a superuser or a role with server-file, signal, replication "
+    "or BYPASSRLS privileges (PGQG_ALLOW_PRIVILEGED_ROLE).",
+)
+@click.option(
     "--data-dir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Embedded PostgreSQL's data directory (PGQG_DATA_DIR).",
@@ -259,14 +292,17 @@ def serve_command(
     pool_size: int | None,
     workers: int | None,
     raw_sql: str | None,
+    allow_privileged_role: bool | None,
     data_dir: Path | None,
     shutdown_grace_s: float | None,
 ) -> None:
     """Run the gateway until Ctrl-C or SIGTERM.
 
-    With a database configured (--dsn, PGQG_DSN, DATABASE_URL) it serves that one.
-    Without, it starts an embedded PostgreSQL in PGQG_DATA_DIR, loads the demo
-    bookshop there once (sql/schema.sql, sql/seed.sql) and serves it; stopping the
+    With a database configured (--dsn, PGQG_DSN, DATABASE_URL) it serves that one;
+    with raw SQL on, it refuses a login role that is a superuser or may reach the
+    server's files or sessions (see docs/security.md). Without, it starts an embedded
+    PostgreSQL in PGQG_DATA_DIR, loads the demo bookshop there once (sql/schema.sql,
+    sql/seed.sql) as its superuser and serves it as the role pgqg_anon; stopping the
     gateway stops that server too.
 
     \b
@@ -282,12 +318,18 @@ def serve_command(
         pool_size=pool_size,
         workers=workers,
         raw_sql=raw_sql,
+        allow_privileged_role=allow_privileged_role,
         data_dir=data_dir,
         shutdown_grace_s=shutdown_grace_s,
     )
     if settings.workers > 1 and settings.port == 0:
         raise click.UsageError("--workers needs a fixed --port (with 0 each would get its own)")
     _check_listen_address(settings)
+    _check_catalog(settings)
+    try:
+        Authenticator(settings)  # a bad JWKS file fails now, not after PostgreSQL started
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     if settings.dsn:
         click.echo(f"pgqg: serving {_describe_dsn(settings.dsn)}")
         _serve(settings, settings.dsn, _announce(settings, demo=False))
@@ -312,9 +354,18 @@ def _check_listen_address(settings: Settings) -> None:
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
 
+def _check_catalog(settings: Settings) -> None:
+    """Fail now, before an embedded server is started for nothing, when a named-query
+    file is malformed (the gateway would refuse to start with it)."""
+    try:
+        Catalog.load(settings.sql_dir / "queries")
+    except CatalogError as exc:
+        raise _BadFile(f"bad named-query file {exc}") from None
+
+
 def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> None:
     """`serve`, or `supervise` its workers; a taken port (or another socket error at
-    start) or workers that keep dying as one line."""
+    start), a login role refused for raw SQL, or workers that keep dying as one line."""
     try:
         if settings.workers > 1:
             supervise(settings, dsn, on_ready=on_ready)
@@ -324,11 +375,15 @@ def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> Non
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
     except WorkersKeepDying as exc:
         _fail(f"stopped: {exc}")
+    except PrivilegedRoleError as exc:
+        _fail(f"refusing to serve: {exc}")
+    except CatalogError as exc:  # a file changed since _check_catalog read it
+        raise _BadFile(f"bad named-query file {exc}") from None
 
 
 def _serve_embedded(settings: Settings) -> None:
     """Start the embedded server, load the demo once, serve, and always stop it."""
-    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres
+    from ..embedded._postgres import EmbeddedError, EmbeddedPostgres, server_processes
 
     signals = _StopSignals()
     signals.install()
@@ -338,17 +393,36 @@ def _serve_embedded(settings: Settings) -> None:
     embedded = EmbeddedPostgres(data_dir)
     try:
         started = time.monotonic()
-        embedded.start()
+        try:
+            embedded.start()
+        except EmbeddedError:
+            if not embedded.is_running() and server_processes(data_dir):
+                # another gateway's server, most likely: never stop it under that gateway
+                _fail(
+                    f"another PostgreSQL server already runs on {data_dir} (another"
+                    " pgqg serve?): give this gateway its own data directory with"
+                    " --data-dir (PGQG_DATA_DIR), or stop the other gateway first"
+                )
+            raise
         how = "created and started" if embedded.initialized_now else "started"
         click.echo(f"  PostgreSQL {how} in {time.monotonic() - started:.1f} s")
+        if embedded.upgraded_now:
+            click.echo(
+                f"  upgraded the data directory in place: requests now run as the role "
+                f"{embedded.request_role}, no longer as the superuser (docs/security.md)"
+            )
         signals.check()
         if load_demo(embedded.dsn, settings.sql_dir):
             click.echo(f"  loaded the demo bookshop ({', '.join(DEMO_FILES)})")
         else:
             click.echo("  the demo bookshop is already loaded (kept as it is)")
-        click.echo(f"  psql '{embedded.dsn}'")
+        click.echo(f"  psql '{embedded.dsn}'  (the superuser, for administration)")
+        click.echo(
+            f"  requests run as the role {embedded.request_role}, not a superuser, logged in"
+        )
+        click.echo(f"  as '{embedded.gateway_dsn}'")
         signals.check()
-        _serve(settings, embedded.dsn, _announce(settings, demo=True, then=signals.serving))
+        _serve(settings, embedded.gateway_dsn, _announce(settings, demo=True, then=signals.serving))
     except _Stop as stop:
         click.echo(f"pgqg: {stop} before the gateway was ready", err=True)
     except EmbeddedError as exc:
@@ -424,26 +498,37 @@ def query_command(
             param_hint="SQL",
         )
     target = _open_target(_settings(config, dsn=dsn), url)
+    # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
+    out = sys.stdout.buffer
     try:
-        outcome = target.run(sql, list(params))
+        with _failures_reported():
+            if isinstance(target, GatewayTarget) and fmt in ("csv", "ndjson"):
+                # every row, streamed as it comes, as directly: not the JSON answer
+                # cut at the gateway's max_rows
+                for chunk in target.stream(sql, list(params), fmt, shape):
+                    out.write(chunk)
+                    out.flush()
+                return
+            outcome = target.run(sql, list(params))
+    finally:
+        target.close()
+    write_outcome(outcome, fmt, shape=shape, binary_out=out, console=Console(highlight=False))
+    if outcome.truncated and fmt != "table":
+        click.echo("pgqg: the gateway cut the result at its max_rows", err=True)
+
+
+@contextlib.contextmanager
+def _failures_reported() -> Iterator[None]:
+    """A failed statement printed as psql prints it, exit 1; an unreachable target
+    one line, exit 1."""
+    try:
+        yield
     except StatementFailed as exc:
         for line in _error_lines(exc):
             click.echo(line, err=True)
         sys.exit(1)
     except TargetUnavailable as exc:
         _fail(str(exc))
-    finally:
-        target.close()
-    write_outcome(
-        outcome,
-        fmt,
-        shape=shape,
-        # sys.stdout.buffer, not click.get_binary_stream (deprecated in click 8.5)
-        binary_out=sys.stdout.buffer,
-        console=Console(highlight=False),
-    )
-    if outcome.truncated and fmt != "table":
-        click.echo("pgqg: the gateway cut the result at its max_rows", err=True)
 
 
 # --- run -------------------------------------------------------------------------------
@@ -629,3 +714,44 @@ def db_init_command(config: Path | None, dsn: str | None) -> None:
         click.echo(f"loaded the demo bookshop into {where}")
     else:
         click.echo(f"the demo bookshop is already in {where}; nothing changed")
+
+
+# --- token -----------------------------------------------------------------------------
+
+
+@main.command("token")
+@_CONFIG
+@click.option("--role", required=True, help="The PostgreSQL role the token names.")
+@click.option("--sub", help="The sub claim: who the token is for.")
+@click.option(
+    "--ttl-s", type=click.IntRange(min=1), default=3600, show_default=True, help="Valid for."
+)
+@click.option(
+    "--claim",
+    "claims",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Another claim, a string (repeat for more).",
+)
+def token_command(
+    config: Path | None, role: str, sub: str | None, ttl_s: int, claims: tuple[str, ...]
+) -> None:
+    """Print a token for development, signed with PGQG_JWT_SECRET (HS256).
+
+    The role goes where the gateway reads it (PGQG_JWT_ROLE_CLAIM), with
+    PGQG_JWT_AUDIENCE as its aud when that is set.
+
+    \b
+    export PGQG_JWT_SECRET=...        (the gateway's, at least 32 bytes)
+    curl -H "Authorization: Bearer $(pgqg token --role bookshop_reader --sub ana)" ...
+    """
+    extra = {}
+    for item in claims:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--claim")
+        extra[name] = value
+    try:
+        click.echo(make_token(_settings(config), role=role, sub=sub, ttl_s=ttl_s, claims=extra))
+    except NoSecret as exc:
+        raise click.UsageError(str(exc)) from None

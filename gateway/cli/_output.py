@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any, BinaryIO, Literal
 
 import orjson
@@ -56,7 +56,7 @@ def write_outcome(
             binary_out.write(_dumps(row) + b"\n")
     elif fmt == "csv":
         if outcome.has_rows:
-            binary_out.write(_csv_line(c.name for c in outcome.columns))
+            binary_out.write(_csv_line([c.name for c in outcome.columns]))
             for texts in outcome.texts:
                 binary_out.write(_csv_line(texts))
     else:  # pragma: no cover - click validates the choice
@@ -109,17 +109,19 @@ def write_table(outcome: Outcome, console: Console) -> None:
     console.print(Text(footer))
 
 
-def csv_cell(text: str | None) -> str:
-    """One CSV field: NULL empty, quotes only where RFC 4180 needs them (and for '')."""
+def csv_cell(text: str | None, *, alone: bool = False) -> str:
+    """One CSV field: NULL empty, quotes only where RFC 4180 needs them (and for '');
+    `alone` (a one-column row) also quotes ``\\.``, as ``COPY`` and the gateway do."""
     if text is None:
         return ""
-    if text == "" or any(c in text for c in ',"\r\n'):
+    if text == "" or any(c in text for c in ',"\r\n') or (alone and text == "\\."):
         return '"' + text.replace('"', '""') + '"'
     return text
 
 
-def _csv_line(cells: Iterable[str | None]) -> bytes:
-    return (",".join(csv_cell(c) for c in cells) + "\r\n").encode()
+def _csv_line(cells: Sequence[str | None]) -> bytes:
+    alone = len(cells) == 1
+    return (",".join(csv_cell(c, alone=alone) for c in cells) + "\r\n").encode()
 
 
 def _shaped_rows(outcome: Outcome, shape: Shape) -> list[Any]:

@@ -20,20 +20,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 import psycopg
 from psycopg.adapt import Transformer
-from psycopg.pq import ExecStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 
-from .._errors import DiagnosticError
+from .._errors import DiagnosticError, client_message, parameter_count_message
 from .._settings import Settings
 from ..engine._pool import session_options
 from ..values._encoding import TYPE_QUERY, Codec
 from ..values._results import Column, command_name, result_columns
-from ._client import GatewayClient, GatewayRefused, GatewayUnreachable, RawNumber
+from ._client import (
+    GatewayClient,
+    GatewayRefused,
+    GatewayUnreachable,
+    RawNumber,
+    StreamCut,
+    loads_raw,
+)
 
 __all__ = [
     "DirectTarget",
@@ -179,9 +187,9 @@ class DirectTarget:
         except psycopg.OperationalError as exc:
             if self._conn.closed or self._conn.broken:
                 raise TargetUnavailable(f"the database connection broke: {_oneline(exc)}") from None
-            raise _failed(exc) from None
+            raise self._failure(exc, sql, params) from None
         except psycopg.Error as exc:
-            raise _failed(exc) from None
+            raise self._failure(exc, sql, params) from None
         return Outcome(
             columns=result_columns(result, self._codec),
             rows=rows,
@@ -192,14 +200,37 @@ class DirectTarget:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
+    def _failure(self, exc: psycopg.Error, sql: str, params: list[str] | None) -> StatementFailed:
+        """The error to report: the gateway's words when the parameter count is wrong.
+
+        psycopg declares one parameter per value it sends, so a count that does
+        not fit reaches PostgreSQL as other errors ("could not determine data
+        type of parameter $2", "there is no parameter $1"); the statement's own
+        count is asked for, as the gateway's unnamed Parse sees it.
+        """
+        if params is not None:
+            needed = self._parameter_count(sql)
+            if needed is not None and needed != len(params):
+                return StatementFailed(
+                    parameter_count_message(needed, len(params)), sqlstate="08P01"
+                )
+        return _failed(exc)
+
+    def _parameter_count(self, sql: str) -> int | None:
+        """How many parameters PostgreSQL finds in `sql`; None if it cannot tell."""
+        pgconn = self._conn.pgconn
+        if pgconn.transaction_status != TransactionStatus.IDLE:
+            return None  # an unnamed statement here would not change the outcome
+        if pgconn.prepare(b"", sql.encode(), None).status != ExecStatus.COMMAND_OK:
+            return None
+        described = pgconn.describe_prepared(b"")
+        return described.nparams if described.status == ExecStatus.COMMAND_OK else None
+
     def _learn(self, oids: list[int]) -> None:
         """Learn names (and array element types) of types the codec does not know."""
         array = "{" + ",".join(str(oid) for oid in oids) + "}"
         found = self._conn.execute(TYPE_QUERY, [array]).fetchall()
-        self._codec.learn(found)
-        for oid in oids:
-            if not self._codec.is_known(oid):
-                self._codec.learn([(oid, str(oid), 0, ",")])
+        self._codec.learn_asked(found, oids)
 
     def close(self) -> None:
         self._conn.close()
@@ -217,7 +248,7 @@ def _failed(exc: psycopg.Error) -> StatementFailed:
     diag = exc.diag
     position = diag.statement_position
     return StatementFailed(
-        diag.message_primary or _oneline(exc),
+        client_message(diag.message_primary or _oneline(exc), diag.sqlstate),
         sqlstate=diag.sqlstate,
         detail=diag.message_detail,
         hint=diag.message_hint,
@@ -247,16 +278,7 @@ class GatewayTarget:
         try:
             body = self._client.query(sql, list(params or []))
         except GatewayRefused as exc:
-            position = exc.field("position")
-            raise StatementFailed(
-                exc.message,
-                sqlstate=exc.field("sqlstate"),
-                detail=exc.field("detail"),
-                hint=exc.field("hint"),
-                position=int(position) if position and position.isdigit() else None,
-                code=exc.code,
-                status=exc.status,
-            ) from None
+            raise _refused(exc) from None
         except GatewayUnreachable as exc:
             raise TargetUnavailable(f"{exc}{self._hint}") from None
         try:
@@ -287,8 +309,107 @@ class GatewayTarget:
                 f"{self.url} answered with a malformed result: {exc!r}"
             ) from None
 
+    def stream(self, sql: str, params: list[str], fmt: str, shape: str) -> Iterator[bytes]:
+        """Run one statement with every row streamed (`fmt` ``csv`` or ``ndjson``), as
+        ``pgqg query`` prints them directly: CSV with CRLF line ends, NDJSON as is.
+
+        Unlike `run`, not cut at the gateway's ``max_rows``.
+
+        Raises:
+            StatementFailed: the statement failed, before its first row or after
+                (then once the rows before were yielded).
+            TargetUnavailable: the gateway cannot be reached, or the stream broke.
+        """
+        media_type = "text/csv" if fmt == "csv" else "application/x-ndjson"
+        chunks = self._client.stream(sql, params, media_type=media_type, shape=shape)
+        try:
+            if fmt == "csv":
+                yield from crlf_lines(chunks)
+            else:
+                yield from _rows_then_error(chunks)
+        except GatewayRefused as exc:
+            raise _refused(exc) from None
+        except GatewayUnreachable as exc:
+            raise TargetUnavailable(f"{exc}{self._hint}") from None
+        except StreamCut as exc:
+            raise TargetUnavailable(f"{exc} (the statement may have failed midway)") from None
+
     def close(self) -> None:
         pass
+
+
+def _refused(exc: GatewayRefused) -> StatementFailed:
+    """The gateway's error (DESIGN §3) as a `StatementFailed`."""
+    position = exc.field("position")
+    return StatementFailed(
+        exc.message,
+        sqlstate=exc.field("sqlstate"),
+        detail=exc.field("detail"),
+        hint=exc.field("hint"),
+        position=int(position) if position and position.isdigit() else None,
+        code=exc.code,
+        status=exc.status,
+    )
+
+
+def _rows_then_error(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """An NDJSON stream's lines; a stream that fails midway ends with the line
+    ``{"error": {…}}`` and is then cut: that line becomes a `StatementFailed`.
+
+    The last line is held back until more comes, so it is never printed as a
+    row before it is known not to be the error.
+
+    Raises:
+        StatementFailed: the stream ended with an error line.
+        StreamCut: it was cut without one.
+    """
+    held = b""
+    try:
+        for chunk in chunks:
+            lines = held + chunk
+            end = lines.rfind(b"\n", 0, len(lines) - 1) + 1  # where the last line starts
+            if end:
+                yield lines[:end]
+            held = lines[end:]
+    except StreamCut:
+        error = _error_line(held)
+        if error is None:
+            raise
+        raise error from None
+    yield held
+
+
+def _error_line(line: bytes) -> StatementFailed | None:
+    """The failure an NDJSON stream's last line reports, if it is one."""
+    try:
+        value = loads_raw(line)
+    except ValueError:
+        return None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"error"}
+        or not isinstance(value["error"], dict)
+    ):
+        return None
+    return _refused(GatewayRefused(200, value["error"]))
+
+
+def crlf_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The gateway's CSV (lines end with LF, as ``COPY`` writes) with CRLF line ends,
+    as ``pgqg query`` prints CSV; a LF inside a quoted cell stays as it is.
+
+    A quote opens or closes a quoted cell (a doubled quote inside one does both).
+    """
+    quoted = False
+    for chunk in chunks:
+        pieces = chunk.split(b'"')
+        out = []
+        for i, piece in enumerate(pieces):
+            if i:
+                quoted = not quoted
+                out.append(b'"')
+            out.append(piece if quoted else piece.replace(b"\n", b"\r\n"))
+        yield b"".join(out)
 
 
 # --- JSON values back to PostgreSQL text ---------------------------------------------

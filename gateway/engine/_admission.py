@@ -19,14 +19,24 @@ from ._jobs import Job
 from ._stream import StreamJob
 from ._wakeups import IdleWorkers
 
+_WRITE_TIMED_OUT = (
+    "the request's deadline passed while the write ran; it was cancelled, but it may"
+    " or may not have been committed: check before retrying"
+)
+
 
 def expire(job: Job, now: float, queue_s: float | None) -> bool:
     """Abandon `job` if its deadline passed, or (`queue_s`: queued) it waited that long;
-    True when its deadline passed."""
+    True when its deadline passed.
+
+    A running write (`queue_s` None) is cancelled on the server, but its COMMIT
+    may be under way: the message says so.
+    """
     if job.future.done():  # answered, abandoned, or a stream under way
         return False
     if now >= job.deadline:
-        job.abandon(Timeout("the request's deadline passed"))
+        unknown = queue_s is None and not job.read_only
+        job.abandon(Timeout(_WRITE_TIMED_OUT if unknown else "the request's deadline passed"))
         return True
     if queue_s is not None and now >= job.enqueued_at + queue_s:
         job.abandon(Overloaded("the job waited too long in the gateway's queue"))

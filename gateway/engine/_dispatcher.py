@@ -34,6 +34,7 @@ from ._costs import StatementCosts
 from ._crew import Crew
 from ._jobs import Job, Statement
 from ._metrics import EngineMetrics
+from ._outcome import lost_error
 from ._stats import WorkerStats
 from ._wakeups import IdleWorkers
 from ._worker import stop_workers, work
@@ -51,8 +52,9 @@ BATCH_BUDGET_S = 0.010
 #: while jobs are pending, queue timeouts and deadlines are checked this often
 EXPIRY_SWEEP_S = 0.005
 #: on close, after the grace period: how long cancelled queries get to come back
-#: before their workers are stopped outright
-CANCEL_WAIT_S = 2.0
+#: before their workers are stopped outright (a cancel lands in milliseconds;
+#: one that cannot reach the server must not hold up the exit)
+CANCEL_WAIT_S = 0.5
 SETTLE_POLL_S = 0.01
 
 
@@ -75,6 +77,9 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._connecting = 0  # requests waiting in `_wait_connected` for a first connection
         self._closing = False
+        #: set by `begin_close`: wakes requests waiting for a first connection
+        self._closed = asyncio.Event()
+        self._drained = False
         self._sweeper: asyncio.TimerHandle | None = None
         #: read replicas (of the primary's dispatcher): read-only jobs go to one of them
         self.replicas: Replicas | None = None
@@ -91,29 +96,34 @@ class Dispatcher:
     def begin_close(self) -> None:
         """Refuse new jobs from now on (503 unavailable); queued and running ones go on."""
         self._closing = True
+        self._closed.set()
 
     async def drain(self, grace: float) -> None:
         """Refuse new jobs; let queued and running ones finish within `grace`.
 
-        After `grace`, queued jobs fail and running ones are abandoned (their
-        clients get 503 `Unavailable`), which cancels their queries on the
-        server; then up to `CANCEL_WAIT_S` for those to come back.
+        After `grace`, queued jobs fail (503 `Unavailable`) and running ones are
+        abandoned, which cancels their queries on the server: a read-only one
+        answers 503, a write 502 `OutcomeUnknown` (its COMMIT may be under way);
+        then up to `CANCEL_WAIT_S` for those to come back.
         """
         self.begin_close()
         await self._settle(grace)
         self._queue.fail_all(Unavailable("the gateway is shutting down"))
         for worker in self._workers:
             for job in list(worker.batch):
-                job.abandon(Unavailable("the gateway is shutting down"))
+                job.abandon(lost_error(job, sent=True, why="the gateway shut down"))
         await self._settle(CANCEL_WAIT_S)
+        self._drained = True
 
     async def close(self, grace: float = 0.0) -> None:
         """`drain` within `grace`, then stop the workers.
 
         A worker still busy is stopped mid-batch, interrupting its query on the
-        server. Closing twice (or after `drain`) is harmless.
+        server. Closing twice (or after `drain`) is harmless, and does not wait
+        for the grace again.
         """
-        await self.drain(grace)
+        if not self._drained:
+            await self.drain(grace)
         await stop_workers(self._tasks)
         self._tasks = []
         if self._sweeper is not None:
@@ -210,13 +220,17 @@ class Dispatcher:
             raise Unavailable("no database connection is available")
         wait = min(self._settings.connect_timeout_ms / 1000, job.deadline - self._loop.time())
         self._connecting += 1
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._crew.connected, self._closed)]
         try:
-            async with asyncio.timeout(max(wait, 0)):
-                await self._crew.connected.wait()
-        except TimeoutError:
-            raise Unavailable("no database connection is available") from None
+            done, _ = await asyncio.wait(
+                waits, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             self._connecting -= 1
+            for waiting in waits:
+                waiting.cancel()
+        if not done:
+            raise Unavailable("no database connection is available")
         if self._closing:
             raise Unavailable("the gateway is shutting down")
 

@@ -11,9 +11,11 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._errors import GatewayError
 from ..values._results import StatementResult
+from ._identity import Identity
 
 
 class JobState(enum.Enum):
@@ -26,14 +28,19 @@ class JobState(enum.Enum):
 class Statement:
     """One SQL statement with its parameters already in PostgreSQL text form.
 
-    Not frozen, though never changed: one is made per request, and a frozen
-    dataclass takes three times as long to build.
+    Not frozen: one is made per request (a frozen dataclass takes three times
+    as long to build), and the connection that runs it writes a list parameter
+    again once the parameter's type shows its array delimiter (see `lists`).
     """
 
     sql: bytes
     params: list[bytes | None] = field(default_factory=list)
     #: name of a prepared statement to use instead of `sql` (named queries)
     prepared: bytes | None = None
+    #: list parameters (by position) whose array literal in `params` separates
+    #: elements with ``,``, which box[] and a few other types do not take
+    #: (`gateway.values.list_params`); None: there is none
+    lists: dict[int, list[Any]] | None = None
 
 
 class Job:
@@ -41,10 +48,13 @@ class Job:
 
     `read_only` runs the job in a READ ONLY transaction (PostgreSQL enforces it).
     `transaction` runs several statements all or nothing; `isolation` names its
-    isolation level. `deadline` is on the event loop's clock. `comment` (a SQL
-    comment such as ``/* request_id=… */ ``) goes in front of each statement
-    sent as text, where ``pg_stat_activity`` shows it; error positions are
-    given without it.
+    isolation level, and `deferrable` makes it DEFERRABLE (PostgreSQL heeds it
+    only in a serializable read-only transaction). `deadline` is on the event
+    loop's clock. `comment` (a SQL comment such as ``/* request_id=… */ ``) goes
+    in front of each statement sent as text, where ``pg_stat_activity`` shows
+    it; error positions are given without it. `identity` is the role (and the
+    token's claims) its transaction runs as; None: the login role's own, as when
+    the gateway verifies no tokens.
 
     The dispatcher marks a job `cheap` when its statement (known by
     `cost_key`) recently ran quickly; `cost_s` is how long it held its
@@ -59,9 +69,11 @@ class Job:
         "cost_key",
         "cost_s",
         "deadline",
+        "deferrable",
         "enqueued_at",
         "failed",
         "future",
+        "identity",
         "isolation",
         "max_rows",
         "read_only",
@@ -82,18 +94,22 @@ class Job:
         shape: str = "objects",
         transaction: bool = False,
         isolation: str | None = None,
+        identity: Identity | None = None,
+        deferrable: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
         comment: bytes = b"",
     ) -> None:
         if loop is None:
             loop = asyncio.get_running_loop()
         self.statements = statements
+        self.identity = identity
         self.read_only = read_only
         self.deadline = deadline
         self.max_rows = max_rows
         self.shape = shape
         self.transaction = transaction
         self.isolation = isolation
+        self.deferrable = deferrable
         self.comment = comment
         self.future: asyncio.Future[list[StatementResult]] = loop.create_future()
         self.state = JobState.QUEUED

@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 
-from .._errors import Unavailable
 from ._crew import Crew
 from ._jobs import Job
+from ._outcome import lost_error
 from ._pipeline import Session
 from ._stats import WorkerStats
 from ._stream import StreamJob, run_stream
@@ -94,13 +94,13 @@ class Lease:
         try:
             await _execute(session, batch)
         except ConnectionLost:
-            for job in batch:
-                job.fail(Unavailable("the database connection was lost during the query"))
+            for job in batch:  # those the session could not tell about: assume sent
+                job.fail(lost_error(job, sent=True))
             crew.idle.hand_over(len(crew.queue))
             raise
         except BaseException:
             for job in batch:
-                job.fail(Unavailable("the query was interrupted"))
+                job.fail(lost_error(job, sent=True, why="the query was interrupted"))
             crew.idle.hand_over(len(crew.queue))
             await session.interrupt()  # stopped mid-batch: the server must stop too
             raise

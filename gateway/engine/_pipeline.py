@@ -10,7 +10,8 @@ A `Session` is made of named parts, each in a module of its own:
 * `Cancels` (``_cancel``) cancels an abandoned job's statement on the server;
 * `PreparedStatements` (``_prepared``) decides which named statements are trusted;
 * `Housekeeping` (``_housekeeping``) runs the gateway's own statements between
-  jobs: ending a transaction left open, DISCARD ALL, learning new types.
+  jobs: ending a transaction left open, DISCARD ALL, learning new types, and
+  learning the roles the session runs as, which raw statements must not change.
 
 The session drives `psycopg.pq` (libpq) directly because psycopg's public
 ``Pipeline.sync()`` waits for results, which would cost a round trip per job.
@@ -34,6 +35,7 @@ from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
 from ._jobs import Job
+from ._outcome import lost_error
 from ._planner import ROLLBACK, Plan, Planner
 from ._prepared import PreparedStatements
 from ._reader import BatchReader
@@ -71,7 +73,10 @@ class Session:
         self._reader = BatchReader(
             self.wire, self.cancels, self.prepared, self.housekeeping, ResultConverter(codec)
         )
+        #: the plans of the batch under way whose messages were queued, retries too
+        self._sent: list[Plan] = []
         self._loop = asyncio.get_running_loop()
+        self._roles: list[bytes | None] | None = None
         self.backend_pid = self._pg.backend_pid
         self._pg.nonblocking = 1
         self._pg.enter_pipeline_mode()
@@ -85,6 +90,21 @@ class Session:
     def prepare_messages(self, value: int) -> None:
         self.prepared.messages = value
 
+    async def roles(self) -> list[bytes | None]:
+        """The session's own current_user and session_user, as learnt once; the role
+        checks after raw statements compare with them.
+
+        Raises:
+            ConnectionLost: the connection broke, or the query failed.
+        """
+        if self._roles is None:
+            try:
+                self._roles = await self.housekeeping.roles()
+            except psycopg.OperationalError as exc:
+                self.wire.unwatch()
+                raise ConnectionLost(str(exc)) from exc
+        return self._roles
+
     @property
     def broken(self) -> bool:
         """The server closed the connection while it was idle."""
@@ -97,18 +117,37 @@ class Session:
 
         A job hit by a cancel meant for another job of the batch, or refused
         inside a transaction block (VACUUM and friends, read-write only), had no
-        effect: it runs once more on its own.
+        effect: it runs once more on its own. When the connection breaks, every
+        job not yet resolved fails with `lost_error`: 503 if it cannot have taken
+        effect, 502 `outcome_unknown` if it is a write that was sent.
 
         Raises:
             ConnectionLost: the connection broke.
         """
+        self._sent = []
         try:
             return await self._run(jobs)
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, ConnectionLost) as exc:
             self.wire.unwatch()  # libpq may have closed the socket already
+            for job in jobs:
+                job.fail(lost_error(job, sent=self._was_sent(job)))
+            if isinstance(exc, ConnectionLost):
+                raise
             raise ConnectionLost(str(exc)) from exc
+        finally:
+            self._sent = []
+
+    def _was_sent(self, job: Job) -> bool:
+        """Whether `job`'s messages were queued, other than a run of it that had no
+        effect (marked to run again)."""
+        return any(plan.job is job and not plan.retry for plan in self._sent)
 
     async def _run(self, jobs: list[Job]) -> None:
+        if self._planner.roles is None:
+            self._planner.roles = await self.roles()
+        listed = [st for job in jobs for st in job.statements if st.lists]
+        if listed:
+            await self.housekeeping.describe_lists(listed)
         plans = await self._run_batch(jobs)
         for plan in plans:
             if plan.retry and not plan.job.done:
@@ -118,7 +157,11 @@ class Session:
         self, jobs: list[Job], *, wrapped: bool = True, retrying: bool = False
     ) -> list[Plan]:
         now = self._loop.time()
-        plans = [self._planner.send(job, now, wrapped=wrapped, retrying=retrying) for job in jobs]
+        plans: list[Plan] = []
+        for job in jobs:
+            plan = self._planner.send(job, now, wrapped=wrapped, retrying=retrying)
+            plans.append(plan)
+            self._sent.append(plan)
         trailer = self._planner.send_trailer()
         self.cancels.sent = []
         await self.wire.flush()
@@ -135,8 +178,7 @@ class Session:
                     plan.job.fail(GatewayError("a result type could not be learnt"))
         if self._pg.transaction_status != TransactionStatus.IDLE:
             await self.housekeeping.run(ROLLBACK)  # a cleanup was cancelled (see _reader)
-        if self.housekeeping.dirty:
-            await self.housekeeping.discard()
+        await self.housekeeping.after_batch()
         return plans
 
     def close(self) -> None:

@@ -6,6 +6,10 @@ succeeded is reported done even if the connection breaks right after. A job
 whose result holds a column type the codec does not know yet is held back
 until the batch's end, when the session learns the types.
 
+A job with raw SQL whose role check failed (see `gateway.engine._planner`) gets a
+refusal (42501) instead of its results: its COMMIT was skipped with the rest of its
+segment, and its transaction rolls back.
+
 A failed job that had no effect runs once more on its own (`Plan.retry`): one
 hit by a cancel meant for another job of the batch, one whose transaction a
 late cancel left aborted, and VACUUM and friends, which refuse a transaction
@@ -19,18 +23,34 @@ import time
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
-from .._errors import GatewayError, Timeout
+from .._errors import BadRequest, GatewayError, Timeout, query_error
 from ..values._results import ResultConverter
 from ._cancel import Cancels
 from ._housekeeping import Housekeeping
+from ._identity import identity_error
 from ._jobs import Job
+from ._outcome import ends_connection, lost_error
 from ._planner import Plan
 from ._prepared import PreparedStatements
-from ._wire import Wire, result_error
+from ._wire import CopyRefused, Wire, result_error
 
 _USER_CANCEL = "canceling statement due to user request"
+#: how the role check fails (a division by zero), and what the client is told instead
+_CHECK_FAILED = "22012"
+_ROLE_CHANGED = (
+    "a statement changed the role it runs as (SET ROLE, SET SESSION AUTHORIZATION or "
+    "set_config('role', …)): refused; its results are withheld and its transaction rolled back"
+)
 # ExecStatus members as plain constants: an enum attribute costs a lookup per result
 _FATAL_ERROR = ExecStatus.FATAL_ERROR
+
+
+def role_changed(res: PGresult) -> GatewayError | None:
+    """The refusal when `res`, a failed role check, failed as the check fails; None when
+    something else stopped it (a cancel)."""
+    if result_error(res).sqlstate != _CHECK_FAILED:
+        return None
+    return query_error(_ROLE_CHANGED, sqlstate="42501")
 
 
 class BatchReader:
@@ -70,8 +90,12 @@ class BatchReader:
             before = plan.rollback_first + len(plan.prepares) * self._prepared.messages + plan.setup
             results = []
             try:
-                for _ in range(before + len(job.statements) * (1 + plan.guarded) + plan.commit):
+                step = 1 + plan.guarded + plan.checked
+                for _ in range(before + len(job.statements) * step + plan.commit):
                     results.append(await wire.result() if pg.is_busy() else wire.take_result())
+            except CopyRefused as exc:
+                job.fail(BadRequest(str(exc)))
+                raise
             finally:
                 cancels.head = None
                 cancels.wanted = False
@@ -83,7 +107,8 @@ class BatchReader:
             if raw is not None:
                 deferred.append((plan, raw))
             for _ in range(plan.cleanup):
-                await wire.result()
+                if (await wire.result()).status == _FATAL_ERROR:
+                    self._housekeeping.dirty = True  # a late cancel cut it short
             if plan.cleanup:
                 await wire.sync()
             # how long the connection was held by this job: results that came
@@ -95,28 +120,58 @@ class BatchReader:
     def _settle(self, plan: Plan, results: list[PGresult], before: int) -> list[PGresult] | None:
         """Resolve the job from its segment's results, the statements' from `before` on;
         return the statements' results instead while one of their types is unknown."""
+        setup_end = plan.rollback_first + plan.setup
         if plan.prepares:
-            self._prepared.forget_failed(plan.prepares, results[plan.rollback_first :])
-        step = 1 + plan.guarded  # guarded, each statement's result follows its guard's
-        raw = results[before + step - 1 : before + step * len(plan.job.statements) : step]
+            self._prepared.forget_failed(plan.prepares, results[setup_end:])
+        # per statement: [read-only guard] statement [role check]
+        step = 1 + plan.guarded + plan.checked
+        end = before + step * len(plan.job.statements)
+        raw = results[before + plan.guarded : end : step]
         for res in raw:
             self._housekeeping.note(res)
+        # the result that commits a write: its COMMIT, or a statement run unwrapped
+        commits = -1 if plan.wrapped else end - 1 - plan.checked
+        if plan.commit:
+            commits = len(results) - 1
         # after an error PostgreSQL skips the rest of the segment: one error at most
-        for res in results:
+        for i, res in enumerate(results):
             if res.status == _FATAL_ERROR:
-                self._fail(plan, res, first=res is results[0])
+                if plan.checked:  # its check, which releases its advisory locks, did not run
+                    self._housekeeping.unlock_due = True
+                if plan.checked and before <= i < end and (i - before) % step == step - 1:
+                    self._role_check_failed(plan, res)
+                else:
+                    at_identity = plan.identity and i == setup_end - 1
+                    self._fail(
+                        plan, res, first=i == 0, commits=i == commits, at_identity=at_identity
+                    )
                 return None
         return None if self.deliver(plan.job, raw) else raw
 
-    def _fail(self, plan: Plan, res: PGresult, *, first: bool) -> None:
+    def _role_check_failed(self, plan: Plan, res: PGresult) -> None:
+        """A role check after a statement failed: refused, unless it was a cancel's."""
+        if (refusal := role_changed(res)) is not None:
+            plan.job.fail(refusal)
+        else:
+            self._fail(plan, res, first=False, commits=False, at_identity=False)
+
+    def _fail(
+        self, plan: Plan, res: PGresult, *, first: bool, commits: bool, at_identity: bool
+    ) -> None:
         """Fail the job with `res`'s error, or mark it to run again; `first`: the
-        error came from the job's very first message, before anything of it ran."""
+        error came from the job's very first message, before anything of it ran;
+        `commits`: from the one that commits a write (its COMMIT, or the statement
+        of a write run unwrapped); `at_identity`: from the statement that sets its role."""
         job = plan.job
         error = result_error(res, job.comment)
-        if not plan.retrying and not job.done and self._should_retry(plan, error, first):
+        if commits and not job.read_only and ends_connection(error.sqlstate):
+            job.fail(lost_error(job, sent=True))  # the server went down as it committed
+        elif not plan.retrying and not job.done and self._should_retry(plan, error, first):
             plan.retry = True
         elif error.sqlstate == "57014" and _USER_CANCEL not in error.message:
             job.fail(Timeout("the query ran past its timeout and was cancelled", sqlstate="57014"))
+        elif at_identity:
+            job.fail(identity_error(error))
         else:
             job.fail(error)
 
@@ -131,8 +186,9 @@ class BatchReader:
             # ROLLBACK, leaving its transaction aborted: this one never started
             # (and its own cleanup ROLLBACK ends that transaction).
             return True
-        if error.sqlstate == "25001" and plan.wrapped and not job.read_only:
+        if error.sqlstate == "25001" and plan.wrapped and not job.read_only and not plan.identity:
             # VACUUM and friends refuse a transaction block: run alone, unwrapped
+            # (not with a role of a token's: it is taken on inside the transaction only)
             plan.wrapped = False
             return not job.transaction and len(job.statements) == 1
         return False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ import psycopg.conninfo
 from .._settings import Settings
 from ..values._encoding import Codec
 from ._dispatcher import Dispatcher
-from ._pool import connect_kwargs, make_pool
+from ._pool import CLOSE_TIMEOUT_S, connect_kwargs, make_pool
 
 log = logging.getLogger("gateway.replicas")
 
@@ -94,9 +95,16 @@ class Replica:
 class Replicas:
     """The read replicas of one gateway process; `open` and `close` are its owner's."""
 
-    def __init__(self, settings: Settings, codec: Codec) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        codec: Codec,
+        configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+    ) -> None:
         self._settings = settings
         self._codec = codec
+        #: each new pooled connection's check, as the primary's (`make_pool`)
+        self._configure = configure
         self._max_lag_ms = settings.replica_max_lag_ms
         self.replicas: list[Replica] = []
         self._checker: asyncio.Task[None] | None = None
@@ -105,7 +113,7 @@ class Replicas:
         """Open every replica's pool (without waiting for it) and start the checks."""
         for i, dsn in enumerate(self._settings.replica_dsns, start=1):
             name = f"replica{i}"
-            pool = make_pool(self._settings, dsn, name=name)
+            pool = make_pool(self._settings, dsn, name=name, configure=self._configure)
             await pool.open(wait=False)
             dispatcher = Dispatcher(pool, self._codec, self._settings)
             dispatcher.start()
@@ -128,7 +136,7 @@ class Replicas:
             try:
                 await replica.dispatcher.close(grace)
             finally:
-                await replica.pool.close()
+                await replica.pool.close(timeout=CLOSE_TIMEOUT_S)
                 await _close(replica)
 
     def pick(self) -> Dispatcher | None:

@@ -15,13 +15,29 @@ worker cancels the query and gives its connection back at once.
 A stream holds its connection alone for its whole life (the dispatcher never
 batches it with other jobs) and stays in pipeline mode, in two round trips:
 
-    describe:  [Close] [Parse] Describe; Sync  column types, taught to the codec if new
-    execute:   BEGIN …; set_config(statement_timeout, 0, local); Flush;
-               statement (libpq chunked-rows mode); [COMMIT]; Sync
-               ROLLBACK; [cleanup]; Sync
+    describe:  [BEGIN; identity] [Close] [Parse] Describe; Sync  [ROLLBACK; Sync]
+               column types, taught to the codec if new, and list parameters' array
+               delimiters
+    execute:   BEGIN …; set_config(statement_timeout, 0, local); [identity]; Flush;
+               statement (libpq chunked-rows mode); [last]; [COMMIT]; Sync
+               ROLLBACK; cleanup or unlock; Sync
+
+A job with a role (``identity``: `gateway.engine._identity`) takes it on in both
+round trips, inside a transaction: its statement is parsed and described as that
+role (its schemas, not the login role's), and runs as it. Only a named query
+streams with a role: a raw statement could take on another role of the login
+role's in the middle of its rows (``set_config('role', …)`` in an expression, then a
+function that runs SQL of its own, such as ``ts_stat``), and those rows would be out
+before its role check, which a buffered answer waits for. Such a stream would need
+a check between chunks (a cursor, FETCH and the check per chunk); until then it is
+refused (406).
 
 The transaction is the same as a buffered job's (DESIGN §2: read-only enforced
-by PostgreSQL, nothing left behind). Instead of ``statement_timeout``, which
+by PostgreSQL, nothing left behind; a raw statement's role checked after it, its
+advisory locks released: see `gateway.engine._planner`). Rows go out while the
+statement runs, so a raw statement that changes its role gets its stream ended
+with the refusal and its transaction rolled back, but the rows it sent before that
+are gone. Instead of ``statement_timeout``, which
 would cut a long export however fast it flows, the stream is bounded by the
 request's timeout three ways: the first chunk must come within it (the
 dispatcher's deadline), and afterwards neither the database (no bytes) nor the
@@ -48,13 +64,24 @@ from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
 
-from .._errors import BadRequest, GatewayError, Timeout
+from .._errors import BadRequest, GatewayError, NotAcceptable, Timeout
 from ..values._formats import StreamEncoder
 from ..values._results import Column, StatementResult
+from ._identity import Identity, identity_error
 from ._jobs import Job, JobState, Statement
+from ._outcome import lost_error
 from ._pipeline import Session
-from ._planner import COMMIT, ROLLBACK, begin_command, send_cleanup
-from ._wire import ConnectionLost, result_error, wake_future
+from ._planner import (
+    COMMIT,
+    LAST_GUARD,
+    ROLLBACK,
+    UNLOCK,
+    begin_command,
+    job_roles,
+    send_cleanup,
+)
+from ._reader import role_changed
+from ._wire import ConnectionLost, CopyRefused, result_error, wake_future
 
 #: encoded chunks a stream may hold between the connection worker and the client
 BUFFERED_CHUNKS = 4
@@ -65,6 +92,11 @@ class StreamJob(Job):
 
     `row_limit` cuts the stream (None: no limit); `stall_s` is how long either
     side may keep the other waiting once the stream has begun.
+
+    Raises:
+        NotAcceptable: the statement is raw SQL and the job runs as a token's role
+            (`identity`): its rows would go out before its role check, and the login
+            role may take on other roles than the token's (see the module docstring).
     """
 
     __slots__ = (
@@ -90,9 +122,21 @@ class StreamJob(Job):
         row_limit: int | None,
         stall_s: float,
         comment: bytes = b"",
+        identity: Identity | None = None,
     ) -> None:
+        if identity is not None and statement.prepared is None:
+            raise NotAcceptable(
+                "NDJSON and CSV of raw SQL are not available to a request with a role: its"
+                " rows would go out before the check that it kept its role; use JSON, or a"
+                " named query"
+            )
         super().__init__(
-            [statement], read_only=read_only, deadline=deadline, max_rows=0, comment=comment
+            [statement],
+            read_only=read_only,
+            deadline=deadline,
+            max_rows=0,
+            comment=comment,
+            identity=identity,
         )
         self.encoder = encoder
         #: rows handed to the client so far
@@ -197,15 +241,22 @@ _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH
 async def run_stream(session: Session, job: StreamJob) -> None:
     """Run `job` alone on `session`: its rows go to the job chunk by chunk.
 
-    On return the job is finished or failed; on `ConnectionLost` the
-    dispatcher fails it.
+    On return the job is finished or failed; on `ConnectionLost` too, with
+    `lost_error` (a write whose statement was sent: 502 `outcome_unknown`).
 
     Raises:
         ConnectionLost: the connection broke or the protocol went out of step.
     """
+    run = _StreamRun(session, job)
     try:
-        await _StreamRun(session, job).run()
-    except psycopg.OperationalError as exc:
+        await run.run()
+    except (psycopg.OperationalError, ConnectionLost) as exc:
+        session.wire.unwatch()
+        if isinstance(exc, CopyRefused):
+            job.fail(BadRequest(str(exc)))
+        job.fail(lost_error(job, sent=run.executing))
+        if isinstance(exc, ConnectionLost):
+            raise
         raise ConnectionLost(str(exc)) from exc
 
 
@@ -228,27 +279,34 @@ class _StreamRun:
         self._cut = False  # the row limit was reached: rows left are discarded
         self._stopping = False  # nobody reads any more: drain without watching the client
         self._cancelled = False
+        self._checked = False  # the statement is raw: a role check follows it
         self._error: GatewayError | None = None
+        #: the statement was queued: from here a write may take effect
+        self.executing = False
 
     async def run(self) -> None:
         statement = self._job.statements[0]
+        roles = await self._session.roles()
         if not await self._describe(statement) or self._job.stopped.done():
             return
-        closing = self._send(statement)
+        closing = self._send(statement, roles)
+        self.executing = True
         await self._wire.flush()
         if await self._read_setup():
             self._chunked_rows_mode()
         await self._read_statement()
+        if self._checked:
+            self._note_check(await self._one_result())
         if not self._job.read_only:
             self._note_error(await self._one_result())
         await self._wire.sync()
         for _ in range(closing):
-            await self._wire.result()
+            if (await self._wire.result()).status == ExecStatus.FATAL_ERROR:
+                self._housekeeping.dirty = True  # a cancel cut the clean-up short
         await self._wire.sync()
         if self._cancelled:
             await self._after_cancel()
-        if self._housekeeping.dirty:
-            await self._housekeeping.discard()
+        await self._housekeeping.after_batch()
         await self._end()
 
     async def _after_cancel(self) -> None:
@@ -270,53 +328,85 @@ class _StreamRun:
 
     async def _describe(self, statement: Statement) -> bool:
         """Parse and describe the statement; learn new column types. False if it failed."""
-        wire, prepared = self._wire, self._prepared
+        wire, prepared, pg = self._wire, self._prepared, self._pg
+        setup = self._send_identity(begin=True)
         name = prepared.send_prepare(statement)
         prepares = () if name is None else (name,)
         queued = len(prepares) * prepared.messages
         name = prepared.trusted_name(statement)
         if name is None:  # raw, or a name run unnamed: describe its text
             name = b""
-            self._pg.send_prepare(name, statement.sql)
+            pg.send_prepare(name, statement.sql)
             queued = 1
-        self._pg.send_describe_prepared(name)
-        self._pg.pipeline_sync()
+        pg.send_describe_prepared(name)
+        pg.pipeline_sync()
+        if setup:  # the role's transaction ends, whatever failed in it
+            pg.send_query_params(ROLLBACK, None)
+            pg.pipeline_sync()
         await wire.flush()
-        results = [await wire.result() for _ in range(queued + 1)]
+        results = [await wire.result() for _ in range(setup + queued + 1)]
         await wire.sync()
+        if setup:
+            await wire.result()
+            await wire.sync()
         if prepares:
-            prepared.forget_failed(prepares, results)
-        failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
-        if failed is not None:
-            self._job.fail(result_error(failed))
-            return False
-        await self._housekeeping.learn_types_of([results[-1]])
+            prepared.forget_failed(prepares, results[setup:])
+        for i, res in enumerate(results):
+            if res.status == ExecStatus.FATAL_ERROR:
+                error = result_error(res)
+                self._job.fail(identity_error(error) if setup and i == 1 else error)
+                return False
+        described = results[-1]
+        if statement.lists:  # the description has the parameters' types too
+            await self._housekeeping.fit_lists([(statement, described)])
+        await self._housekeeping.learn_types_of([described])
         return True
+
+    def _send_identity(self, *, begin: bool) -> int:
+        """Queue what makes the job's role its own, after a BEGIN when `begin`;
+        return how many results that is (0: the job has no role)."""
+        identity = self._job.identity
+        if identity is None:
+            return 0
+        if begin:
+            self._pg.send_query_params(begin_command(self._job), None)
+        self._pg.send_query_params(identity.command, identity.params)
+        return 1 + begin
 
     # --- round trip 2: the rows ------------------------------------------------------------
 
-    def _send(self, statement: Statement) -> int:
+    def _send(self, statement: Statement, roles: list[bytes | None]) -> int:
         """Queue the execute round trip; return how many results its closing segment has."""
         pg, job = self._pg, self._job
         pg.send_query_params(begin_command(job), None)
         pg.send_query_params(_NO_TIMEOUT, None)
+        self._send_identity(begin=False)
         # without this the server would hold BEGIN's answer until the statement ends
         pg.send_flush_request()
         self._prepared.send_statement(statement, job.comment)
+        self._checked = statement.prepared is None
+        if self._checked:
+            pg.send_query_params(LAST_GUARD, job_roles(job, roles))
         if not job.read_only:
             pg.send_query_params(COMMIT, None)
         pg.pipeline_sync()
         pg.send_query_params(ROLLBACK, None)
-        closing = 1 if job.read_only else 1 + send_cleanup(pg)
+        if job.read_only:
+            pg.send_query_params(UNLOCK, None)
+            closing = 2
+        else:
+            closing = 1 + send_cleanup(pg)
         pg.pipeline_sync()
         return closing
 
     async def _read_setup(self) -> bool:
         """Read BEGIN and what follows it up to the statement; False if one failed."""
-        setup = 2  # BEGIN, set_config
+        setup = 2 + (self._job.identity is not None)  # BEGIN, set_config, [identity]
         results = [await self._one_result() for _ in range(setup)]
-        for res in results:
-            self._note_error(res)
+        for i, res in enumerate(results):
+            if res.status == ExecStatus.FATAL_ERROR:
+                error = result_error(res)
+                self._note(identity_error(error) if i == 2 else error)
         return self._error is None
 
     def _chunked_rows_mode(self) -> None:
@@ -329,7 +419,7 @@ class _StreamRun:
         """Every result of the statement, up to the NULL that ends them."""
         while (res := await self._next()) is not None:
             if res.status in _COPY:
-                raise ConnectionLost("COPY is not supported here; use format=csv instead")
+                raise CopyRefused("COPY is not supported here; use format=csv instead")
             if res.status in _ROWS:
                 await self._rows(res)
             elif res.status == ExecStatus.COMMAND_OK:
@@ -398,6 +488,11 @@ class _StreamRun:
     def _note_error(self, res: PGresult) -> None:
         if res.status == ExecStatus.FATAL_ERROR:
             self._note(result_error(res, self._job.comment))
+
+    def _note_check(self, res: PGresult) -> None:
+        """The role check after the statement: a failure is a refusal (42501)."""
+        if res.status == ExecStatus.FATAL_ERROR:
+            self._note(role_changed(res) or result_error(res, self._job.comment))
 
     def _note(self, error: GatewayError) -> None:
         """Keep the first error; after a stop, errors are the cancel's echo."""

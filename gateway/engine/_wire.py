@@ -27,14 +27,46 @@ _PIPELINE_SYNC = ExecStatus.PIPELINE_SYNC
 _COPY = frozenset({ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH})
 
 
+#: a wait for the socket that saw nothing for this long registers its reader
+#: afresh and lets its caller look again: an event loop can drop a registration
+#: (uvloop does when the connection is reset), and a wake-up lost that way must
+#: cost this much, not the request's deadline
+RECHECK_S = 0.5
+
+
 class ConnectionLost(Exception):
     """The connection broke; the caller fails the jobs not yet resolved."""
+
+
+class CopyRefused(ConnectionLost):
+    """A statement began a COPY, which a pipelined session does not carry."""
 
 
 def wake_future(fut: asyncio.Future[T], value: T) -> None:
     """Resolve `fut` with `value` unless it is done already."""
     if not fut.done():
         fut.set_result(value)
+
+
+#: the diagnostic fields an error carries beyond its message, SQLSTATE, detail, hint and
+#: position, by psycopg's names (``Diagnostic``): the Neon error body has them all
+_MORE_FIELDS = tuple(
+    (field, field.name.lower())
+    for field in (
+        DiagnosticField.SEVERITY,
+        DiagnosticField.INTERNAL_POSITION,
+        DiagnosticField.INTERNAL_QUERY,
+        DiagnosticField.CONTEXT,
+        DiagnosticField.SCHEMA_NAME,
+        DiagnosticField.TABLE_NAME,
+        DiagnosticField.COLUMN_NAME,
+        DiagnosticField.DATATYPE_NAME,
+        DiagnosticField.CONSTRAINT_NAME,
+        DiagnosticField.SOURCE_FILE,
+        DiagnosticField.SOURCE_LINE,
+        DiagnosticField.SOURCE_FUNCTION,
+    )
+)
 
 
 def result_error(res: PGresult, comment: bytes = b"") -> GatewayError:
@@ -45,12 +77,18 @@ def result_error(res: PGresult, comment: bytes = b"") -> GatewayError:
     if message is None:
         message = (res.error_message or b"query failed").decode(errors="replace").strip()
     position = _field(res, DiagnosticField.STATEMENT_POSITION)
+    more = {}
+    for code, name in _MORE_FIELDS:
+        value = _field(res, code)
+        if value is not None:
+            more[name] = value
     return query_error(
         message,
         sqlstate=_field(res, DiagnosticField.SQLSTATE),
         detail=_field(res, DiagnosticField.MESSAGE_DETAIL),
         hint=_field(res, DiagnosticField.MESSAGE_HINT),
         position=max(int(position) - len(comment), 1) if position else None,
+        diagnostics=more,
     )
 
 
@@ -99,7 +137,7 @@ class Wire:
         if res is None:
             raise ConnectionLost("protocol out of step: no result where one was due")
         if res.status in _COPY:
-            raise ConnectionLost("COPY is not supported here; use format=csv instead")
+            raise CopyRefused("COPY is not supported here; use format=csv instead")
         # in pipeline mode libpq is idle after a query's result: its NULL is there at once
         if pg.is_busy() or pg.get_result() is not None:
             raise ConnectionLost("protocol out of step: more results than statements")
@@ -127,7 +165,8 @@ class Wire:
     # --- waiting on the socket -----------------------------------------------------------
 
     async def _wait(self, *, writable: bool) -> None:
-        """Wait for the socket; also wakes on `wake` (a head job abandoned).
+        """Wait for the socket; also wakes on `wake` (a head job abandoned), and
+        after `RECHECK_S` without news (see `_recheck`).
 
         An abandoned head job is cancelled before waiting for its results.
         The reader stays registered between waits (see `_readable`), so a batch
@@ -142,12 +181,22 @@ class Wire:
             self._loop.add_writer(fd, wake_future, fut, None)
         else:
             self._watch()
+        recheck = self._loop.call_later(RECHECK_S, self._recheck, fut)
         try:
             await fut
         finally:
+            recheck.cancel()
             if writable:
                 self._loop.remove_writer(fd)
             self._waiter = None
+
+    def _recheck(self, fut: asyncio.Future[None]) -> None:
+        """Nothing woke a wait for `RECHECK_S`: register the reader afresh, and
+        wake the waiter, whose caller reads the socket (and so sees it broken)."""
+        if self._watching:
+            self.unwatch()
+            self._watch()
+        wake_future(fut, None)
 
     def wake(self) -> None:
         """Wake a wait for results early (it then sends the cancel wanted)."""

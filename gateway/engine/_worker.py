@@ -34,7 +34,8 @@ async def work(worker: WorkerStats, crew: Crew) -> None:
         except PoolTimeout:
             continue  # the database is down; the pool keeps reconnecting
         except (ConnectionLost, psycopg.OperationalError) as exc:
-            log.warning("worker %d lost its connection: %s", worker.id, exc)
+            # debug: the pool logs an outage once per retry, not once per worker
+            log.debug("worker %d lost its connection: %s", worker.id, exc)
             crew.connection_lost()
             await asyncio.sleep(0.05)
 

@@ -29,15 +29,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from psycopg import adapters as default_adapters
-from psycopg import postgres
 from psycopg.abc import Transformer
-from psycopg.adapt import AdaptersMap
 from psycopg.adapt import Transformer as PgTransformer
-from psycopg.pq import Format
 from psycopg.pq.abc import PGresult
 
 from .._errors import GatewayError, NotAcceptable
+from ._encoding import TEXT_ADAPTERS
 from ._results import Column
 
 
@@ -192,18 +189,6 @@ def csv_cell(value: bytes | None, *, alone: bool = False) -> bytes:
     return value
 
 
-def _text_adapters() -> AdaptersMap:
-    """Loaders that leave every value as PostgreSQL's text (str), NULL as None."""
-    adapters = AdaptersMap(types=postgres.types)
-    text = default_adapters.get_loader(0, Format.TEXT)
-    assert text is not None
-    adapters.register_loader(0, text)  # the fallback of every oid
-    return adapters
-
-
-_TEXT_ADAPTERS = _text_adapters()
-
-
 class CsvEncoder:
     """A header line of column names, then each row's cells as PostgreSQL text.
 
@@ -217,7 +202,7 @@ class CsvEncoder:
     format = OutputFormat.CSV
 
     def __init__(self) -> None:
-        self._tx = PgTransformer(_TEXT_ADAPTERS)
+        self._tx = PgTransformer(TEXT_ADAPTERS)
 
     def head(self, columns: list[Column]) -> bytes:
         if not columns:

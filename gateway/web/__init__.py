@@ -6,6 +6,7 @@ name would hide the standard library's.)
 """
 
 from ._app import create_app
+from ._privileges import PrivilegedRoleError
 from ._server import install_uvloop, serve
 
-__all__ = ["create_app", "install_uvloop", "serve"]
+__all__ = ["PrivilegedRoleError", "create_app", "install_uvloop", "serve"]

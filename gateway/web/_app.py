@@ -12,11 +12,12 @@ from .._settings import Settings
 from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
-from ..engine._pool import make_pool
+from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
 from ..engine._replicas import Replicas
 from ..values._encoding import Codec
-from . import _events
+from . import _events, _neon
 from ._app_keys import (
+    AUTH,
     CATALOG,
     CODEC,
     DISPATCHER,
@@ -27,8 +28,13 @@ from ._app_keys import (
     REPLICAS,
     SETTINGS,
 )
+from ._auth import Authenticator, keep_tokens_out_of_aiohttp_logs
+from ._console import add_console
+from ._cors import install_cors
 from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
+from ._middleware import ERROR_BODIES, ErrorBody
 from ._observe import observe_middleware
+from ._privileges import check_login_role, connection_check
 from ._routes import routes
 
 
@@ -43,6 +49,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     Raises:
         ValueError: no DSN given and none in the settings.
         CatalogError: a named-query file is malformed.
+        ConfigError: the JWKS file is unusable (see `Authenticator`).
     """
     dsn = dsn or settings.dsn
     if not dsn:
@@ -57,8 +64,16 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[DSN] = dsn
     app[CATALOG] = Catalog.load(settings.sql_dir / "queries")
     app[CODEC] = Codec()
+    app[AUTH] = Authenticator(settings)
+    keep_tokens_out_of_aiohttp_logs()
     app.add_routes(routes)
     app.add_routes(_events.routes)
+    app.add_routes(_neon.routes)
+    error_bodies: dict[str, ErrorBody] = {_neon.PATH: _neon.error_body}
+    app[ERROR_BODIES] = error_bodies
+    if settings.console:
+        add_console(app)
+    install_cors(app, settings.cors_origins)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(listener_ctx)
     app.on_shutdown.append(end_event_streams)
@@ -100,10 +115,17 @@ async def end_event_streams(app: web.Application) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the pool and start the workers, and the read replicas' if any; on
-    shutdown stop them, then close the pools."""
+    """Check the login role (raw SQL on), open the pool and start the workers, and the
+    read replicas' if any; on shutdown stop them, then close the pools.
+
+    Raises:
+        PrivilegedRoleError: see `check_login_role` (the primary's login role or a
+            replica's); nothing was opened.
+    """
     settings = app[SETTINGS]
-    pool = make_pool(settings, app[DSN])
+    for dsn in (app[DSN], *settings.replica_dsns):  # a replica serves raw SQL too
+        await check_login_role(dsn, settings)
+    pool = make_pool(settings, app[DSN], configure=connection_check(settings))
     await pool.open(wait=False)
     try:
         dispatcher = Dispatcher(pool, app[CODEC], settings)
@@ -121,13 +143,13 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             dispatcher.replicas = None
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
-        await pool.close()
+        await pool.close(timeout=CLOSE_TIMEOUT_S)
 
 
 @contextlib.asynccontextmanager
 async def replicas_of(settings: Settings, codec: Codec) -> AsyncIterator[Replicas]:
     """The read replicas, open; closed at the end (also when opening failed half-way)."""
-    replicas = Replicas(settings, codec)
+    replicas = Replicas(settings, codec, configure=connection_check(settings))
     try:
         await replicas.open()
         yield replicas

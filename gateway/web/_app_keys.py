@@ -13,6 +13,7 @@ from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..engine._replicas import Replicas
 from ..values._encoding import Codec
+from ._auth import Authenticator
 from ._metrics import MetricsSource
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -25,3 +26,4 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 REPLICAS = web.AppKey("replicas", Replicas)
 LISTENER = web.AppKey("listener", Listener)
 METRICS = web.AppKey("metrics", MetricsSource)
+AUTH = web.AppKey("auth", Authenticator)

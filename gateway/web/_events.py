@@ -29,7 +29,7 @@ from aiohttp import web
 from .._errors import BadRequest, Forbidden, NotAcceptable
 from .._settings import Settings
 from ..engine._listener import Event, EventKind, Subscription, check_channel
-from ._app_keys import LISTENER, SETTINGS
+from ._app_keys import AUTH, LISTENER, SETTINGS
 
 routes = web.RouteTableDef()
 
@@ -48,12 +48,18 @@ _MESSAGES = {
 
 
 def request_role(request: web.Request) -> str | None:
-    """The role the request speaks for; None for a request without a token.
+    """The role of the request's verified token (docs/identity.md); None for a
+    request without a token, and for every request when the gateway verifies none.
 
-    There are no tokens yet: every request is anonymous. Identity (JWT) makes
-    this the verified token's role.
+    Raises:
+        InvalidToken: the token does not verify.
+        ForbiddenRole: the token names something that cannot be a role.
     """
-    return None
+    authorization = request.headers.get("Authorization")
+    if authorization is None:
+        return None
+    identity = request.app[AUTH].identify(authorization)
+    return None if identity is None else identity.role
 
 
 def allowed(settings: Settings, role: str | None, channel: str) -> bool:

@@ -1,31 +1,53 @@
-"""The one place errors become HTTP responses (DESIGN §3's error shape)."""
+"""The one place errors become HTTP responses (DESIGN §3's error shape).
+
+A front door that speaks another protocol (Neon's, at ``POST /sql``) words its
+errors in that protocol's body: it registers an `ErrorBody` for its path in
+``app[ERROR_BODIES]`` (`error_body_of`), and its errors keep the headers every
+error gets here.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .._errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, TooLarge
+from .._errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    TooLarge,
+)
 
 log = logging.getLogger("gateway.http")
 
+#: an error's status and JSON body in a front door's own protocol
+ErrorBody = Callable[[GatewayError], tuple[int, Any]]
 
-def error_response(error: GatewayError, cause: Exception | None = None) -> web.Response:
-    """The JSON error body, with Retry-After when the error suggests one (and the
-    Allow header of a 405 `cause`)."""
-    headers = {}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(error.retry_after)
-    if isinstance(cause, web.HTTPException) and cause.status == 405 and "Allow" in cause.headers:
-        headers["Allow"] = cause.headers["Allow"]
+#: the error bodies of front doors with a protocol of their own, by path
+ERROR_BODIES: web.AppKey[dict[str, ErrorBody]] = web.AppKey("error_bodies")
+
+
+def error_response(error: GatewayError, body: ErrorBody | None = None) -> web.Response:
+    """The JSON error body (DESIGN §3's, or `body`'s), with the headers the error asks
+    for (Retry-After, a 405's Allow)."""
+    status, content = (error.status, error.to_dict()) if body is None else body(error)
     return web.Response(
-        body=orjson.dumps(error.to_dict()),
-        status=error.status,
+        body=orjson.dumps(content),
+        status=status,
         content_type="application/json",
-        headers=headers,
+        headers=error.headers(),
     )
+
+
+def error_body_of(request: web.Request) -> ErrorBody | None:
+    """The error body of the front door at `request`'s path; None: DESIGN §3's."""
+    bodies = request.app.get(ERROR_BODIES)
+    return None if bodies is None else bodies.get(request.path)
 
 
 def gateway_error(request: web.Request, exc: Exception) -> GatewayError:
@@ -45,7 +67,10 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("no such endpoint; see /openapi.json")
     if exc.status == 405:
-        return MethodNotAllowed(f"method not allowed; allowed: {exc.headers.get('Allow', '')}")
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(
+            f"method not allowed; allowed: {allow}", allow=[allow] if allow else []
+        )
     if exc.status == 413:
         return TooLarge(exc.text or "request body too large")
     if exc.status < 500:

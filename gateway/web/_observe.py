@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import time
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -36,7 +36,7 @@ from aiohttp.typedefs import Handler, Middleware
 from .._errors import GatewayError
 from ..engine._jobs import Job
 from ._metrics import HttpMetrics
-from ._middleware import error_response, gateway_error
+from ._middleware import error_body_of, error_response, gateway_error
 
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVER_TIMING_HEADER = "Server-Timing"
@@ -48,8 +48,6 @@ MAX_REQUEST_ID = 128
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
 access_log = logging.getLogger("gateway.access")
-
-_EXCHANGE = "pgqg.exchange"
 
 
 class Exchange:
@@ -100,6 +98,13 @@ class Exchange:
         self.format = fmt
         self.rows += rows
         self.bytes += size
+
+
+# aiohttp 3.14 warns of a str key on a request (once a process: the suite's first
+# request then fails, warnings being errors there) and brings RequestKey for it
+_EXCHANGE: Any = (
+    web.RequestKey("pgqg.exchange", Exchange) if hasattr(web, "RequestKey") else "pgqg.exchange"
+)
 
 
 def exchange_of(request: web.Request) -> Exchange:
@@ -199,7 +204,7 @@ def observe_middleware(metrics: HttpMetrics | None) -> Middleware:
                 _done(request, exchange, exc.status, started, metrics)
                 raise
             exchange.error = gateway_error(request, exc)
-            response = error_response(exchange.error, exc)
+            response = error_response(exchange.error, error_body_of(request))
         if not response.prepared:  # a stream sets its headers itself, before its rows
             headers = response.headers
             headers[REQUEST_ID_HEADER] = exchange.request_id

@@ -18,10 +18,11 @@ from pglast.parser import ParseError, parse_sql
 
 from .._errors import BadRequest, TooLarge, UnsupportedMediaType
 from .._settings import Settings
-from ..catalog._catalog import NamedQuery
+from ..catalog._catalog import NamedQuery, integral_number
+from ..engine._identity import Identity
 from ..engine._jobs import Job, Statement
 from ..engine._stream import StreamJob
-from ..values._encoding import loads_exact, params_to_text
+from ..values._encoding import list_params, loads_exact, params_to_text
 from ..values._formats import OutputFormat, stream_encoder
 
 SHAPES = ("objects", "arrays")
@@ -49,16 +50,16 @@ class Options:
     row_limit: int | None = None
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object.
+async def read_json_object(request: web.Request, *, any_type: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; `any_type`: whatever its Content-Type says.
 
     Raises:
-        UnsupportedMediaType: the Content-Type is not JSON.
+        UnsupportedMediaType: the Content-Type is not JSON (unless `any_type`).
         BadRequest: the body is not a JSON object.
         TooLarge: the Content-Length announces a body over the limit; (from
             aiohttp, mapped by the middleware) a body read turns out too big.
     """
-    if not _is_json(request):
+    if not any_type and not _is_json(request):
         raise UnsupportedMediaType(
             f"send the body as application/json, not {request.content_type or 'nothing'}"
         )
@@ -121,7 +122,10 @@ def check_keys(body: Mapping[str, Any], allowed: Set[str], where: str = "body") 
 
 
 def _int_option(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    integral = integral_number(value)  # 1000.0 is an integer, as JSON Schema has it
+    if integral is not None:
+        value = integral
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise BadRequest(f"{name} must be an integer >= {minimum}")
@@ -185,25 +189,26 @@ def raw_statement(item: Any, where: str) -> Statement:
     return sql_statement(item.get("sql"), item.get("params"), where)
 
 
-def sql_statement(sql: Any, params: Any, where: str) -> Statement:
-    """`sql` and its `params` (None: none) from the body as a `Statement`.
+def sql_statement(sql: Any, params: Any, where: str, sql_key: str = "sql") -> Statement:
+    """`sql` and its `params` (None: none) from the body as a `Statement`; the
+    body names the SQL `sql_key` (errors say so).
 
     Raises:
         BadRequest: as `raw_statement`.
     """
     if not isinstance(sql, str):
-        raise BadRequest(f"{where}.sql must be a non-empty string")
+        raise BadRequest(f"{where}.{sql_key} must be a non-empty string")
     # most requests repeat a few statements: each text is checked once
     text = _sql_text(sql) if len(sql) <= SQL_CHECKS_MAX_CHARS else _check_sql(sql)
     if isinstance(text, str):
-        raise BadRequest(f"{where}.sql{text}")
+        raise BadRequest(f"{where}.{sql_key}{text}")
     if params is None:
         params = []
     if not isinstance(params, list):
         raise BadRequest(f"{where}.params must be a list (PostgreSQL's $1, $2, …)")
     if len(params) > MAX_PARAMS:
         raise BadRequest(f"{where}.params: at most {MAX_PARAMS} parameters")
-    return Statement(text, params_to_text(params))
+    return Statement(text, params_to_text(params), None, list_params(params))
 
 
 def _check_sql(sql: str) -> bytes | str:
@@ -251,7 +256,10 @@ def named_statement(
     """A named query bound to its parameters, run as a prepared statement."""
     bound = query.bind(values, from_query_string=from_query_string)
     return Statement(
-        query.sql.encode(), params_to_text(bound), prepared=b"pgqg_" + query.name.encode()
+        query.sql.encode(),
+        params_to_text(bound),
+        prepared=b"pgqg_" + query.name.encode(),
+        lists=list_params(bound),
     )
 
 
@@ -262,6 +270,8 @@ def make_job(
     read_only: bool,
     transaction: bool = False,
     isolation: str | None = None,
+    identity: Identity | None = None,
+    deferrable: bool = False,
     loop: asyncio.AbstractEventLoop,
     comment: bytes = b"",
 ) -> Job:
@@ -279,6 +289,8 @@ def make_job(
         shape=options.shape,
         transaction=transaction,
         isolation=isolation,
+        identity=identity,
+        deferrable=deferrable,
         loop=loop,
         comment=comment,
     )
@@ -291,6 +303,7 @@ def make_stream_job(
     *,
     read_only: bool,
     comment: bytes = b"",
+    identity: Identity | None = None,
 ) -> StreamJob:
     """A streamed job: `options.timeout_ms` to its first rows, and its longest stall after."""
     loop = asyncio.get_running_loop()
@@ -303,6 +316,7 @@ def make_stream_job(
         row_limit=options.row_limit,
         stall_s=timeout_s,
         comment=comment,
+        identity=identity,
     )
 
 

@@ -15,18 +15,24 @@ from aiohttp import web
 from .._errors import (
     BadRequest,
     Forbidden,
+    ForbiddenRole,
     GatewayError,
     MethodNotAllowed,
     NotAcceptable,
+    QueryError,
     RawSqlDisabled,
+    Timeout,
     Unavailable,
+    query_error,
 )
 from .._settings import Settings
+from ..catalog._catalog import NamedQuery
 from ..engine._dispatcher import probe_job
+from ..engine._identity import Identity
 from ..engine._jobs import Statement
 from ..values._formats import OutputFormat, negotiate
 from ..values._results import StatementResult
-from ._app_keys import CATALOG, DISPATCHER, LISTENER, POOL, REPLICAS, SETTINGS
+from ._app_keys import AUTH, CATALOG, DISPATCHER, LISTENER, POOL, REPLICAS, SETTINGS
 from ._observe import Exchange, exchange_of, sql_comment, stream_headers
 from ._openapi import openapi_document
 from ._requests import (
@@ -108,19 +114,33 @@ async def _run_one(
     options: Options,
     *,
     read_only: bool,
+    identity: Identity | None,
 ) -> web.StreamResponse:
-    """Run one statement; answer its result as JSON, or stream its rows."""
+    """Run one statement as `identity`; answer its result as JSON, or stream its rows."""
     exchange = exchange_of(request)
     # raw SQL carries the request id into pg_stat_activity; a named query's text is
     # prepared once, and its name says what it is
     comment = sql_comment(exchange.request_id) if statement.prepared is None else b""
     if fmt.streamed:
         return await _stream_one(
-            request, fmt, statement, options, read_only=read_only, comment=comment
+            request,
+            fmt,
+            statement,
+            options,
+            read_only=read_only,
+            comment=comment,
+            identity=identity,
         )
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
-    job = make_job([statement], options, read_only=read_only, loop=dispatcher.loop, comment=comment)
+    job = make_job(
+        [statement],
+        options,
+        read_only=read_only,
+        identity=identity,
+        loop=dispatcher.loop,
+        comment=comment,
+    )
     exchange.ran(job, started)
     results = await dispatcher.run(job)
     exchange.answered = time.perf_counter()
@@ -137,6 +157,7 @@ async def _stream_one(
     *,
     read_only: bool,
     comment: bytes,
+    identity: Identity | None,
 ) -> web.StreamResponse:
     """Stream one statement's rows as NDJSON or CSV (see `gateway.values._formats`).
 
@@ -145,7 +166,9 @@ async def _stream_one(
             error response); a failure after it ends the stream instead.
     """
     exchange = exchange_of(request)
-    job = make_stream_job(statement, options, fmt, read_only=read_only, comment=comment)
+    job = make_stream_job(
+        statement, options, fmt, read_only=read_only, comment=comment, identity=identity
+    )
     exchange.ran(job, time.perf_counter())
     await request.app[DISPATCHER].run(job)  # returns once the first rows are ready
     exchange.answered = time.perf_counter()
@@ -191,44 +214,108 @@ def _end_incomplete(request: web.Request, *_: object, abort: bool = False) -> No
         transport.close()
 
 
-def _allow_raw_sql(settings: Settings) -> None:
-    """Raises RawSqlDisabled when raw SQL is off on this gateway."""
+def _identify(request: web.Request) -> Identity | None:
+    """The role (and claims) the request runs as; None: the login role's own.
+
+    Raises:
+        Unauthorized: no token, and no anonymous role.
+        InvalidToken: the token does not verify.
+        ForbiddenRole: the token names something that cannot be a role.
+    """
+    return request.app[AUTH].identify(request.headers.get("Authorization"))
+
+
+def _allow_raw_sql(settings: Settings, identity: Identity | None) -> None:
+    """Raises RawSqlDisabled when raw SQL is off on this gateway, ForbiddenRole when
+    it is limited to roles (``raw_sql_roles``) the request's is not one of."""
     if settings.raw_sql == "off":
         raise RawSqlDisabled("raw SQL is disabled on this gateway; use the named queries")
+    allowed = settings.raw_sql_roles
+    if allowed is not None and (identity is None or identity.role not in allowed):
+        role = "no role" if identity is None else f"role {identity.role!r}"
+        raise ForbiddenRole(f"raw SQL is not allowed for {role}; use the named queries")
+
+
+def _allow_query(query: NamedQuery, identity: Identity | None) -> None:
+    """Raises ForbiddenRole when `query` declares its roles and the request's is not one."""
+    if query.roles is None:
+        return
+    if identity is None:
+        raise ForbiddenRole(
+            f"query {query.name!r} is for some roles only, and this gateway runs no request"
+            " as a role (set PGQG_JWT_SECRET, PGQG_JWT_JWKS_FILE or PGQG_ANON_ROLE)"
+        )
+    if identity.role not in query.roles:
+        raise ForbiddenRole(f"role {identity.role!r} may not run query {query.name!r}")
+
+
+#: what a client refused a write on a read-only gateway is told to change
+_ALLOW_WRITES = "writes need PGQG_RAW_SQL=read-write (pgqg serve --raw-sql read-write)"
+_READ_ONLY_SQL_TRANSACTION = "25006"
+
+
+def _on_read_only_gateway(error: QueryError) -> QueryError:
+    """PostgreSQL's refusal of a write that the gateway's mode made read-only,
+    saying so and what would allow it (the SQLSTATE and status stay 25006, 403)."""
+    if error.sqlstate != _READ_ONLY_SQL_TRANSACTION:
+        return error
+    return query_error(
+        f"{error.message}: raw SQL is read-only on this gateway",
+        sqlstate=error.sqlstate,
+        detail=error.detail,
+        hint=error.hint or _ALLOW_WRITES,
+        position=error.position,
+    )
 
 
 def _read_only(body: dict[str, Any], settings: Settings) -> bool:
-    """Whether raw SQL runs read-only: always in read-only mode, else as the body's
-    ``read_only`` says (read-only jobs may go to a read replica).
+    """Whether raw SQL runs read-only: as the body's ``read_only`` says, else as the
+    gateway's mode decides (read-only jobs may go to a read replica).
 
     Raises:
         BadRequest: ``read_only`` is not a boolean.
+        Forbidden: ``read_only: false`` on a read-only gateway.
     """
-    read_only = body.get("read_only", False)
+    forced = settings.raw_sql == "read-only"
+    read_only = body.get("read_only")
+    if read_only is None:
+        return forced
     if not isinstance(read_only, bool):
         raise BadRequest("read_only must be true or false")
-    return read_only or settings.raw_sql == "read-only"
+    if forced and not read_only:
+        raise Forbidden(f"raw SQL is read-only on this gateway; {_ALLOW_WRITES}")
+    return read_only
 
 
 @routes.post("/v1/query")
 async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
     settings = request.app[SETTINGS]
+    identity = _identify(request)
     fmt = _output_format(request)
-    _allow_raw_sql(settings)
+    _allow_raw_sql(settings, identity)
     body = await read_json_object(request)
     check_keys(body, _QUERY_KEYS)
     statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
-    return await _run_one(request, fmt, statement, options, read_only=_read_only(body, settings))
+    read_only = _read_only(body, settings)
+    if settings.raw_sql != "read-only":
+        return await _run_one(
+            request, fmt, statement, options, read_only=read_only, identity=identity
+        )
+    try:
+        return await _run_one(request, fmt, statement, options, read_only=True, identity=identity)
+    except QueryError as exc:
+        raise _on_read_only_gateway(exc) from None
 
 
 @routes.post("/v1/transaction")
 async def post_transaction(request: web.Request) -> web.Response:
     """Run several raw statements all or nothing, on one connection."""
     settings = request.app[SETTINGS]
+    identity = _identify(request)
     _json_only(request)
-    _allow_raw_sql(settings)
+    _allow_raw_sql(settings, identity)
     body = await read_json_object(request)
     check_keys(body, _TRANSACTION_KEYS)
     items = body.get("statements")
@@ -236,8 +323,6 @@ async def post_transaction(request: web.Request) -> web.Response:
         raise BadRequest("statements must be a non-empty list")
     statements = [raw_statement(item, f"statements[{i}]") for i, item in enumerate(items)]
     read_only = _read_only(body, settings)
-    if settings.raw_sql == "read-only" and body.get("read_only") is not True:
-        raise Forbidden("raw SQL is read-only on this gateway; send read_only: true")
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
     exchange = exchange_of(request)
@@ -247,11 +332,16 @@ async def post_transaction(request: web.Request) -> web.Response:
         read_only=read_only,
         transaction=True,
         isolation=parse_isolation(body.get("isolation")),
+        identity=identity,
         loop=dispatcher.loop,
         comment=sql_comment(exchange.request_id),
     )
     exchange.ran(job, started)
-    results = await dispatcher.run(job)
+    try:
+        results = await dispatcher.run(job)
+    except QueryError as exc:
+        forced = settings.raw_sql == "read-only"
+        raise (_on_read_only_gateway(exc) if forced else exc) from None
     exchange.answered = time.perf_counter()
     answer = {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
     return _answer(exchange, answer, sum(len(r.rows) for r in results))
@@ -266,23 +356,27 @@ async def list_queries(request: web.Request) -> web.Response:
 @routes.get("/v1/queries/{name}")
 async def get_named_query(request: web.Request) -> web.StreamResponse:
     """Run a read-only named query, parameters from the query string."""
+    identity = _identify(request)
     fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
+    _allow_query(query, identity)
     if not query.read_only:
-        raise MethodNotAllowed(f"{query.name} writes; call it with POST")
+        raise MethodNotAllowed(f"{query.name} writes; call it with POST", allow=("POST",))
     if len(set(request.query)) != len(request.query):
         raise BadRequest("a query-string key is given more than once")
     values = {k: v for k, v in request.query.items() if k not in RESERVED_QUERY_KEYS}
     statement = named_statement(query, values, from_query_string=True)
     options = parse_options(request.query, request.app[SETTINGS], streamed=fmt.streamed)
-    return await _run_one(request, fmt, statement, options, read_only=True)
+    return await _run_one(request, fmt, statement, options, read_only=True, identity=identity)
 
 
 @routes.post("/v1/queries/{name}")
 async def post_named_query(request: web.Request) -> web.StreamResponse:
     """Run a named query, parameters from the JSON body."""
+    identity = _identify(request)
     fmt = _output_format(request)
     query = request.app[CATALOG].get(request.match_info["name"])
+    _allow_query(query, identity)
     body = await read_json_object(request)
     check_keys(body, _NAMED_QUERY_KEYS)
     values = body.get("params") or {}
@@ -290,7 +384,9 @@ async def post_named_query(request: web.Request) -> web.StreamResponse:
         raise BadRequest("params must be an object of name: value")
     statement = named_statement(query, values, from_query_string=False)
     options = parse_options(body, request.app[SETTINGS], streamed=fmt.streamed)
-    return await _run_one(request, fmt, statement, options, read_only=query.read_only)
+    return await _run_one(
+        request, fmt, statement, options, read_only=query.read_only, identity=identity
+    )
 
 
 @routes.get("/healthz")
@@ -304,13 +400,17 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only when a pooled connection answers a query.
 
     Raises:
-        Unavailable: no connection, or the probe did not answer within 2 s.
+        Unavailable: no connection, or the probe did not answer within 2 s (the
+            connections are stuck: a network partition, say).
     """
     dispatcher = request.app[DISPATCHER]
     if not dispatcher.ready:
         raise Unavailable("no working database connection yet")
     loop = asyncio.get_running_loop()
-    await dispatcher.run(probe_job(loop.time() + 2.0), here=True)  # the primary
+    try:
+        await dispatcher.run(probe_job(loop.time() + 2.0), here=True)  # the primary
+    except Timeout:
+        raise Unavailable("the database did not answer within 2 s") from None
     return json_response({"status": "ready", "targets": _targets(request.app)})
 
 

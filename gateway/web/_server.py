@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import os
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .._settings import Settings
 from ._app import create_app
+from ._app_keys import AUTH, SETTINGS
 from ._logs import configure_logging
+
+log = logging.getLogger("gateway.server")
 
 
 def install_uvloop() -> bool:
@@ -39,6 +46,61 @@ async def freeze_startup_objects(_app: web.Application) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+class BadRequestsInOneLine(logging.Filter):
+    """aiohttp's server log, with a request it could not parse as one INFO line.
+
+    aiohttp answers such a request 400 itself (a NUL byte in a header, a line
+    too long), then logs it with a traceback at ERROR, as if the gateway had
+    failed. The client's mistake is worth a line, not an alarm. Other records
+    pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError) or not 400 <= error.code < 500:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        problem = " ".join(error.message.split()) if error.message else "malformed"
+        record.msg, record.args = "%s: %d %s", (record.getMessage(), error.code, problem)
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+async def reload_keys_on_sighup(app: web.Application) -> None:
+    """With a JWKS file, SIGHUP rereads it (a key rotation without a restart)."""
+    if app[SETTINGS].jwt_jwks_file is not None and hasattr(signal, "SIGHUP"):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[AUTH].reload)
+
+
+#: how long past the grace the process may take to close its connections before it
+#: exits regardless (a connection whose server vanished may not close in time)
+SHUTDOWN_SLACK_S = 1.5
+
+
+def exit_deadline(seconds: float) -> Callable[[web.Application], Awaitable[None]]:
+    """An on_shutdown hook: from the shutdown's start, the process has `seconds` to end.
+
+    Every request has been answered by then (the drain), so what is left is closing
+    connections; one stuck on a black-holed socket (a task that does not yield to
+    its cancellation) must not keep the process alive past its stop. Past the
+    deadline it logs one line and exits 0, as a completed shutdown does.
+    """
+
+    async def arm(_app: web.Application) -> None:
+        def expire() -> None:
+            log.warning("shutdown still closing connections after %.1f s: exiting now", seconds)
+            logging.shutdown()
+            os._exit(0)
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+
+    return arm
 
 
 async def stop_signals_once(_app: web.Application) -> None:
@@ -80,6 +142,9 @@ def serve(
     the first of several stop signals (`stop_signals_once`).
     """
     configure_logging(settings.log_level, settings.log_format)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestsInOneLine) for f in server_log.filters):
+        server_log.addFilter(BadRequestsInOneLine())
     install_uvloop()
     app = create_app(settings, dsn)
 
@@ -87,9 +152,11 @@ def serve(
         if on_ready is not None:
             on_ready(f"http://{settings.host}:{settings.port}")
 
+    app.on_shutdown.insert(0, exit_deadline(settings.shutdown_grace_s + SHUTDOWN_SLACK_S))
     if worker:
         app.on_startup.append(stop_signals_once)  # after aiohttp installed its handlers
     app.on_startup.append(freeze_startup_objects)  # after the cleanup contexts' start-up
+    app.on_startup.append(reload_keys_on_sighup)
     app.on_startup.append(announce)
     web.run_app(
         app,

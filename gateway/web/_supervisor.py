@@ -14,7 +14,8 @@ itself serves nothing and opens no connection:
   not replaced; when none is left, `supervise` returns;
 * SIGTERM, SIGINT or SIGHUP to the supervisor becomes one SIGTERM to each worker,
   which drains as a single process does (``shutdown_grace_s``); `supervise` returns
-  once all have exited;
+  once all have exited. With a JWKS file (``jwt_jwks_file``) SIGHUP is passed on
+  instead, and each worker rereads the keys, as a single process does;
 * ``/metrics`` adds the workers up through prometheus-client's multiprocess files in
   a folder the supervisor empties at start (``metrics_dir``, else a temporary one it
   removes at the end); a dead worker's gauges are removed from it.
@@ -138,7 +139,9 @@ class _Supervisor:
         if readable:
             self._read_ready()
         while (info := signal.sigtimedwait(_SIGNALS, 0)) is not None:
-            if info.si_signo != signal.SIGCHLD:
+            if info.si_signo == signal.SIGHUP and self.settings.jwt_jwks_file is not None:
+                self._signal_all(signal.SIGHUP)  # each worker rereads its keys, as one does
+            elif info.si_signo != signal.SIGCHLD:
                 self._stop("stop signal")
         self._reap()
 
