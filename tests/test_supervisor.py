@@ -15,14 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 import psycopg
 import pytest
-from support import REPO, Served, free_port, running
+from support import REPO, Served, free_port, running, server_of
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +44,15 @@ def workers_of(served: Served) -> set[int]:
             if child.status() != psutil.STATUS_ZOMBIE:
                 found.add(child.pid)
     return found
+
+
+def pooled(pid: int, db_port: int) -> int:
+    """How many connections process `pid` holds to the database's port."""
+    return sum(
+        1
+        for conn in psutil.Process(pid).net_connections("tcp")
+        if conn.raddr and conn.raddr.port == db_port and conn.status == psutil.CONN_ESTABLISHED
+    )
 
 
 @pytest.fixture
@@ -131,11 +139,17 @@ async def test_a_dead_worker_is_replaced_and_metrics_add_up(
 async def test_sigterm_drains_every_worker(
     start: Callable[..., Served], http: aiohttp.ClientSession, database_dsn: str
 ) -> None:
-    served = start("--shutdown-grace-s", "30")
+    slow_requests = 6
+    # a pool as large as all of them in each worker, as the kernel may send them all to one
+    served = start("--shutdown-grace-s", "30", "--pool-size", str(slow_requests))
     await served.ready(http)
     workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
+    # every pool full, so no slow query waits behind another on one connection (where
+    # pg_stat_activity would show one of them only)
+    db_port = int(server_of(database_dsn)[1])
+    wait_for(lambda: all(pooled(pid, db_port) >= slow_requests for pid in workers), "full pools")
     tag = f"drain_{os.getpid()}_{time.monotonic_ns()}"
-    sql = f"select 1 as done from pg_sleep(1.5) /* {tag} */"
+    sql = f"select 1 as done from pg_sleep(3) /* {tag} */"
 
     async def slow() -> int:
         async with http.post(served.url + "/v1/query", json={"sql": sql}) as resp:
@@ -143,14 +157,16 @@ async def test_sigterm_drains_every_worker(
             assert body["rows"] == [{"done": 1}] or resp.status != 200, body
             return resp.status
 
-    requests = [asyncio.create_task(slow()) for _ in range(6)]
+    requests = [asyncio.create_task(slow()) for _ in range(slow_requests)]
     async with await psycopg.AsyncConnection.connect(database_dsn, autocommit=True) as conn:
         deadline = time.monotonic() + WAIT_S
-        while await running(conn, tag) < 6:  # every request runs in some worker
+        while await running(conn, tag) < slow_requests:  # every request runs in some worker
+            answered = [r.result() for r in requests if r.done()]  # raises with the body
+            assert not answered, f"a slow query answered before the stop: {answered}"
             assert time.monotonic() < deadline, "the slow queries did not start"
             await asyncio.sleep(0.02)
     served.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.gather(*requests) == [200] * 6
+    assert await asyncio.gather(*requests) == [200] * slow_requests
     assert await served.exit_code(WAIT_S) == 0, served.output()
     assert not any(
         psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in workers
@@ -176,15 +192,17 @@ async def test_workers_that_keep_dying_stop_the_supervisor(
     assert "pgqg: stopped: worker" in output and "died within 60 s" in output, output
 
 
-async def test_a_worker_failing_at_start_stops_the_supervisor(
-    start: Callable[..., Served], tmp_path: Path
-) -> None:
-    queries = tmp_path / "queries"
-    queries.mkdir()
-    (queries / "broken.sql").write_text("-- no statement and no name\n")
-    served = start(PGQG_SQL_DIR=str(tmp_path))
-    assert await served.exit_code(WAIT_S) == 1
-    assert "before it was ready" in served.output(), served.output()
+async def test_a_worker_failing_at_start_stops_the_supervisor(database_dsn: str) -> None:
+    """A superuser login role with raw SQL on: each worker refuses to serve, in one line."""
+    served = Served(database_dsn, "--workers", "2", privileged=True)
+    try:
+        assert await served.exit_code(WAIT_S) == 1
+        output = served.output()
+    finally:
+        served.stop()
+    assert "before it was ready" in output, output
+    assert "pgqg: refusing to serve: the database role 'postgres'" in output, output
+    assert "Traceback" not in output, output
 
 
 def serve_workers(dsn: str, port: int) -> subprocess.CompletedProcess[str]:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from .._settings import Settings
 from ._metrics import forget_process, reset_shared_metrics
+from ._privileges import PrivilegedRoleError
 from ._server import serve
 
 #: restarts allowed within `RESTART_WINDOW_S` before the supervisor gives up
@@ -225,6 +226,8 @@ class _Supervisor:
         try:
             self._become_worker()
             code = 0
+        except PrivilegedRoleError as exc:  # as one process says it (pgqg serve)
+            print(f"pgqg: refusing to serve: {exc}", file=sys.stderr)
         except BaseException:  # whatever happens, the child must not return into the supervisor
             traceback.print_exc()
         finally:
