@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -58,14 +60,35 @@ GOAL = {"rtt_ms": 2.0, "against": "psycopg_pool", "ratio": 4.0}
 LATENCY_TARGETS = (PGQG, "psycopg_pool", "asyncpg")
 
 
+@dataclass
 class ProcessTreeMeter(CpuMeter):
-    """`CpuMeter` counting the server's children too (the workers of a supervisor)."""
+    """`CpuMeter` counting the server's children too (the workers of a supervisor), and
+    the latency proxy's CPU apart (``proxy``) when there is one."""
+
+    proxy_pid: int | None = None
 
     def sample(self) -> dict[str, float]:
         out = super().sample()
         if self.server_pid is not None:
             out["server"] = _cpu_of(self.server_pid, with_children=True)
+        if self.proxy_pid is not None:
+            out["proxy"] = _cpu_of(self.proxy_pid, with_children=False)
         return out
+
+
+def proxy_figures(
+    before: dict[str, float], after: dict[str, float], result: dict[str, Any]
+) -> None:
+    """Add the proxy's CPU µs per request and its share of one core to `result`, and
+    take it out of ``other_cpu_pct`` (`cpu_figures` counts it as someone else's)."""
+    if "proxy" not in after:
+        return
+    used, wall = after["proxy"] - before["proxy"], after["wall"] - before["wall"]
+    if result["requests"]:
+        result["cpu_us_per_request"]["proxy"] = round(used / result["requests"] * 1e6, 1)
+    result["proxy_core_pct"] = round(100 * used / wall, 1) if wall > 0 else 0.0
+    capacity_pct = 100 * used / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+    result["other_cpu_pct"] = round(max(0.0, result["other_cpu_pct"] - capacity_pct), 1)
 
 
 class LatencyProxy:
@@ -90,10 +113,14 @@ class LatencyProxy:
         if not line or line[0] != "ready":
             self.close()
             raise BenchError("the latency proxy did not start")
-        # a URI, as asyncpg takes only those
+        self.port = int(line[1])
+        self.dsn = self.route(dsn)
+
+    def route(self, dsn: str) -> str:
+        """`dsn` (a URI, as asyncpg takes only those) through the proxy."""
         uri = urllib.parse.urlsplit(dsn)
         netloc = uri.netloc.rsplit("@", 1)[0] + "@" if "@" in uri.netloc else ""
-        self.dsn = uri._replace(netloc=f"{netloc}127.0.0.1:{line[1]}").geturl()
+        return uri._replace(netloc=f"{netloc}127.0.0.1:{self.port}").geturl()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -113,15 +140,20 @@ def round_trip_ms(dsn: str, n: int = 200) -> float:
 
 
 class ScaleBench(Bench):
+    #: the latency proxy of the measurements under way, if any
+    proxy_pid: int | None = None
+
     def measure_server(self, server: Server, connections: int, duration: float) -> dict[str, Any]:
         # one process's jobs per round trip (with --workers, the one /v1/stats reached)
         jobs0 = pgqg_jobs(server.url) if server.name == PGQG else None
-        meter = ProcessTreeMeter(server.pid, self.postmaster_pid)
+        meter = ProcessTreeMeter(server.pid, self.postmaster_pid, self.proxy_pid)
         before = meter.sample()
         result = run_wrk(
             server.url, connections=connections, duration=duration, scale=self.args.scale
         )
-        result.update(cpu_figures(before, meter.sample(), result["requests"]))
+        after = meter.sample()
+        result.update(cpu_figures(before, after, result["requests"]))
+        proxy_figures(before, after, result)
         if jobs0 is not None:
             jobs1 = pgqg_jobs(server.url)
             result["jobs"], result["round_trips"] = jobs1[0] - jobs0[0], jobs1[1] - jobs0[1]
@@ -143,10 +175,13 @@ class ScaleBench(Bench):
                 res = this_round[name] = self.measure_server(
                     servers[name], a.connections, a.duration
                 )
+                cpu = res["cpu_us_per_request"]
                 self.log(
                     f"  round {r + 1}/{a.rounds} {name:<22} {res['rps']:>9.0f} req/s"
                     f"  p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms"
-                    f"  (others {res['other_cpu_pct']:.0f} % CPU)"
+                    f"  CPU µs/req {cpu.get('server', 0):.0f} (proxy {cpu.get('proxy', 0):.0f})"
+                    + (f"  {res['jobs_per_round_trip']} jobs/trip" if "jobs" in res else "")
+                    + f"  (others {res['other_cpu_pct']:.0f} % CPU)"
                     + ("" if res["valid"] else "  INVALID (errors)")
                 )
             rounds.append(this_round)
@@ -158,12 +193,13 @@ class ScaleBench(Bench):
         return {"rounds": rounds, "summary": summary, "ratios": ratios}
 
     def server(self, name: str, kind: str, dsn: str, pool_size: int, **env: str) -> Server:
-        """A target (pgqg or a baseline `kind`) on `dsn`, started; stopped by `stop`."""
-        own, self.dsn = self.dsn, dsn
+        """A target (pgqg or a baseline `kind`) logging in with `dsn` (the gateway's
+        least-privileged login role), started; stopped by `stop`."""
+        own, self.serve_dsn = self.serve_dsn, dsn
         try:
             server = self.make_server(kind, pool_size)
         finally:
-            self.dsn = own
+            self.serve_dsn = own
         server.name = name
         server.env.update(env)
         server.log_path = RESULTS_DIR / "logs" / f"scale-{name}.log"
@@ -188,11 +224,13 @@ class ScaleBench(Bench):
                     f"added round trip {rtt:g} ms: select 1 takes {via_ms:.3f} ms through the proxy"
                 )
                 servers = {
-                    kind: self.server(kind, kind, proxy.dsn, a.pool_size)
+                    kind: self.server(kind, kind, proxy.route(self.serve_dsn), a.pool_size)
                     for kind in LATENCY_TARGETS
                 }
+                self.proxy_pid = proxy.proc.pid
                 result = self.rounds(servers)
             finally:
+                self.proxy_pid = None
                 for name in list(self.servers):
                     self.stop(name)
                 proxy.close()
@@ -208,12 +246,12 @@ class ScaleBench(Bench):
         a = self.args
         half = max(1, a.pool_size // 2)
         servers = {
-            f"workers 1, pool {a.pool_size}": self.server("w1", PGQG, self.dsn, a.pool_size),
+            f"workers 1, pool {a.pool_size}": self.server("w1", PGQG, self.serve_dsn, a.pool_size),
             f"workers 2, pool {half} each": self.server(
-                "w2-half", PGQG, self.dsn, half, PGQG_WORKERS="2"
+                "w2-half", PGQG, self.serve_dsn, half, PGQG_WORKERS="2"
             ),
             f"workers 2, pool {a.pool_size} each": self.server(
-                "w2", PGQG, self.dsn, a.pool_size, PGQG_WORKERS="2"
+                "w2", PGQG, self.serve_dsn, a.pool_size, PGQG_WORKERS="2"
             ),
         }
         try:
@@ -229,16 +267,20 @@ def _ms(value: float | None) -> str:
 
 def table(result: dict[str, Any], labels: dict[str, str] | None = None) -> list[str]:
     lines = [
-        "| target | req/s (median) | p50 ms | p99 ms | first over it | others' CPU % (max) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| target | req/s (median) | p50 ms | p99 ms | first over it"
+        " | CPU µs/req: target, proxy | others' CPU % (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in result["summary"].items():
         ratio = result["ratios"].get(name)
         label = (labels or {}).get(name, name)
         shown = "-" if ratio is None else f"{ratio:.2f}x"
+        cpu = s.get("cpu_us_per_request", {})
+        proxy = f"{cpu['proxy']:.0f}" if "proxy" in cpu else "-"
         lines.append(
             f"| {label} | {s['rps']:.0f} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])}"
-            f" | {shown} | {s.get('other_cpu_pct_max', 0):.0f} |"
+            f" | {shown} | {cpu.get('server', 0):.0f}, {proxy}"
+            f" | {s.get('other_cpu_pct_max', 0):.0f} |"
         )
     return lines
 
@@ -286,6 +328,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=10, help="pgbench scale (10)")
     p.add_argument("--quick", action="store_true", help="harness check: 1 round of 3 s")
     args = p.parse_args(argv)
+    args.against = []  # bench/run.py's: no pgqg-jwt target here
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 3.0, 1.0
     if args.pool_size is None:
