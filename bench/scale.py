@@ -179,7 +179,8 @@ class ScaleBench(Bench):
                 self.log(
                     f"  round {r + 1}/{a.rounds} {name:<22} {res['rps']:>9.0f} req/s"
                     f"  p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms"
-                    f"  CPU µs/req {cpu.get('server', 0):.0f} (proxy {cpu.get('proxy', 0):.0f})"
+                    f"  CPU µs/req {cpu.get('server', 0):.0f}"
+                    + (f" (proxy {cpu['proxy']:.0f})" if "proxy" in cpu else "")
                     + (f"  {res['jobs_per_round_trip']} jobs/trip" if "jobs" in res else "")
                     + f"  (others {res['other_cpu_pct']:.0f} % CPU)"
                     + ("" if res["valid"] else "  INVALID (errors)")
