@@ -147,8 +147,7 @@ def report(
         f" {os.cpu_count()} CPUs\n"
     )
     print(
-        "| request | req/s | p50 ms | p99 ms | gateway CPU µs/req | jobs/round trip"
-        " | other CPU % |"
+        "| request | req/s | p50 ms | p99 ms | gateway CPU µs/req | jobs/round trip | other CPU % |"
     )
     print("|---|---|---|---|---|---|---|")
     medians: dict[str, float] = {}

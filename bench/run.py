@@ -73,6 +73,8 @@ PGQG = "pgqg"
 PGQG_NO_METRICS = "pgqg-nometrics"
 #: pgqg itself with PGQG_JWT_SECRET, each request with a token: what a token costs
 PGQG_JWT = "pgqg-jwt"
+#: pgqg without the role checks after raw statements (bench/unguarded.py): what they cost
+PGQG_NO_GUARD = "pgqg-noguard"
 PGBENCH = "pgbench -S"
 #: the role of pgqg-jwt's token, and the secret it is signed with (a run's own)
 BENCH_ROLE = "pgqg_bench_reader"
@@ -83,6 +85,7 @@ LABELS = {
     PGQG: "pgqg",
     PGQG_NO_METRICS: "pgqg, metrics off (PGQG_METRICS=false)",
     PGQG_JWT: "pgqg, Bearer HS256 token (role and claims per job)",
+    PGQG_NO_GUARD: "pgqg, no role checks (bench/unguarded.py)",
     "connect": "connect per request (psycopg)",
     "psycopg_pool": "aiohttp + psycopg_pool",
     "asyncpg": "aiohttp + asyncpg pool",
@@ -440,6 +443,8 @@ class Bench:
         env, token = {}, None
         if name.startswith(PGQG):
             argv = [sys.executable, "-m", "gateway", "serve", *common]
+            if name == PGQG_NO_GUARD:
+                argv[1:3] = [str(BENCH_DIR / "unguarded.py")]
             env["PGQG_LOG_LEVEL"] = "warning"
             # a --dsn may name a superuser, which pgqg serves raw SQL to only when allowed
             env["PGQG_ALLOW_PRIVILEGED_ROLE"] = str(bool(self.args.dsn))
@@ -773,6 +778,22 @@ def bench_token() -> str:
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
+def guard_cost(guarded: dict[str, Any], unguarded: dict[str, Any]) -> str:
+    """What the role checks after raw statements cost a point select: pgqg against
+    ``pgqg-noguard``, req/s and CPU per request (less sensitive to others' load)."""
+    parts = [f"req/s {guarded['rps'] / unguarded['rps'] - 1:+.1%}"]
+    with_cpu, without = guarded["cpu_us_per_request"], unguarded["cpu_us_per_request"]
+    for key in ("server", "postgres"):
+        if with_cpu.get(key) and without.get(key):
+            parts.append(
+                f"{key} CPU per request {without[key]:.0f} -> {with_cpu[key]:.0f} µs "
+                f"({with_cpu[key] / without[key] - 1:+.1%})"
+            )
+    return "The role checks after raw statements (issue 26), pgqg over pgqg-noguard: " + (
+        "; ".join(parts) + "."
+    )
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -830,6 +851,8 @@ def report(results: dict[str, Any]) -> str:
             f"each job's transaction) costs {100 * cost:.1f} % of pgqg's req/s "
             f"(goal: under {100 * TOKEN_COST_GOAL:.0f} %; met: {met}).",
         ]
+    if ratios.get(PGQG_NO_GUARD):
+        lines += ["", guard_cost(summary[PGQG], summary[PGQG_NO_GUARD])]
     for title, key in (("clients", "concurrency_sweep"), ("pool size", "pool_sweep")):
         rows = results.get(key) or []
         if not rows:
@@ -883,10 +906,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--against",
         type=_targets,
-        default=[*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGBENCH],
+        default=[*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGQG_NO_GUARD, PGBENCH],
         metavar="NAME,...",
         help="what pgqg is compared with (all): "
-        + ", ".join([*BASELINES, PGQG_NO_METRICS, PGQG_JWT, "pgbench"]),
+        + ", ".join([*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGQG_NO_GUARD, "pgbench"]),
     )
     p.add_argument("--profile", action="store_true", help="also py-spy pgqg under load")
     p.add_argument(
@@ -912,7 +935,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _targets(text: str) -> list[str]:
     """``--against``'s comma-separated names, in the baselines' order."""
-    known = (*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGBENCH)
+    known = (*BASELINES, PGQG_NO_METRICS, PGQG_JWT, PGQG_NO_GUARD, PGBENCH)
     wanted = {PGBENCH if n.strip() == "pgbench" else n.strip() for n in text.split(",")}
     if unknown := wanted.difference(known):  # an empty name is unknown too
         names = ", ".join(map(repr, sorted(unknown)))

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,37 @@ def as_made_before_login_roles(pg: Any) -> None:
 
 
 # --- a gateway in a process of its own (``pgqg serve``) ---------------------------------
+
+
+async def waiting_for_lock(admin: psycopg.AsyncConnection[Any], key: int) -> None:
+    """Until a backend waits for advisory lock `key` (bounded generously)."""
+    sql = "select count(*) from pg_locks where locktype = 'advisory' and objid = %s and not granted"
+    async with asyncio.timeout(30):
+        while not (await (await admin.execute(sql, [key])).fetchone() or [0])[0]:
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def connection_held(
+    client: GatewayClient, admin: psycopg.AsyncConnection[Any]
+) -> AsyncIterator[asyncio.Future[tuple[int, Any]]]:
+    """A request that holds one of the gateway's connections until the block ends,
+    waiting on an advisory lock `admin` holds; yields the request, answered after.
+
+    Held by a lock, not a timed sleep: a stall of a loaded machine cannot free
+    the connection before the test is done with it.
+    """
+    key = 917_000 + os.getpid() % 1000
+    await admin.execute("select pg_advisory_lock(%s)", [key])
+    try:
+        holder = asyncio.ensure_future(
+            query(client, "select pg_advisory_xact_lock_shared($1::bigint)::text", key)
+        )
+        await waiting_for_lock(admin, key)
+        yield holder
+        assert not holder.done(), holder.result()  # it held the connection throughout
+    finally:
+        await admin.execute("select pg_advisory_unlock(%s)", [key])
 
 
 def free_port() -> int:

@@ -7,7 +7,14 @@ import os
 from typing import Any
 
 import pytest
-from support import assert_error, get_stats, query, settled_stats
+from support import (
+    assert_error,
+    connection_held,
+    get_stats,
+    query,
+    settled_stats,
+    waiting_for_lock,
+)
 
 
 async def test_500_concurrent_requests_on_4_connections(gateway_factory: Any) -> None:
@@ -75,22 +82,11 @@ async def test_queue_timeout_refuses_a_job_that_waited_too_long(
     gateway_factory: Any, admin: Any
 ) -> None:
     client = await gateway_factory(pool_size=1, queue_timeout_ms=200)
-    key = 917_000 + os.getpid() % 1000
-    # held until the refusal is seen: a stall of a loaded machine cannot free
-    # the one connection early, as a timed sleep could
-    await admin.execute("select pg_advisory_lock(%s)", [key])
-    try:
-        blocker = asyncio.ensure_future(
-            query(client, "select pg_advisory_xact_lock_shared($1::bigint)::text", key)
-        )
-        await waiting_for_lock(admin, key)
+    async with connection_held(client, admin) as holder:
         status, body = await query(client, "select 1")
-        assert not blocker.done(), blocker.result()
-    finally:
-        await admin.execute("select pg_advisory_unlock(%s)", [key])
     assert status == 503, body
     assert_error(body, "overloaded")
-    assert (await blocker)[0] == 200
+    assert (await holder)[0] == 200
 
 
 async def test_every_future_resolves_once_under_mixed_outcomes(gateway_factory: Any) -> None:
@@ -109,14 +105,6 @@ async def test_every_future_resolves_once_under_mixed_outcomes(gateway_factory: 
     assert (await query(client, "select 1"))[0] == 200
     # abandoned jobs still in a batch finish within their (cancelled) timeouts
     await settled_stats(client)
-
-
-async def waiting_for_lock(admin: Any, key: int) -> None:
-    """Until a backend waits for advisory lock `key` (bounded generously)."""
-    sql = "select count(*) from pg_locks where locktype = 'advisory' and objid = %s and not granted"
-    async with asyncio.timeout(30):
-        while not (await (await admin.execute(sql, [key])).fetchone())[0]:
-            await asyncio.sleep(0.01)
 
 
 def _totals(stats: Any) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import ClientFactory
-from support import GatewayClient, query
+from support import GatewayClient, connection_held, query
 
 from gateway.web._observe import MAX_REQUEST_ID, new_request_id, sane_request_id
 
@@ -133,17 +133,17 @@ async def test_a_failed_query_and_a_stream_carry_it_too(client: GatewayClient) -
     assert await resp.text() == "g\n1\n2\n3\n"
 
 
-async def test_a_queued_query_shows_its_wait(gateway_factory: ClientFactory) -> None:
+async def test_a_queued_query_shows_its_wait(gateway_factory: ClientFactory, admin: Any) -> None:
     client = await gateway_factory(pool_size=1)
-    # long enough that the second request still waits after the poll below, on a
-    # loaded machine too
-    first = asyncio.create_task(query(client, "select pg_sleep(2)"))
-    async with asyncio.timeout(20):
-        while (await (await client.get("/v1/stats")).json())["running"] != 1:
-            await asyncio.sleep(0.01)
-    resp = await client.post("/v1/query", json={"sql": "select 2"})
-    assert timing(resp.headers)["queue"] >= 100  # it waited for the connection
-    assert (await first)[0] == 200
+    async with connection_held(client, admin) as holder:
+        second = asyncio.ensure_future(client.post("/v1/query", json={"sql": "select 2"}))
+        async with asyncio.timeout(30):  # it waits for the connection
+            while (await (await client.get("/v1/stats")).json())["queue"]["depth"] != 1:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # lets the wait last at least 100 ms: asserted below
+    resp = await second
+    assert timing(resp.headers)["queue"] >= 100
+    assert (await holder)[0] == 200
 
 
 async def test_no_server_timing_without_a_query(client: GatewayClient) -> None:

@@ -93,7 +93,7 @@ async def test_ctrl_c_leaves_cleanly(gateway_factory: ClientFactory) -> None:
     finally:
         if top.poll() is None:
             top.kill()
-            top.wait()
+            top.communicate()  # closes the pipes: no ResourceWarning in a later test
     assert top.returncode == 0, err
     assert "Traceback" not in err and "pgqg top" in out  # the last frame stays
 

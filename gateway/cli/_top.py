@@ -12,6 +12,7 @@ Without ``/metrics`` (``PGQG_METRICS=false``) the view shows what
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -191,19 +192,34 @@ def run_top(url: str, *, interval: float = 1.0, once: bool = False, console: Con
         time.sleep(interval)
         console.print(frame(client.url, old, take_sample(client)))
         return
+    # Ctrl-C sets a flag the loop reads between frames: a KeyboardInterrupt raised
+    # wherever the main thread happens to be (inside the terminal library, say)
+    # once left `pgqg top` hanging instead of leaving
+    # (a plain flag: an Event set from a handler can deadlock on its own lock)
+    stop = _Flag()
+    previous = signal.signal(signal.SIGINT, stop.set)
     try:
         with Live(console=console, auto_refresh=False) as live:
-            for view in _views(client, interval):
+            for view in _views(client, interval, stop):
                 live.update(view, refresh=True)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how one leaves: the last frame stays on the screen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def _views(client: GatewayClient, interval: float) -> Iterable[RenderableType]:
-    """A frame every `interval` seconds, forever; a gateway that does not answer
-    is shown as such, and sampled again."""
+class _Flag:
+    """Raised by a signal handler, read by the loop."""
+
+    raised = False
+
+    def set(self, _signum: int, _frame: object) -> None:
+        self.raised = True
+
+
+def _views(client: GatewayClient, interval: float, stop: _Flag) -> Iterable[RenderableType]:
+    """A frame every `interval` seconds until `stop` is set (the last sample is
+    shown); a gateway that does not answer is shown as such, and sampled again."""
     old: Sample | None = None
-    while True:
+    while not stop.raised:
         try:
             new = take_sample(client)
         except (GatewayUnreachable, GatewayRefused) as exc:

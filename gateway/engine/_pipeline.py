@@ -61,8 +61,11 @@ class Session:
         codec: Codec,
         *,
         statement_timeout_ms: int,
+        role_checks: bool = True,
     ) -> None:
         self._conn = conn
+        #: False only for bench/unguarded.py: the cost of the role checks, measured
+        self._role_checks = role_checks
         self._pg = conn.pgconn
         self.codec = codec
         self.cancels = Cancels(conn)
@@ -143,7 +146,7 @@ class Session:
         return any(plan.job is job and not plan.retry for plan in self._sent)
 
     async def _run(self, jobs: list[Job]) -> None:
-        if self._planner.roles is None:
+        if self._planner.roles is None and self._role_checks:
             self._planner.roles = await self.roles()
         listed = [st for job in jobs for st in job.statements if st.lists]
         if listed:

@@ -6,7 +6,8 @@ succeeded is reported done even if the connection breaks right after. A job
 whose result holds a column type the codec does not know yet is held back
 until the batch's end, when the session learns the types.
 
-A job with raw SQL whose role check failed (see `gateway.engine._planner`) gets a
+A job with raw SQL whose role check failed, or whose last statement's roles
+(`Plan.expected`) are not the session's own (see `gateway.engine._planner`), gets a
 refusal (42501) instead of its results: its COMMIT was skipped with the rest of its
 segment, and its transaction rolls back.
 
@@ -50,7 +51,16 @@ def role_changed(res: PGresult) -> GatewayError | None:
     something else stopped it (a cancel)."""
     if result_error(res).sqlstate != _CHECK_FAILED:
         return None
+    return _refusal()
+
+
+def _refusal() -> GatewayError:
     return query_error(_ROLE_CHANGED, sqlstate="42501")
+
+
+def _roles_differ(res: PGresult, expected: list[bytes | None]) -> bool:
+    """Whether `res`, `LAST_READ`'s answer, names roles other than `expected`."""
+    return res.ntuples != 1 or [res.get_value(0, 1), res.get_value(0, 2)] != expected
 
 
 class BatchReader:
@@ -146,6 +156,9 @@ class BatchReader:
                         plan, res, first=i == 0, commits=i == commits, at_identity=at_identity
                     )
                 return None
+        if plan.expected is not None and _roles_differ(results[end - 1], plan.expected):
+            plan.job.fail(_refusal())
+            return None
         return None if self.deliver(plan.job, raw) else raw
 
     def _role_check_failed(self, plan: Plan, res: PGresult) -> None:
