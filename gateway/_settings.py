@@ -80,7 +80,27 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the HTTP server listens on.")
     pool_size: int = Field(
-        8, ge=1, le=256, description="PostgreSQL connections, one connection worker each."
+        8,
+        ge=1,
+        le=256,
+        description="PostgreSQL connections of each process, one connection worker each.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Front-end processes sharing the port (SO_REUSEPORT), each with its own"
+        " pool; more than 1 runs them under a supervisor.",
+    )
+    replica_dsns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Read replicas' connection strings, comma-separated: read-only requests"
+        " go to the least-loaded healthy one.",
+    )
+    replica_max_lag_ms: int = Field(
+        1000,
+        ge=0,
+        description="A replica whose replay lag is over this is skipped until it catches up.",
     )
     queue_size: int = Field(
         256, ge=0, description="Jobs that may wait beyond the running ones; more get 503."
@@ -191,6 +211,13 @@ class Settings(BaseSettings):
     listen_max_subscribers: int = Field(
         1000, ge=1, description="Event streams open at once at /v1/listen; more get 503."
     )
+
+    @field_validator("replica_dsns", mode="before")
+    @classmethod
+    def _split_replica_dsns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("listen_channels")
     @classmethod

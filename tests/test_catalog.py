@@ -45,6 +45,12 @@ def test_a_missing_directory_is_an_empty_catalog(tmp_path: Path) -> None:
     assert list(catalog) == []
 
 
+def test_a_file_of_comments_only_holds_no_query(tmp_path: Path) -> None:
+    (tmp_path / "notes.sql").write_text("-- no statement and no name\n/* nor here */\n")
+    (tmp_path / "empty.sql").write_text("")
+    assert len(Catalog.load(tmp_path)) == 0
+
+
 def test_a_file_instead_of_a_directory_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "queries").write_text("")
     with pytest.raises(CatalogError, match="not a directory"):

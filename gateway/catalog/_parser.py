@@ -140,6 +140,8 @@ def _query_spans(source: _Source, tokens: list[Token]) -> list[tuple[int, int]]:
     stray = next((t for t in tokens[:first] if t.name not in _COMMENTS), None)
     if stray is not None:
         source.fail(stray.start, "SQL before the first '-- name:' line")
+    if not starts:
+        return []  # comments only: a file without queries
     return list(zip(starts, [*starts[1:], len(tokens)], strict=True))
 
 

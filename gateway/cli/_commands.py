@@ -40,6 +40,7 @@ from ..catalog._sqlfile import SqlFileError, SqlStatement, split_statements
 from ..web._auth import Authenticator
 from ..web._privileges import PrivilegedRoleError
 from ..web._server import serve
+from ..web._supervisor import WorkersKeepDying, supervise
 from ._client import GatewayRefused, GatewayUnreachable
 from ._demo import DEMO_FILES, DemoError, load_demo
 from ._output import FORMATS, SHAPES, Format, Shape, write_outcome
@@ -231,6 +232,11 @@ def _announce(
 
     def on_ready(_listen_url: str) -> None:
         click.echo(f"pgqg is serving on {url}")
+        if settings.workers > 1:
+            click.echo(
+                f"  {settings.workers} worker processes,"
+                f" {settings.pool_size} database connections each"
+            )
         if settings.console:
             click.echo(f"  query console: {url}/")
         if not compiled_modules():
@@ -250,7 +256,12 @@ def _announce(
 @_DSN
 @click.option("--host", help="Listen address (PGQG_HOST).")
 @click.option("--port", type=int, help="Listen port (PGQG_PORT).")
-@click.option("--pool-size", type=int, help="Connections (PGQG_POOL_SIZE).")
+@click.option("--pool-size", type=int, help="Connections of each worker process (PGQG_POOL_SIZE).")
+@click.option(
+    "--workers",
+    type=int,
+    help="Processes serving the port, each with its own pool (PGQG_WORKERS).",
+)
 @click.option(
     "--raw-sql",
     type=click.Choice(["off", "read-only", "read-write"]),
@@ -279,6 +290,7 @@ def serve_command(
     host: str | None,
     port: int | None,
     pool_size: int | None,
+    workers: int | None,
     raw_sql: str | None,
     allow_privileged_role: bool | None,
     data_dir: Path | None,
@@ -296,6 +308,7 @@ def serve_command(
     \b
     pgqg serve
     pgqg serve --dsn postgresql://app:secret@db.example:5432/app --port 9000
+    pgqg serve --workers 2      two processes on the port, a supervisor restarts them
     """
     settings = _settings(
         config,
@@ -303,11 +316,14 @@ def serve_command(
         host=host,
         port=port,
         pool_size=pool_size,
+        workers=workers,
         raw_sql=raw_sql,
         allow_privileged_role=allow_privileged_role,
         data_dir=data_dir,
         shutdown_grace_s=shutdown_grace_s,
     )
+    if settings.workers > 1 and settings.port == 0:
+        raise click.UsageError("--workers needs a fixed --port (with 0 each would get its own)")
     _check_listen_address(settings)
     _check_catalog(settings)
     try:
@@ -348,12 +364,17 @@ def _check_catalog(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, dsn: str, on_ready: Callable[[str], None]) -> None:
-    """`serve`, with a taken port (or another socket error at start), or a login role
-    refused for raw SQL, as one line."""
+    """`serve`, or `supervise` its workers; a taken port (or another socket error at
+    start), a login role refused for raw SQL, or workers that keep dying as one line."""
     try:
-        serve(settings, dsn, on_ready=on_ready)
+        if settings.workers > 1:
+            supervise(settings, dsn, on_ready=on_ready)
+        else:
+            serve(settings, dsn, on_ready=on_ready)
     except OSError as exc:
         _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}")
+    except WorkersKeepDying as exc:
+        _fail(f"stopped: {exc}")
     except PrivilegedRoleError as exc:
         _fail(f"refusing to serve: {exc}")
     except CatalogError as exc:  # a file changed since _check_catalog read it

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -38,6 +38,9 @@ from ._outcome import lost_error
 from ._stats import WorkerStats
 from ._wakeups import IdleWorkers
 from ._worker import stop_workers, work
+
+if TYPE_CHECKING:
+    from ._replicas import Replicas
 
 #: a worker hands its connection back to the pool this often (after the batch
 #: under way, busy or not), so the pool can reset it, check it and recycle it
@@ -78,6 +81,8 @@ class Dispatcher:
         self._closed = asyncio.Event()
         self._drained = False
         self._sweeper: asyncio.TimerHandle | None = None
+        #: read replicas (of the primary's dispatcher): read-only jobs go to one of them
+        self.replicas: Replicas | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -146,8 +151,11 @@ class Dispatcher:
 
     # --- the front end's side ------------------------------------------------------------
 
-    async def run(self, job: Job) -> list[StatementResult]:
+    async def run(self, job: Job, *, here: bool = False) -> list[StatementResult]:
         """Queue `job` and wait for its results.
+
+        A read-only job goes to the least-loaded healthy read replica, if there
+        is one (`replicas`), unless `here` says it must run on this target.
 
         Raises:
             Overloaded: the queue is full, or the job waited in it longer than
@@ -157,6 +165,10 @@ class Dispatcher:
             Timeout: the job's deadline passed; a running query is cancelled.
             QueryError: PostgreSQL failed the statement.
         """
+        if self.replicas is not None and job.read_only and not here:
+            replica = self.replicas.pick()
+            if replica is not None:
+                return await replica.run(job)
         if self._closing or not self._crew.connected.is_set():
             await self._wait_connected(job)
         self._queue.admit(job, self._loop.time())  # counted in `pending` until this returns
@@ -226,6 +238,11 @@ class Dispatcher:
     def metrics(self) -> EngineMetrics:
         """Batch sizes and deadline expiries, for ``/metrics``."""
         return self._crew.metrics
+
+    @property
+    def pending(self) -> int:
+        """Jobs whose clients wait for them, queued or running."""
+        return self._queue.pending
 
     def stats(self) -> dict[str, Any]:
         """Queue depth and every worker's load, for ``/v1/stats``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -11,9 +13,21 @@ from ..catalog._catalog import Catalog
 from ..engine._dispatcher import Dispatcher
 from ..engine._listener import Listener
 from ..engine._pool import CLOSE_TIMEOUT_S, make_pool
+from ..engine._replicas import Replicas
 from ..values._encoding import Codec
 from . import _events, _neon
-from ._app_keys import AUTH, CATALOG, CODEC, DISPATCHER, DSN, LISTENER, METRICS, POOL, SETTINGS
+from ._app_keys import (
+    AUTH,
+    CATALOG,
+    CODEC,
+    DISPATCHER,
+    DSN,
+    LISTENER,
+    METRICS,
+    POOL,
+    REPLICAS,
+    SETTINGS,
+)
 from ._auth import Authenticator, keep_tokens_out_of_aiohttp_logs
 from ._console import add_console
 from ._cors import install_cors
@@ -83,9 +97,13 @@ async def drain_requests(app: web.Application) -> None:
     This runs before aiohttp waits for (and then cancels) its handlers, so a
     request cut short still gets an answer rather than a dropped connection.
     """
+    grace = app[SETTINGS].shutdown_grace_s
     dispatcher = app.get(DISPATCHER)
-    if dispatcher is not None:
-        await dispatcher.drain(app[SETTINGS].shutdown_grace_s)
+    replicas = app.get(REPLICAS)
+    await asyncio.gather(
+        *([dispatcher.drain(grace)] if dispatcher is not None else []),
+        *([replicas.drain(grace)] if replicas is not None else []),
+    )
 
 
 async def end_event_streams(app: web.Application) -> None:
@@ -97,14 +115,16 @@ async def end_event_streams(app: web.Application) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Check the login role (raw SQL on), open the pool and start the workers; on
-    shutdown stop them, then close the pool.
+    """Check the login role (raw SQL on), open the pool and start the workers, and the
+    read replicas' if any; on shutdown stop them, then close the pools.
 
     Raises:
-        PrivilegedRoleError: see `check_login_role`; nothing was opened.
+        PrivilegedRoleError: see `check_login_role` (the primary's login role or a
+            replica's); nothing was opened.
     """
     settings = app[SETTINGS]
-    await check_login_role(app[DSN], settings)
+    for dsn in (app[DSN], *settings.replica_dsns):  # a replica serves raw SQL too
+        await check_login_role(dsn, settings)
     pool = make_pool(settings, app[DSN], configure=connection_check(settings))
     await pool.open(wait=False)
     try:
@@ -113,11 +133,28 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             app[POOL] = pool
             app[DISPATCHER] = dispatcher
-            yield
+            if settings.replica_dsns:
+                async with replicas_of(settings, app[CODEC]) as replicas:
+                    app[REPLICAS] = dispatcher.replicas = replicas
+                    yield
+            else:
+                yield
         finally:
+            dispatcher.replicas = None
             await dispatcher.close(grace=settings.shutdown_grace_s)
     finally:
         await pool.close(timeout=CLOSE_TIMEOUT_S)
+
+
+@contextlib.asynccontextmanager
+async def replicas_of(settings: Settings, codec: Codec) -> AsyncIterator[Replicas]:
+    """The read replicas, open; closed at the end (also when opening failed half-way)."""
+    replicas = Replicas(settings, codec, configure=connection_check(settings))
+    try:
+        await replicas.open()
+        yield replicas
+    finally:
+        await replicas.close(grace=settings.shutdown_grace_s)
 
 
 async def listener_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -463,6 +463,20 @@ class SharedMetrics:
             (self.directory / f"gauge_{_GAUGE_MODE}_{self.ident}.db").unlink()
 
 
+def reset_shared_metrics(directory: Path) -> None:
+    """Remove earlier runs' multiprocess files from `directory`, as prometheus-client
+    asks when the whole service starts (or totals go on from the last run)."""
+    for path in directory.glob("*.db"):
+        path.unlink(missing_ok=True)
+
+
+def forget_process(directory: Path, pid: int) -> None:
+    """Remove the gauges of process `pid`, which died without `SharedMetrics.close`
+    (its counters and histograms stay in the totals)."""
+    for path in directory.glob(f"gauge_{_GAUGE_MODE}_{pid}-*.db"):
+        path.unlink(missing_ok=True)
+
+
 # --- the endpoint ------------------------------------------------------------------------------
 
 

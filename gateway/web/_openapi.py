@@ -239,6 +239,13 @@ def _neon_sql() -> dict[str, Any]:
     }
 
 
+#: raw SQL's ``read_only`` (`POST /v1/query`, `POST /v1/transaction`)
+_READ_ONLY = {
+    "type": ["boolean", "null"],
+    "description": "default: true when the gateway's raw SQL is read-only (false is then"
+    " refused); a read-only request may be answered by a read replica",
+}
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -295,6 +302,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "sql": {"type": "string", "minLength": 1, "description": "one statement, $1… params"},
             "params": {"type": ["array", "null"], "items": {}},
+            "read_only": _READ_ONLY,
             **_OPTIONS,
         },
     },
@@ -305,10 +313,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "statements": {"type": "array", "minItems": 1, "items": _ref("Statement")},
             "isolation": _or_null({"type": "string", "enum": list(ISOLATION_LEVELS)}),
-            "read_only": {
-                "type": ["boolean", "null"],
-                "description": "default: true when the gateway's raw SQL is read-only",
-            },
+            "read_only": _READ_ONLY,
             **_OPTIONS,
         },
     },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from ..engine._identity import Identity
 from ..engine._jobs import Statement
 from ..values._formats import OutputFormat, negotiate
 from ..values._results import StatementResult
-from ._app_keys import AUTH, CATALOG, DISPATCHER, LISTENER, POOL, SETTINGS
+from ._app_keys import AUTH, CATALOG, DISPATCHER, LISTENER, POOL, REPLICAS, SETTINGS
 from ._observe import Exchange, exchange_of, sql_comment, stream_headers
 from ._openapi import openapi_document
 from ._requests import (
@@ -51,7 +52,7 @@ from ._requests import (
 routes = web.RouteTableDef()
 
 _OPTION_KEYS = frozenset({"timeout_ms", "max_rows", "shape"})
-_QUERY_KEYS = _OPTION_KEYS | {"sql", "params"}
+_QUERY_KEYS = _OPTION_KEYS | {"sql", "params", "read_only"}
 _TRANSACTION_KEYS = _OPTION_KEYS | {"statements", "isolation", "read_only"}
 _NAMED_QUERY_KEYS = _OPTION_KEYS | {"params"}
 
@@ -267,6 +268,25 @@ def _on_read_only_gateway(error: QueryError) -> QueryError:
     )
 
 
+def _read_only(body: dict[str, Any], settings: Settings) -> bool:
+    """Whether raw SQL runs read-only: as the body's ``read_only`` says, else as the
+    gateway's mode decides (read-only jobs may go to a read replica).
+
+    Raises:
+        BadRequest: ``read_only`` is not a boolean.
+        Forbidden: ``read_only: false`` on a read-only gateway.
+    """
+    forced = settings.raw_sql == "read-only"
+    read_only = body.get("read_only")
+    if read_only is None:
+        return forced
+    if not isinstance(read_only, bool):
+        raise BadRequest("read_only must be true or false")
+    if forced and not read_only:
+        raise Forbidden(f"raw SQL is read-only on this gateway; {_ALLOW_WRITES}")
+    return read_only
+
+
 @routes.post("/v1/query")
 async def post_query(request: web.Request) -> web.StreamResponse:
     """Run one raw SQL statement (raw_sql mode permitting)."""
@@ -278,8 +298,11 @@ async def post_query(request: web.Request) -> web.StreamResponse:
     check_keys(body, _QUERY_KEYS)
     statement = sql_statement(body.get("sql"), body.get("params"), "body")
     options = parse_options(body, settings, streamed=fmt.streamed)
+    read_only = _read_only(body, settings)
     if settings.raw_sql != "read-only":
-        return await _run_one(request, fmt, statement, options, read_only=False, identity=identity)
+        return await _run_one(
+            request, fmt, statement, options, read_only=read_only, identity=identity
+        )
     try:
         return await _run_one(request, fmt, statement, options, read_only=True, identity=identity)
     except QueryError as exc:
@@ -299,14 +322,7 @@ async def post_transaction(request: web.Request) -> web.Response:
     if not isinstance(items, list) or not items:
         raise BadRequest("statements must be a non-empty list")
     statements = [raw_statement(item, f"statements[{i}]") for i, item in enumerate(items)]
-    forced = settings.raw_sql == "read-only"
-    read_only = body.get("read_only")
-    if read_only is None:
-        read_only = forced  # the gateway's mode decides
-    if not isinstance(read_only, bool):
-        raise BadRequest("read_only must be true or false")
-    if forced and not read_only:
-        raise Forbidden(f"raw SQL is read-only on this gateway; {_ALLOW_WRITES}")
+    read_only = _read_only(body, settings)
     started = time.perf_counter()
     dispatcher = request.app[DISPATCHER]
     exchange = exchange_of(request)
@@ -324,6 +340,7 @@ async def post_transaction(request: web.Request) -> web.Response:
     try:
         results = await dispatcher.run(job)
     except QueryError as exc:
+        forced = settings.raw_sql == "read-only"
         raise (_on_read_only_gateway(exc) if forced else exc) from None
     exchange.answered = time.perf_counter()
     answer = {"results": [_result_body(r) for r in results], "elapsed_ms": _elapsed_ms(started)}
@@ -391,16 +408,34 @@ async def readyz(request: web.Request) -> web.Response:
         raise Unavailable("no working database connection yet")
     loop = asyncio.get_running_loop()
     try:
-        await dispatcher.run(probe_job(loop.time() + 2.0))
+        await dispatcher.run(probe_job(loop.time() + 2.0), here=True)  # the primary
     except Timeout:
         raise Unavailable("the database did not answer within 2 s") from None
-    return json_response({"status": "ready"})
+    return json_response({"status": "ready", "targets": _targets(request.app)})
+
+
+def _targets(app: web.Application) -> list[dict[str, Any]]:
+    """The primary and each read replica: role, health, what waits for it."""
+    dispatcher = app[DISPATCHER]
+    primary = {
+        "name": "primary",
+        "role": "primary",
+        "healthy": dispatcher.ready,
+        "pending": dispatcher.pending,
+    }
+    replicas = app.get(REPLICAS)
+    return [primary, *(replicas.stats() if replicas is not None else [])]
 
 
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Dispatcher and pool figures: queue depth, per-connection load; live event streams."""
+    """Dispatcher and pool figures: queue depth, per-connection load; live event streams.
+
+    ``pid`` is the answering process's: with ``--workers`` each has its own figures.
+    """
     body = request.app[DISPATCHER].stats()
+    body["pid"] = os.getpid()
+    body["targets"] = _targets(request.app)
     body["pool"] = request.app[POOL].get_stats()
     body["subscribers"] = request.app[LISTENER].subscribers
     body["listen"] = request.app[LISTENER].stats()

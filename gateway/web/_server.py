@@ -103,7 +103,32 @@ def exit_deadline(seconds: float) -> Callable[[web.Application], Awaitable[None]
     return arm
 
 
-def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | None = None) -> None:
+async def stop_signals_once(_app: web.Application) -> None:
+    """Let only the first SIGTERM or SIGINT stop the server; ignore the ones after.
+
+    aiohttp raises `GracefulExit` at every one, and a second one during the drain
+    cuts the shutdown short (the process may then hang). A worker of several gets
+    two when every process is signalled (systemd's default stop, a ``kill`` of them
+    all) and its supervisor forwards the signal too.
+    """
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: None)
+        raise web.GracefulExit()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+
+
+def serve(
+    settings: Settings,
+    dsn: str,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    worker: bool = False,
+) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s``.
 
     On the signal aiohttp stops accepting connections; the app's shutdown hook
@@ -112,6 +137,9 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
     aiohttp waits for handlers still writing (cancelling them after another
     grace period at most); the cleanup context stops the workers and closes
     the pool. Then this returns, and the process exits 0.
+
+    A `worker` of `gateway.web._supervisor` binds with SO_REUSEPORT and stops at
+    the first of several stop signals (`stop_signals_once`).
     """
     configure_logging(settings.log_level, settings.log_format)
     server_log = logging.getLogger("aiohttp.server")
@@ -125,6 +153,8 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
             on_ready(f"http://{settings.host}:{settings.port}")
 
     app.on_shutdown.insert(0, exit_deadline(settings.shutdown_grace_s + SHUTDOWN_SLACK_S))
+    if worker:
+        app.on_startup.append(stop_signals_once)  # after aiohttp installed its handlers
     app.on_startup.append(freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_startup.append(reload_keys_on_sighup)
     app.on_startup.append(announce)
@@ -132,6 +162,7 @@ def serve(settings: Settings, dsn: str, *, on_ready: Callable[[str], None] | Non
         app,
         host=settings.host,
         port=settings.port,
+        reuse_port=worker or None,
         shutdown_timeout=settings.shutdown_grace_s,
         handler_cancellation=True,
         access_log=None,  # the gateway writes its own, with request ids (web/_observe.py)
