@@ -36,6 +36,13 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -
     return result
 
 
+async def every_worker_ready(served: Served, http: aiohttp.ClientSession) -> None:
+    """Until the supervisor says every worker is ready: one answering ``/readyz``
+    is not enough, and a worker killed before it was ready stops them all."""
+    await served.ready(http)
+    wait_for(lambda: "pgqg is serving on" in served.output(), "every worker ready")
+
+
 def workers_of(served: Served) -> set[int]:
     """The supervisor's live children (a killed one is a zombie until it is reaped)."""
     found = set()
@@ -98,7 +105,7 @@ async def test_workers_share_the_port_and_each_answers(
     start: Callable[..., Served], http: aiohttp.ClientSession
 ) -> None:
     served = start()
-    await served.ready(http)
+    await every_worker_ready(served, http)
     workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
     await answering_pids(served, http, workers)
     async with http.post(served.url + "/v1/query", json={"sql": "select 1 as one"}) as resp:
@@ -113,7 +120,7 @@ async def test_a_dead_worker_is_replaced_and_metrics_add_up(
     start: Callable[..., Served], http: aiohttp.ClientSession
 ) -> None:
     served = start()
-    await served.ready(http)
+    await every_worker_ready(served, http)
     first = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
@@ -142,7 +149,7 @@ async def test_sigterm_drains_every_worker(
     slow_requests = 6
     # a pool as large as all of them in each worker, as the kernel may send them all to one
     served = start("--shutdown-grace-s", "30", "--pool-size", str(slow_requests))
-    await served.ready(http)
+    await every_worker_ready(served, http)
     workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
     # every pool full, so no slow query waits behind another on one connection (where
     # pg_stat_activity would show one of them only)
@@ -177,7 +184,7 @@ async def test_workers_that_keep_dying_stop_the_supervisor(
     start: Callable[..., Served], http: aiohttp.ClientSession
 ) -> None:
     served = start()
-    await served.ready(http)
+    await every_worker_ready(served, http)
     victim = 0
     for _ in range(6):  # MAX_RESTARTS + 1 deaths within a minute
         current = wait_for(
@@ -239,7 +246,7 @@ async def test_every_process_signalled_at_once_still_drains(
     """systemd's default stop: SIGTERM to the supervisor and each worker at once; a
     worker gets it twice (directly and forwarded) and stops after one drain."""
     served = start()
-    await served.ready(http)
+    await every_worker_ready(served, http)
     workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
     for pid in [served.proc.pid, *workers]:
         os.kill(pid, signal.SIGTERM)
@@ -250,7 +257,7 @@ async def test_workers_stopped_one_by_one_are_not_replaced(
     start: Callable[..., Served], http: aiohttp.ClientSession
 ) -> None:
     served = start()
-    await served.ready(http)
+    await every_worker_ready(served, http)
     workers = wait_for(lambda: len(workers_of(served)) == 2 and workers_of(served), "2 workers")
     first, second = sorted(workers)
     os.kill(first, signal.SIGTERM)  # it drains and exits 0: stopped on purpose
