@@ -31,7 +31,14 @@ from ._app_keys import (
 from ._auth import Authenticator, keep_tokens_out_of_aiohttp_logs
 from ._console import add_console
 from ._cors import install_cors
-from ._metrics import HttpMetrics, MetricsSource, SharedMetrics, metrics_handler, publishing
+from ._metrics import (
+    HttpMetrics,
+    MetricsSource,
+    SharedMetrics,
+    metrics_handler,
+    start_publishing,
+    stop_publishing,
+)
 from ._middleware import ERROR_BODIES, ErrorBody
 from ._observe import observe_middleware
 from ._privileges import check_login_role, connection_check
@@ -172,8 +179,9 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     with several processes, publish this one's figures meanwhile."""
     source = app[METRICS]
     source.attach(app[DISPATCHER], app[POOL], app.get(LISTENER))
+    publisher = start_publishing(source)
     try:
-        async with publishing(source):
-            yield
+        yield
     finally:
+        await stop_publishing(source, publisher)
         source.attach(None, None)

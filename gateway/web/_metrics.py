@@ -25,7 +25,7 @@ import contextlib
 import math
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -544,22 +544,27 @@ class MetricsSource:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
 
-@contextlib.asynccontextmanager
-async def publishing(source: MetricsSource) -> AsyncIterator[None]:
-    """Publish for the other processes while the app runs; at its end, once more,
-    then close (this process's gauges leave the totals)."""
+def start_publishing(source: MetricsSource) -> asyncio.Task[None] | None:
+    """With several processes, publish for the others while the app runs (until
+    `stop_publishing`); None when this process is alone."""
     if source.shared is None:
-        yield
+        return None
+    return asyncio.create_task(source.publish_periodically(), name="pgqg-metrics-publish")
+
+
+async def stop_publishing(source: MetricsSource, task: asyncio.Task[None] | None) -> None:
+    """Publish once more, then close: this process's gauges leave the totals.
+
+    A plain function, not a context manager: an async generator nested in the
+    cleanup context's would be closed on its own when the loop shuts down
+    (``generator didn't stop after athrow()``)."""
+    if task is None or source.shared is None:
         return
-    task = asyncio.create_task(source.publish_periodically(), name="pgqg-metrics-publish")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        source.shared.publish(source.families())
-        source.shared.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    source.shared.publish(source.families())
+    source.shared.close()
 
 
 def metrics_handler(source: MetricsSource) -> Handler:
