@@ -102,10 +102,14 @@ def test_a_token_names_the_role_and_carries_the_claims() -> None:
     assert identity is not None
     assert identity.role == "reader"
     assert json.loads(identity.claims) == {**claims, "exp": json.loads(identity.claims)["exp"]}
-    # role and claims as parameters; single claims only for string values with usable names
-    sent = dict(zip(identity.params[2::2], identity.params[3::2], strict=True))
-    assert sent == {b"request.jwt.claim.role": b"reader", b"request.jwt.claim.sub": b"ana"}
-    assert identity.params[0] == b"reader"
+    # the role first; single claims only for string values with usable names
+    assert identity.commands[0] == b'SET LOCAL ROLE "reader"'
+    assert identity.commands[1].startswith(b"SET LOCAL request.jwt.claims = E'{")
+    assert identity.commands[2:] == (
+        b"SET LOCAL request.jwt.claim.\"role\" = E'reader'",
+        b"SET LOCAL request.jwt.claim.\"sub\" = E'ana'",
+    )
+    assert identity.role_bytes == b"reader"
 
 
 def test_the_scheme_is_case_insensitive_and_the_token_trimmed() -> None:

@@ -125,6 +125,25 @@ def _exp(token: str) -> dict[str, Any]:
     return {"exp": jwt.decode(token, options={"verify_signature": False})["exp"]}
 
 
+async def test_claims_reach_sql_exactly_whatever_they_hold(gateway: ClientFactory) -> None:
+    """The role and claims are quoted into the SET LOCAL statements: quotes,
+    backslashes and escapes in them arrive as they were, never as SQL."""
+    client = await gateway()
+    hostile = "a'b\\'c\\n\"d\" é ✓ '; select 1; --"
+    token = sign({"role": READER, "sub": hostile, "Note": hostile, "x": {"k": hostile}})
+    status, body = await who(client, token)
+    assert status == 200, body
+    (row,) = body["rows"]
+    assert (row["role"], row["sub"]) == (READER, hostile)
+    assert json.loads(row["claims"])["x"] == {"k": hostile}
+    resp = await client.post(
+        "/v1/query",
+        json={"sql": "select current_setting('request.jwt.claim.Note') as note"},
+        headers=bearer(token),
+    )
+    assert (resp.status, (await resp.json())["rows"]) == (200, [{"note": hostile}])
+
+
 async def test_a_request_without_a_token_runs_as_the_anonymous_role(
     gateway: ClientFactory,
 ) -> None:

@@ -1,28 +1,35 @@
 """What a job runs as: a PostgreSQL role, and the claims of the token that named it.
 
 The engine sets both inside the job's own transaction, in the segment that opens
-it, with one statement (`Identity.command`):
+it, with utility statements (`Identity.commands`), the role first:
 
-    SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),
-           set_config('request.jwt.claim.<name>', <value>, true)…
+    SET LOCAL ROLE "<role>"; SET LOCAL request.jwt.claims = E'<claims>';
+    SET LOCAL request.jwt.claim."<name>" = E'<value>'…
 
-``set_config('role', r, true)`` is ``SET LOCAL ROLE r`` in function form: the same
-check (PostgreSQL refuses a role the login role is not a member of with 42501), the
-same effect, undone with the transaction, but the role travels as a parameter, so
-it needs no quoting at all; and one statement sets the role and every claim.
+``SET LOCAL`` ends with the transaction: a pipelined neighbour on the same
+connection starts with the login role's own role again. PostgreSQL refuses a role
+the login role is not a member of with 42501, one that does not exist with 22023,
+and skips the rest of the segment. Utility statements are neither planned nor
+typed: the four of a typical token cost PostgreSQL about two thirds of one
+``SELECT set_config(…), …`` with the same values as parameters (bench/segment_cost.py's
+method), which is why the values are quoted here rather than sent as parameters:
+an identifier in double quotes, a value as an ``E''`` literal with its backslashes
+and quotes doubled, which reads the same whatever ``standard_conforming_strings``
+is, on a connection whose client encoding is UTF8 (the pool's). NUL, which neither
+can hold, is refused in a role and skipped in a claim.
 ``request.jwt.claim.<name>`` is set for each top-level claim whose value is a string
 and whose name PostgreSQL takes as part of a setting's name; every claim is in
-``request.jwt.claims``, as JSON. Nothing of it outlives the transaction: a pipelined
-neighbour on the same connection starts with the login role's own role again.
+``request.jwt.claims``, as JSON. Each `Identity` is made once per token.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from psycopg.pq.abc import PGconn
 
 from .._errors import ForbiddenRole, GatewayError
 
@@ -34,8 +41,8 @@ MAX_ROLE_BYTES = 63
 _SETTING_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 CLAIMS_SETTING = "request.jwt.claims"
 CLAIM_PREFIX = "request.jwt.claim."
-#: what PostgreSQL answers `Identity.command` for a role the login role may not take
-#: (42501) or that does not exist (22023, "role ... does not exist")
+#: what PostgreSQL answers SET LOCAL ROLE (`Identity.commands`) for a role the login
+#: role may not take (42501) or that does not exist (22023, "role ... does not exist")
 _ROLE_REFUSED = frozenset({"42501", "22023"})
 
 
@@ -59,29 +66,33 @@ def role_problem(role: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
-def _command(claims: int) -> bytes:
-    """The statement that sets the role, the claims, and `claims` single claims."""
-    calls = [
-        "pg_catalog.set_config('role', $1, true)",
-        f"pg_catalog.set_config('{CLAIMS_SETTING}', $2, true)",
-    ]
-    calls += [f"pg_catalog.set_config(${n}, ${n + 1}, true)" for n in range(3, 3 + 2 * claims, 2)]
-    return ("SELECT " + ", ".join(calls)).encode()
+def quote_identifier(name: str) -> str:
+    """`name` as a quoted SQL identifier (it holds no NUL: `role_problem`)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """`value` as an ``E''`` string literal: the same text whatever
+    ``standard_conforming_strings`` is (it holds no NUL)."""
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _set_local(setting: str, value: str) -> bytes:
+    return f"SET LOCAL {setting} = {quote_literal(value)}".encode()
 
 
 class Identity:
     """A role and the claims of its token, as one job's transaction sets them.
 
     Made once per token (the front end keeps it while the token is valid), so the
-    statement and its parameters are built once too.
+    statements are built once too.
 
     Raises:
         ValueError: `role` cannot be a role (see `role_problem`), or a claim
             cannot be JSON PostgreSQL reads (NaN, Infinity).
     """
 
-    __slots__ = ("claims", "command", "params", "role")
+    __slots__ = ("claims", "commands", "role", "role_bytes")
 
     def __init__(self, role: str, claims: Mapping[str, Any]) -> None:
         problem = role_problem(role)
@@ -91,15 +102,24 @@ class Identity:
         #: the claims as JSON text, as ``request.jwt.claims`` holds them
         self.claims = json.dumps(claims, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         singles = [
-            (CLAIM_PREFIX + name, value)
+            (name, value)
             for name, value in claims.items()
             if isinstance(value, str) and "\x00" not in value and _SETTING_PART.fullmatch(name)
         ]
-        self.command = _command(len(singles))
-        #: the command's parameters: the role first (as the role checks compare it)
-        self.params: list[bytes | None] = [role.encode(), self.claims.encode()]
-        for name, value in singles:
-            self.params += [name.encode(), value.encode()]
+        #: the role first: its refusal is the one `identity_error` maps
+        self.commands = (
+            f"SET LOCAL ROLE {quote_identifier(role)}".encode(),
+            _set_local(CLAIMS_SETTING, self.claims),
+            *(_set_local(CLAIM_PREFIX + quote_identifier(n), v) for n, v in singles),
+        )
+        #: the current_user its role checks expect
+        self.role_bytes = role.encode()
+
+    def send(self, pg: PGconn) -> int:
+        """Queue `commands` on `pg`; return how many results they have."""
+        for command in self.commands:
+            pg.send_query_params(command, None)
+        return len(self.commands)
 
     def __repr__(self) -> str:
         # the claims stay out of logs and tracebacks
@@ -107,7 +127,7 @@ class Identity:
 
 
 def identity_error(error: GatewayError) -> GatewayError:
-    """The error to answer when `Identity.command` failed with `error`: a role
+    """The error to answer when `Identity.commands`' first (the role) failed with `error`: a role
     PostgreSQL refused is `ForbiddenRole`; anything else (a cancel) stays as it is."""
     if error.sqlstate in _ROLE_REFUSED:
         return ForbiddenRole(error.message, sqlstate=error.sqlstate, hint=error.hint)

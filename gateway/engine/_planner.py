@@ -14,7 +14,7 @@ Each job gets its own pair of Syncs, so it is its own transaction (DESIGN §2):
     batch end:  [ROLLBACK; Sync]  after a read-only job (`Planner.send_trailer`)
 
     timeout:    SELECT set_config('statement_timeout', …, true)
-    identity:   the role and claims of the job's token (`Identity.command`)
+    identity:   the role and claims of the job's token (`Identity.commands`)
     cleanup:    RESET ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;
                 DISCARD TEMP; CLOSE ALL; UNLISTEN *; unlock
     prepare:    [Close] Parse of a named statement not trusted yet (see `PreparedStatements`)
@@ -135,8 +135,9 @@ class Plan:
     prepares: tuple[bytes, ...] = ()
     #: BEGIN and what follows it before the prepares: timeout, identity
     setup: int = 0
-    #: the last message of the setup sets the job's role (`Identity.command`)
-    identity: bool = False
+    #: the last messages of the setup set the job's role, the first of them its role
+    #: (`Identity.commands`): how many
+    identity: int = 0
     commit: bool = False
     cleanup: int = 0
     rollback_first: bool = False
@@ -169,7 +170,7 @@ def job_roles(job: Job, roles: list[bytes | None]) -> list[bytes | None]:
     own `roles`, the current_user replaced by the job's role when it has one."""
     if job.identity is None:
         return roles
-    return [job.identity.params[0], roles[1]]
+    return [job.identity.role_bytes, roles[1]]
 
 
 def send_cleanup(pg: PGconn) -> int:
@@ -249,9 +250,8 @@ class Planner:
             plan.setup += 1
         identity = job.identity
         if identity is not None:
-            pg.send_query_params(identity.command, identity.params)
-            plan.setup += 1
-            plan.identity = True
+            plan.identity = identity.send(pg)
+            plan.setup += plan.identity
 
     def _send_cleanup(self, plan: Plan) -> None:
         """A job's own last segment: end the transaction, reset the session."""

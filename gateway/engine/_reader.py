@@ -151,7 +151,7 @@ class BatchReader:
                 if plan.checked and before <= i < end and (i - before) % step == step - 1:
                     self._role_check_failed(plan, res)
                 else:
-                    at_identity = plan.identity and i == setup_end - 1
+                    at_identity = bool(plan.identity) and i == setup_end - plan.identity
                     self._fail(
                         plan, res, first=i == 0, commits=i == commits, at_identity=at_identity
                     )

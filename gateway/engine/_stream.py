@@ -370,8 +370,7 @@ class _StreamRun:
             return 0
         if begin:
             self._pg.send_query_params(begin_command(self._job), None)
-        self._pg.send_query_params(identity.command, identity.params)
-        return 1 + begin
+        return identity.send(self._pg) + begin
 
     # --- round trip 2: the rows ------------------------------------------------------------
 
@@ -401,7 +400,9 @@ class _StreamRun:
 
     async def _read_setup(self) -> bool:
         """Read BEGIN and what follows it up to the statement; False if one failed."""
-        setup = 2 + (self._job.identity is not None)  # BEGIN, set_config, [identity]
+        identity = self._job.identity
+        # BEGIN, set_config, [identity]
+        setup = 2 + (0 if identity is None else len(identity.commands))
         results = [await self._one_result() for _ in range(setup)]
         for i, res in enumerate(results):
             if res.status == ExecStatus.FATAL_ERROR:
