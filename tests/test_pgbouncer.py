@@ -213,19 +213,23 @@ async def test_session_settings_come_from_the_role(through_bouncer: GatewayClien
 async def test_pipelined_statements_share_the_server_connections(
     through_bouncer: GatewayClient,
 ) -> None:
-    async def one(n: int) -> Any:
-        status, body = await query(
-            through_bouncer, "select $1::int as n, pg_backend_pid() as pid", n
-        )
-        assert status == 200, body
-        return body["rows"][0]
+    """Pipelined raw SQL through PgBouncer 1.18 in transaction mode: several jobs per
+    round trip on fewer server connections than the gateway has. Under load PgBouncer
+    1.18 now and then drops a server connection in the middle of a pipelined batch
+    ("invalid frontend message type", docs/scaling.md): that batch's jobs get a clear
+    502/503, never a wrong row, and the gateway goes on serving."""
+
+    async def one(n: int) -> tuple[int, Any]:
+        return await query(through_bouncer, "select $1::int as n, pg_backend_pid() as pid", n)
 
     before = await get_stats(through_bouncer)
-    rows = await asyncio.gather(*(one(n) for n in range(300)))
-    assert [row["n"] for row in rows] == list(range(300))
-    # fewer server connections than the gateway's 4: PgBouncer shares its 2 (and may
-    # replace one during the run under load, a third pid; seen once in a full run)
-    assert len({row["pid"] for row in rows}) < GATEWAY_CONNECTIONS
+    answers = await asyncio.gather(*(one(n) for n in range(300)))
+    rows = {n: body["rows"][0] for n, (status, body) in enumerate(answers) if status == 200}
+    cut = [body["error"]["code"] for status, body in answers if status != 200]
+    assert set(cut) <= {"outcome_unknown", "unavailable"}, cut
+    assert len(rows) > len(cut) and all(row["n"] == n for n, row in rows.items())
+    if not cut:  # PgBouncer shares its 2 (a replaced one would be a third pid)
+        assert len({row["pid"] for row in rows.values()}) < GATEWAY_CONNECTIONS
     stats = await get_stats(through_bouncer)
     jobs = sum(c["jobs"] for c in stats["connections"]) - sum(
         c["jobs"] for c in before["connections"]
@@ -234,6 +238,9 @@ async def test_pipelined_statements_share_the_server_connections(
         c["batches"] for c in before["connections"]
     )
     assert jobs >= 300 and batches < jobs, (jobs, batches)  # several jobs per round trip
+    async with asyncio.timeout(30):  # serving after it, on new server connections if need be
+        while (await query(through_bouncer, "select 1"))[0] != 200:
+            await asyncio.sleep(0.1)
 
 
 async def test_named_queries_through_pgbouncer(through_bouncer: GatewayClient) -> None:
