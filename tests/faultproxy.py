@@ -13,6 +13,10 @@ to its upstream (the database). Its faults, each at once on every connection:
   of a job, say) or towards the client (it gets the stream up to the pattern,
   then a reset: a connection lost while results stream back).
 
+And one condition: `round_trip_s`, a database that far away. What the server
+sends reaches the client that much later, in order (the whole round trip on the
+way back, as bench/latency_proxy.py adds it).
+
 Loopback only; the proxy never sleeps, so a test that wants a fault to last
 (``black_hole`` for 8 s) sleeps itself. Used by tests/test_faults.py and
 bench/chaos.py.
@@ -21,6 +25,7 @@ bench/chaos.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import struct
@@ -89,6 +94,8 @@ class _Link:
         self._held: dict[Direction, list[bytes]] = {"to_server": [], "to_client": []}
         self._tail: dict[Direction, bytes] = {"to_server": b"", "to_client": b""}
         self._eof: set[Direction] = set()
+        #: what the server sent, held until due (`FaultProxy.round_trip_s`): (due, data)
+        self._late: collections.deque[tuple[float, bytes]] = collections.deque()
         self.closed = False
 
     def _target(self, direction: Direction) -> asyncio.Transport | None:
@@ -112,8 +119,27 @@ class _Link:
         target = self._target(direction)
         if not self.proxy.flowing or target is None:
             self._held[direction].append(data)
+        elif direction == "to_client" and (self.proxy.round_trip_s or self._late):
+            self._send_late(data)
         else:
             target.write(data)
+
+    def _send_late(self, data: bytes) -> None:
+        """Pass `data` on to the client `round_trip_s` from now, after what is held."""
+        loop = asyncio.get_running_loop()
+        self._late.append((loop.time() + self.proxy.round_trip_s, data))
+        if len(self._late) == 1:
+            loop.call_at(self._late[0][0], self._release_late)
+
+    def _release_late(self) -> None:
+        loop = asyncio.get_running_loop()
+        target = self.client.transport
+        while self._late and self._late[0][0] <= loop.time():
+            _, data = self._late.popleft()
+            if target is not None and not target.is_closing():
+                target.write(data)
+        if self._late:
+            loop.call_at(self._late[0][0], self._release_late)
 
     def _fire(self, direction: Direction, data: bytes, trigger: _Trigger) -> None:
         """Pass `data` on, then reset the client: towards the server the socket is
@@ -187,6 +213,8 @@ class FaultProxy:
         self.links: set[_Link] = set()
         self.flowing = True
         self.trigger: _Trigger | None = None
+        #: the round trip added to every connection: 0 for a database on this machine
+        self.round_trip_s = 0.0
         self.port = 0
         self.accepted = 0
         self._server: asyncio.Server | None = None

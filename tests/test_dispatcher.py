@@ -7,7 +7,9 @@ import os
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from support import (
+    as_gateway,
     assert_error,
     connection_held,
     get_stats,
@@ -15,6 +17,10 @@ from support import (
     settled_stats,
     waiting_for_lock,
 )
+
+#: the round trip of a database "a network hop away": long enough that no stall of a
+#: loaded test machine between a batch leaving and the next job arriving comes near it
+ROUND_TRIP_S = 0.5
 
 
 async def test_500_concurrent_requests_on_4_connections(gateway_factory: Any) -> None:
@@ -120,7 +126,7 @@ async def test_a_quick_statement_rides_round_trips_already_under_way(
 ) -> None:
     """Concurrent clients of a statement known to be quick share round trips, also
     when each spells its value out in the SQL text instead of sending a parameter."""
-    from gateway.engine import _costs, _dispatcher
+    from gateway.engine import _costs, _dispatcher, _wakeups
 
     # A stall of a busy test machine longer than the batch budget hands the queue
     # to idle connections, as it should (see the next tests); here it would only
@@ -128,6 +134,8 @@ async def test_a_quick_statement_rides_round_trips_already_under_way(
     # statement runs would make it look slow (more than 5 ms), so never cheap.
     monkeypatch.setattr(_dispatcher, "BATCH_BUDGET_S", 1.0)
     monkeypatch.setattr(_costs, "CHEAP_JOB_S", 1.0)
+    # nor may stalls make the database look a round trip away (see the test after next)
+    monkeypatch.setattr(_wakeups, "RIDE_S", 1.0)
     client = await gateway_factory(pool_size=8)
 
     async def one(i: int) -> int:
@@ -157,12 +165,13 @@ async def test_a_quick_job_waits_for_the_round_trip_under_way_not_an_idle_connec
 ) -> None:
     """A job of a quick statement rides the next round trip of the connection
     running quick jobs, though idle connections are there, within the batch budget."""
-    from gateway.engine import _costs, _dispatcher
+    from gateway.engine import _costs, _dispatcher, _wakeups
 
     # generous: a stall of a loaded machine must not hand the queue over, nor make
     # the statement look slow
     monkeypatch.setattr(_dispatcher, "BATCH_BUDGET_S", 60.0)
     monkeypatch.setattr(_costs, "CHEAP_JOB_S", 1.0)
+    monkeypatch.setattr(_wakeups, "RIDE_S", 60.0)
     client = await gateway_factory(pool_size=4)
     key = 918_000 + os.getpid() % 1000
     sql = (
@@ -187,6 +196,38 @@ async def test_a_quick_job_waits_for_the_round_trip_under_way_not_an_idle_connec
     assert (rider_status, rider_body["rows"][0]["i"]) == (200, 1)
     # it rode the blocked connection's next round trip
     assert rider_body["rows"][0]["pid"] == held_body["rows"][0]["pid"]
+
+
+async def test_a_database_a_round_trip_away_sends_a_quick_job_on_an_idle_connection(
+    gateway_factory: Any, fault_proxy: Any, database_dsn: str, monkeypatch: Any
+) -> None:
+    """With the database a round trip away, a quick job that arrives just after a
+    batch left does not wait for that batch to come back and then go out after it
+    (two round trips): it goes out at once on an idle connection. ``/v1/stats``
+    shows the round trip the gateway measured."""
+    from gateway.engine import _costs, _dispatcher
+
+    # the round trip decides alone: no late hand-over, and a job that takes a
+    # round trip still counts as quick
+    monkeypatch.setattr(_dispatcher, "BATCH_BUDGET_S", 60.0)
+    monkeypatch.setattr(_costs, "CHEAP_JOB_S", 60.0)
+    proxy = await fault_proxy(int(conninfo_to_dict(database_dsn)["port"]))
+    # the least-privileged login, through the proxy ("privileged": the DSN as given)
+    login = proxy.dsn(as_gateway(database_dsn))
+    client = await gateway_factory(dsn=login, privileged=True, pool_size=2)
+    await until_stats(client, lambda stats: all(c["connected"] for c in stats["connections"]))
+    proxy.round_trip_s = ROUND_TRIP_S
+    sql = "select $1::int AS i, pg_backend_pid() AS pid"
+    for i in range(3):  # learnt as quick, and the round trip measured
+        assert (await query(client, sql, i))[0] == 200
+    assert (await get_stats(client))["round_trip_ms"] >= ROUND_TRIP_S * 1000
+    under_way = asyncio.ensure_future(query(client, sql, 1))
+    await until_stats(client, lambda stats: stats["running"] == 1)
+    status, body = await query(client, sql, 2)
+    assert status == 200, body
+    first_status, first = await under_way
+    assert first_status == 200, first
+    assert body["rows"][0]["pid"] != first["rows"][0]["pid"]
 
 
 async def test_quick_jobs_do_not_wait_behind_a_slow_one_that_looked_quick(

@@ -11,10 +11,12 @@ Cheap jobs are coalesced. The dispatcher learns how long each statement takes
 on the connection; a job whose statement is known to be quick does not wake an
 idle connection while another connection is already on its way to the queue
 (woken, or running a batch of quick jobs): it rides that connection's next
-round trip. Fewer, fuller round trips cost the gateway far less CPU per job
-than one round trip per connection. Unknown and slow statements still wake a
-connection each, so slow work spreads; and a batch of quick jobs that does not
-come back within `BATCH_BUDGET_S` hands the queue to idle connections.
+round trip, if that is due back within `RIDE_S` (see `gateway.engine._wakeups`:
+on a database a network hop away it is not). Fewer, fuller round trips cost the
+gateway far less CPU per job than one round trip per connection. Unknown and
+slow statements still wake a connection each, so slow work spreads; and a batch
+of quick jobs that does not come back within `BATCH_BUDGET_S` hands the queue to
+idle connections.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class Dispatcher:
         """
         self._sweeper = None
         now = self._loop.time()
-        self._crew.idle.drop_late(now - BATCH_BUDGET_S, len(self._queue))
+        self._crew.idle.drop_late(BATCH_BUDGET_S, len(self._queue))
         metrics = self._crew.metrics
         metrics.expired_queued += self._queue.expire(now)
         for worker in self._workers:
@@ -255,6 +257,8 @@ class Dispatcher:
             "running": self._crew.running(),
             "ready": self.ready,
             "jobs_per_batch": round(jobs / batches, 2) if batches else 0.0,
+            # the shortest recent batch of quick jobs: the network's share of a batch
+            "round_trip_ms": round(self._crew.idle.round_trip.seconds * 1000, 3),
             "connections": [w.to_dict() for w in self._workers],
         }
 
