@@ -120,6 +120,11 @@ class Load:
         self._tasks += [asyncio.ensure_future(self._read()) for _ in range(readers)]
         return self
 
+    @property
+    def clients(self) -> int:
+        """Requests the load keeps in flight: one per writer and reader."""
+        return len(self._tasks)
+
     async def stop(self) -> None:
         self._stop.set()
         async with asyncio.timeout(self.gateway.deadline_s + SLACK_S + 5):

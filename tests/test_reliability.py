@@ -374,6 +374,10 @@ class Load:
         return sum(1 for sent, _, status, _ in self.answers if sent > moment and status == 200)
 
 
+#: how long a request waits for a database connection in the restart test
+CONNECT_TIMEOUT_S = 1.0
+
+
 @pytest.mark.slow
 async def test_a_database_killed_and_restarted_under_load(
     embedded_factory: Any, gateway_factory: Any
@@ -385,7 +389,10 @@ async def test_a_database_killed_and_restarted_under_load(
     async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:
         await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     client = await gateway_factory(
-        dsn=pg.gateway_dsn, pool_size=4, raw_sql="read-write", connect_timeout_ms=1000
+        dsn=pg.gateway_dsn,
+        pool_size=4,
+        raw_sql="read-write",
+        connect_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
     )
     loop = asyncio.get_running_loop()
     load = Load(client, table)
@@ -413,9 +420,12 @@ async def test_a_database_killed_and_restarted_under_load(
         f" recovery, {ready_after_restart:.2f} s after the restart; in flight answered"
         f" within {max(load.in_flight_at(crash)):.3f} / {max(load.in_flight_at(stop)):.3f} s"
     )
-    # never a hang: in-flight requests fail at once, later ones within connect_timeout
-    assert load.in_flight_at(crash) and max(load.in_flight_at(crash)) < 1.0
-    assert load.in_flight_at(stop) and max(load.in_flight_at(stop)) < 1.0
+    # Never a hang: a request the gateway was running fails at once; one that reaches it
+    # after its connections went down (a loaded machine can take a while to read a
+    # request sent just before) waits connect_timeout for one, as later ones do. None
+    # waits longer.
+    assert load.in_flight_at(crash) and max(load.in_flight_at(crash)) < CONNECT_TIMEOUT_S + 0.5
+    assert load.in_flight_at(stop) and max(load.in_flight_at(stop)) < CONNECT_TIMEOUT_S + 0.5
     assert max(answered - sent for sent, answered, _, _ in load.answers) < 2.0
     # a write in flight at the crash may have committed: 502 outcome_unknown (issue 18)
     assert {200, 503} <= {status for _, _, status, _ in load.answers} <= {200, 502, 503}
