@@ -37,7 +37,7 @@ from support import (
 from gateway.engine._listener import Event, EventKind
 from gateway.web._events import encode
 
-WAIT_S = 10.0
+WAIT_S = 30.0  # generous: a loaded two-core machine
 #: the anonymous role may listen to every channel
 OPEN = {"anon": ["*"]}
 
@@ -464,6 +464,28 @@ async def test_the_database_restarting_under_a_stream(
     stream.close()
 
 
+async def test_a_dropped_stream_closes_its_connection_even_when_its_last_events_fit(
+    gateway_factory: Any, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    """A burst beyond the buffer drops the subscriber; its last events are small enough
+    to be written at once, so its stream ends as any response does: the connection
+    closes then, not one heartbeat later (an hour here), and is never kept alive."""
+    client = await gateway_factory(listen_channels=OPEN, listen_buffer=2, listen_heartbeat_s=3600)
+    name = channel()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(f"GET /v1/listen/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        async with asyncio.timeout(WAIT_S):
+            head = await reader.readuntil(b"listening to " + name.encode())
+            await notify(admin, name, *(str(i) for i in range(10)))  # delivered together
+            rest = await reader.read()  # to the end of the connection
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"event: dropped" in rest and b'"reason":"slow"' in rest
+    await until_stats(client, quiet, "the stream freed")
+
+
 async def test_memory_stays_bounded_under_a_stuck_reader(
     gateway_factory: Any, admin: psycopg.AsyncConnection[Any]
 ) -> None:
@@ -475,58 +497,60 @@ async def test_memory_stays_bounded_under_a_stuck_reader(
     count, size = 10_000, 7_900  # ~79 MB through the gateway
     # a client that reads the head of the response and then nothing more
     reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
-    writer.write(f"GET /v1/listen/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    async with asyncio.timeout(WAIT_S):
-        head = await reader.readuntil(b"listening to " + name.encode())
-    assert head.startswith(b"HTTP/1.1 200")
-    # and one that keeps up, so the channel stays listened to and everything flows
-    fast = await open_stream(client, name)
-    last = f"id: {name}:{count}\n".encode()
+    try:
+        writer.write(f"GET /v1/listen/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        async with asyncio.timeout(WAIT_S):
+            head = await reader.readuntil(b"listening to " + name.encode())
+        assert head.startswith(b"HTTP/1.1 200")
+        # and one that keeps up, so the channel stays listened to and everything flows
+        fast = await open_stream(client, name)
+        last = f"id: {name}:{count}\n".encode()
 
-    async def read_all() -> int:
-        seen, tail = 0, b""
-        while last not in tail:
-            chunk = await fast.resp.content.readany()
-            assert chunk, "the fast stream ended"
-            seen += len(chunk)
-            tail = tail[-64:] + chunk
-        return seen
+        async def read_all() -> int:
+            seen, tail = 0, b""
+            while last not in tail:
+                chunk = await fast.resp.content.readany()
+                assert chunk, "the fast stream ended"
+                seen += len(chunk)
+                tail = tail[-64:] + chunk
+            return seen
 
-    fast_reader = asyncio.ensure_future(read_all())
-    process = psutil.Process(os.getpid())
-    before = process.memory_info().rss
-    # each payload different: PostgreSQL folds equal notifications of one transaction
-    producer = asyncio.ensure_future(
-        admin.execute(
-            "SELECT pg_notify(%s, i || repeat('x', %s)) FROM generate_series(1, %s) i",
-            (name, size - 5, count),
+        fast_reader = asyncio.ensure_future(read_all())
+        process = psutil.Process(os.getpid())
+        before = process.memory_info().rss
+        # each payload different: PostgreSQL folds equal notifications of one transaction
+        producer = asyncio.ensure_future(
+            admin.execute(
+                "SELECT pg_notify(%s, i || repeat('x', %s)) FROM generate_series(1, %s) i",
+                (name, size - 5, count),
+            )
         )
-    )
-    peak_rss, peak_buffered = before, 0
-    async with asyncio.timeout(90):
-        while not fast_reader.done():
-            stats = await get_stats(client)
-            peak_buffered = max(peak_buffered, stats["listen"]["buffered"])
-            peak_rss = max(peak_rss, process.memory_info().rss)
-            await asyncio.sleep(0.01)
-    await producer
-    fast_bytes = fast_reader.result()
-    grew_mb = (peak_rss - before) / 2**20
-    print(
-        f"stuck reader: peak RSS +{grew_mb:.1f} MB while {fast_bytes / 2**20:.0f} MB went"
-        f" to the fast reader; at most {peak_buffered} events buffered"
-    )
-    stats = await get_stats(client)
-    assert stats["listen"]["received"] >= count
-    assert stats["listen"]["slow_subscribers_dropped"] == 1
-    assert stats["subscribers"] == 1 and stats["listen"]["channels"] == {name: 1}
-    assert peak_buffered <= 2 * (buffer + 1)
-    assert grew_mb < 40  # a buffer without bound would hold the ~79 MB
-    # one heartbeat interval after the drop its connection is closed under it
-    async with asyncio.timeout(WAIT_S):
-        while await reader.read(1 << 20):
-            pass
-    writer.close()
+        peak_rss, peak_buffered = before, 0
+        async with asyncio.timeout(90):
+            while not fast_reader.done():
+                stats = await get_stats(client)
+                peak_buffered = max(peak_buffered, stats["listen"]["buffered"])
+                peak_rss = max(peak_rss, process.memory_info().rss)
+                await asyncio.sleep(0.01)
+        await producer
+        fast_bytes = fast_reader.result()
+        grew_mb = (peak_rss - before) / 2**20
+        print(
+            f"stuck reader: peak RSS +{grew_mb:.1f} MB while {fast_bytes / 2**20:.0f} MB went"
+            f" to the fast reader; at most {peak_buffered} events buffered"
+        )
+        stats = await get_stats(client)
+        assert stats["listen"]["received"] >= count
+        assert stats["listen"]["slow_subscribers_dropped"] == 1
+        assert stats["subscribers"] == 1 and stats["listen"]["channels"] == {name: 1}
+        assert peak_buffered <= 2 * (buffer + 1)
+        assert grew_mb < 40  # a buffer without bound would hold the ~79 MB
+        # one heartbeat interval after the drop its connection is closed under it
+        async with asyncio.timeout(WAIT_S):
+            while await reader.read(1 << 20):
+                pass
+    finally:
+        writer.close()
     fast.close()
     await until_stats(client, quiet, "both streams freed")
 

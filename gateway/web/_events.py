@@ -154,13 +154,17 @@ async def listen(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # nginx would hold events back otherwise
         }
     )
-    # a dropped subscriber gets one heartbeat interval to take its last events,
-    # then the connection is closed under a writer stuck on a client that reads nothing
+    # a stream's connection is never reused: once the gateway ends a stream it closes
+    # it, so the timer below can never cut a later request on the same connection
+    response.force_close()
     grace_s = settings.listen_heartbeat_s
-    timers: list[asyncio.TimerHandle] = []
 
     def cut(_: object) -> None:
-        timers.append(asyncio.get_running_loop().call_later(grace_s, _abort, request))
+        # the gateway ended the stream (slow, or stopping): the client gets one heartbeat
+        # interval to take its last events, then the connection is closed under it.  Never
+        # cancelled: a writer can be stuck in our write or, once the handler returned, in
+        # aiohttp's drain at the end of the response, on a client that reads nothing more
+        asyncio.get_running_loop().call_later(grace_s, _abort, request)
 
     sub.ended.add_done_callback(cut)
     try:
@@ -171,8 +175,6 @@ async def listen(request: web.Request) -> web.StreamResponse:
         pass  # the client went away
     finally:
         sub.ended.remove_done_callback(cut)
-        for timer in timers:
-            timer.cancel()
         listener.unsubscribe(sub)
     return response
 
