@@ -13,7 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import aiohttp
 import jwt
 import psycopg
 import psycopg.conninfo
+import pytest
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +100,20 @@ async def get_stats(client: GatewayClient) -> Any:
     return await (await client.get("/v1/stats")).json()
 
 
+async def until_stats(
+    client: GatewayClient, check: Callable[[Any], object], what: str, timeout: float = 30.0
+) -> Any:
+    """``/v1/stats`` once `check` holds for it; fails the test after `timeout` seconds,
+    saying `what` was awaited."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check(stats := await get_stats(client)):
+                await asyncio.sleep(0.01)
+            return stats
+    except TimeoutError:
+        pytest.fail(f"not within {timeout} s: {what}")
+
+
 async def settled_stats(client: GatewayClient, timeout: float = 30.0) -> Any:
     """``/v1/stats`` once no job runs and none is queued; fails after `timeout` seconds.
 
@@ -106,12 +121,9 @@ async def settled_stats(client: GatewayClient, timeout: float = 30.0) -> Any:
     may still be reading the end of the round trip (the ROLLBACK that closes a
     batch): for that moment the job still counts as running.
     """
-    async with asyncio.timeout(timeout):
-        while True:
-            now = await get_stats(client)
-            if not now["running"] and not now["queue"]["depth"]:
-                return now
-            await asyncio.sleep(0.02)
+    return await until_stats(
+        client, lambda s: not s["running"] and not s["queue"]["depth"], "settled", timeout
+    )
 
 
 async def query(client: GatewayClient, sql: str, *params: Any, **options: Any) -> tuple[int, Any]:

@@ -15,6 +15,7 @@ from support import (
     get_stats,
     query,
     settled_stats,
+    until_stats,
     waiting_for_lock,
 )
 
@@ -60,20 +61,13 @@ async def test_requests_one_at_a_time_reuse_one_connection(gateway_factory: Any)
     assert len(pids) <= 2, pids
 
 
-async def until_stats(client: Any, holds: Any) -> None:
-    """Until ``/v1/stats`` shows what `holds` checks (bounded generously)."""
-    async with asyncio.timeout(30):
-        while not holds(await get_stats(client)):
-            await asyncio.sleep(0.01)
-
-
 async def test_full_queue_is_refused_at_once(gateway_factory: Any, admin: Any) -> None:
     client = await gateway_factory(pool_size=1, queue_size=2)
     async with connection_held(client, admin) as holder:
         queued = [
             asyncio.ensure_future(query(client, "select 1", timeout_ms=60_000)) for _ in range(2)
         ]
-        await until_stats(client, lambda stats: stats["queue"]["depth"] == 2)
+        await until_stats(client, lambda stats: stats["queue"]["depth"] == 2, "two queued")
         resp = await client.post("/v1/query", json={"sql": "select 1"})
         assert resp.status == 503  # at once: not once a place came free
     assert resp.headers["Retry-After"] == "1"
@@ -215,7 +209,9 @@ async def test_a_database_a_round_trip_away_sends_a_quick_job_on_an_idle_connect
     # the least-privileged login, through the proxy ("privileged": the DSN as given)
     login = proxy.dsn(as_gateway(database_dsn))
     client = await gateway_factory(dsn=login, privileged=True, pool_size=2)
-    await until_stats(client, lambda stats: all(c["connected"] for c in stats["connections"]))
+    await until_stats(
+        client, lambda stats: all(c["connected"] for c in stats["connections"]), "connected"
+    )
     proxy.round_trip_s = ROUND_TRIP_S
     sql = "select $1::int AS i, pg_backend_pid() AS pid"
     for i in range(3):  # learnt as quick, and the round trip measured
@@ -223,9 +219,13 @@ async def test_a_database_a_round_trip_away_sends_a_quick_job_on_an_idle_connect
     assert (await get_stats(client))["round_trip_ms"] >= ROUND_TRIP_S * 1000
     # A job is answered before its batch ends (the batch's last ROLLBACK is still on
     # its way back): wait for the end, so the batch seen running next is the new one.
-    await until_stats(client, lambda stats: stats["running"] == 0)
+    await until_stats(client, lambda stats: stats["running"] == 0, "the batch ended")
     under_way = asyncio.ensure_future(query(client, sql, 1))
-    await until_stats(client, lambda stats: (stats["running"], stats["queue"]["depth"]) == (1, 0))
+    await until_stats(
+        client,
+        lambda stats: (stats["running"], stats["queue"]["depth"]) == (1, 0),
+        "the first job taken",
+    )
     status, body = await query(client, sql, 2)
     assert status == 200, body
     first_status, first = await under_way
@@ -243,7 +243,7 @@ async def test_quick_jobs_do_not_wait_behind_a_slow_one_that_looked_quick(
         assert (await query(client, sql, 0, i))[0] == 200
     slow = asyncio.ensure_future(query(client, sql, 3.0, -1))
     # the slow one is running, its batch counted as quick
-    await until_stats(client, lambda stats: stats["running"] == 1)
+    await until_stats(client, lambda stats: stats["running"] == 1, "one job running")
     quick = await asyncio.gather(*(query(client, sql, 0, i) for i in range(10)))
     assert [body["rows"][0]["i"] for _, body in quick] == list(range(10))
     assert not slow.done()  # they went to idle connections, not behind the sleep

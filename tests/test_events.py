@@ -30,6 +30,7 @@ from support import (
     moved,
     query,
     scrape,
+    until_stats,
     value,
     wait_for_metric,
 )
@@ -106,17 +107,6 @@ async def notify(admin: psycopg.AsyncConnection[Any], name: str, *payloads: str)
     async with admin.transaction():
         for payload in payloads:
             await admin.execute("SELECT pg_notify(%s, %s)", (name, payload))
-
-
-async def until_stats(client: GatewayClient, check: Any, what: str) -> Any:
-    """Poll /v1/stats until `check(stats)`; fails after `WAIT_S`."""
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while not check(stats := await get_stats(client)):
-                await asyncio.sleep(0.02)
-            return stats
-    except TimeoutError:
-        pytest.fail(f"not within {WAIT_S} s: {what}")
 
 
 def quiet(stats: Any) -> bool:
